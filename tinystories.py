@@ -327,7 +327,7 @@ def iter_batches(bin_path, batch_size, seq_len, device="cpu", seed=1337, rank=0,
         rng = np.random.default_rng([seed, rank, step])
         starts = rng.integers(0, len(data) - seq_len, size=batch_size)
         chunk = torch.from_numpy(data[starts[:, None] + window].astype(np.int64))  # (B, T+1)
-        x, y = chunk[:, :-1], chunk[:, 1:]
+        x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
         if pin:
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         yield x, y

@@ -1,0 +1,57 @@
+"""
+Sample stories from a trained checkpoint (KV-cache generation in PyTorch).
+
+    python sample.py                                    # out/ckpt.pt, 3 stories
+    python sample.py --prompt="Once upon a time" --temperature=0.8 --top_k=50 --seed=7
+"""
+import sys
+
+import torch
+
+import configurator
+from model import load_checkpoint, model_from_checkpoint
+from tinystories import DataError
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+checkpoint = "out/ckpt.pt"
+tokenizer = ""  # sentencepiece .model; default: the one the checkpoint was trained with
+prompt = ""  # the story's beginning; empty = BOS only
+num_samples = 3
+max_new_tokens = 256  # at most; generation also stops at the end of a story (BOS or EOS)
+temperature = 1.0  # 0.0 = greedy
+top_k = 0  # 0 = no top-k filtering
+top_p = 0.9  # 1.0 = no nucleus filtering
+seed = 1337
+device = "cpu"
+# -----------------------------------------------------------------------------
+
+
+def main(cfg):
+    ckpt = load_checkpoint(cfg["checkpoint"])
+    model = model_from_checkpoint(ckpt).to(cfg["device"]).eval()
+    tok = Tokenizer(cfg["tokenizer"] or ckpt["tokenizer"]["tokenizer"])
+    if tok.n_words != model.params.vocab_size:
+        raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}")
+    ids = tok.encode(cfg["prompt"], bos=True) if cfg["prompt"] else [tok.bos_id]
+    room = model.params.max_seq_len - len(ids)
+    if room <= 0:
+        raise DataError(f"the prompt is {len(ids)} tokens, longer than the model's context of {model.params.max_seq_len}")
+    generator = torch.Generator(cfg["device"]).manual_seed(cfg["seed"])
+    outs = model.generate([ids] * cfg["num_samples"], min(cfg["max_new_tokens"], room), temperature=cfg["temperature"],
+                          top_k=cfg["top_k"] or None, top_p=cfg["top_p"], generator=generator,
+                          stop_tokens=(tok.bos_id, tok.eos_id))
+    for out in outs:
+        story = [t for t in out if t not in (tok.bos_id, tok.eos_id)]
+        print(tok.decode(ids[1:] + story))
+        print("-" * 40)
+
+
+if __name__ == "__main__":
+    config = configurator.configure({k: v for k, v in globals().items() if k in (
+        "checkpoint", "tokenizer", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
+        "seed", "device")})
+    try:
+        main(config)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,342 @@
+"""
+Pretrain a Llama-style model on TinyStories. Runs on one CPU, one GPU, or many with DDP:
+
+    python train.py                                   # the CPU default on the prepared data
+    python train.py --preset=15M --vocab_size=4096    # llama2.c's 15M shape
+    python train.py --batch_size=32 --compile=False   # any config key below, --key=value
+    torchrun --standalone --nproc_per_node=4 train.py # DDP (NCCL on GPUs, gloo on CPU)
+
+Config keys and meanings are llama2.c's, so llama2.c training command lines run unchanged.
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import configurator
+from model import PRESETS, ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
+from tinystories import DataError, iter_batches, resolve_tokenizer, token_dir
+from tokenizer import atomic_open
+
+# -----------------------------------------------------------------------------
+# config: plain defaults, overridable as --key=value. The defaults train the CPU default
+# model on the prepared shared data in about 10 minutes on 2 cores.
+# I/O
+out_dir = "out"
+eval_interval = 250
+log_interval = 10
+eval_iters = 20
+eval_only = False  # if True, evaluate once and exit
+always_save_checkpoint = False  # if True, write ckpt.pt at every eval, not only on a new best val loss
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir)
+seed = 1337
+# data
+data_dir = "data"
+batch_size = 32  # micro-batch size
+max_seq_len = 256
+vocab_source = "custom"  # 'llama2' (32000 tokens) or 'custom' (data/tok{vocab_size}.model)
+vocab_size = 512
+# model
+preset = ""  # '260K', '15M', '42M', '110M' or 'default': sets the shape keys below
+dim = 128
+n_layers = 6
+n_heads = 8
+n_kv_heads = 4
+multiple_of = 32
+dropout = 0.0
+# adamw optimizer
+gradient_accumulation_steps = 1  # used to simulate larger batch sizes
+learning_rate = 1e-3
+max_iters = 1000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+# learning rate decay settings
+decay_lr = True  # linear warmup, then cosine decay to min_lr
+warmup_iters = 100
+lr_decay_iters = 0  # cosine decay ends here; 0 = max_iters
+min_lr = 0.0  # 0.0 = learning_rate / 10, as Chinchilla
+# system
+device = "auto"  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bfloat16 where the hardware runs it fast, else float32), 'float32', 'bfloat16', 'float16'
+compile = True  # torch.compile the model
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+config = {k: globals()[k] for k in config_keys}  # what the command line may set, and what checkpoints record
+# -----------------------------------------------------------------------------
+
+
+def cpu_has_fast_bf16():
+    """AMX or AVX512-BF16: where bf16 autocast pays on CPU (measured in bench/train_speed.py)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_device_dtype(device, dtype):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = "cuda" if "cuda" in device else device
+    if dtype == "auto":
+        if device_type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "bfloat16" if device_type == "cpu" and cpu_has_fast_bf16() else "float32"
+    return device, device_type, dtype
+
+
+def get_lr(it):
+    if not decay_lr:
+        return learning_rate
+    floor = min_lr or learning_rate / 10
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    decay_iters = lr_decay_iters or max_iters
+    if it > decay_iters:
+        return floor
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - floor)
+
+
+def peak_matmul_flops(device, dtype, n=1024, reps=5):
+    """Measured peak matmul FLOP/s of this device in this dtype, the MFU denominator."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps + 1):
+        if "cuda" in str(device):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if "cuda" in str(device):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def save_atomic(obj, path):
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+def plot_losses(log_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(log_path)]
+    evals = [r for r in rows if "val/loss" in r]
+    steps = [r for r in rows if "train/loss_step" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] for r in steps], [r["train/loss_step"] for r in steps], alpha=0.3, label="train (batch)")
+    ax.plot([r["tokens"] for r in evals], [r["train/loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["tokens"] for r in evals], [r["val/loss"] for r in evals], "o-", label="val (eval)")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+if __name__ == "__main__":
+    config = configurator.configure(config, presets={name: {k: v for k, v in p.items() if k in config} for name, p in PRESETS.items()})
+    globals().update(config)
+    # ddp: launched by torchrun, which sets RANK
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device, device_type, dtype = resolve_device_dtype(device, dtype)
+    if ddp:
+        ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        if device_type == "cuda":
+            device = f"cuda:{ddp_local_rank}"
+            torch.cuda.set_device(device)
+        if gradient_accumulation_steps % ddp_world_size:
+            raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {ddp_world_size}")
+        gradient_accumulation_steps //= ddp_world_size
+    else:
+        ddp_rank, ddp_world_size = 0, 1
+    master_process = ddp_rank == 0
+    tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * max_seq_len
+    if master_process:
+        print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} accum x {ddp_world_size} ranks x {batch_size} batch x {max_seq_len} seq)")
+        os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(seed + ddp_rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+
+    try:
+        # data and tokenizer
+        if vocab_source == "llama2" and vocab_size != 32000:
+            raise DataError(f"vocab_source=llama2 has 32000 tokens, not --vocab_size={vocab_size}")
+        tokenizer_model = resolve_tokenizer(data_dir, 0 if vocab_source == "llama2" else vocab_size)
+        bin_dir = token_dir(data_dir, vocab_size)
+        meta_path = os.path.join(bin_dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise DataError(f"no token files in {bin_dir}; run `python tinystories.py pretokenize --vocab_size={0 if vocab_source == 'llama2' else vocab_size}` first")
+        tokenizer_info = {k: v for k, v in json.load(open(meta_path)).items() if k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_id")}
+
+        def batches(split, start_step=0, rank=ddp_rank, stream_seed=seed):
+            return iter_batches(os.path.join(bin_dir, f"{split}.bin"), batch_size, max_seq_len, device,
+                                seed=stream_seed, rank=rank, start_step=start_step)
+
+        # model
+        iter_num, best_val_loss = 0, 1e9
+        model_args = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                          multiple_of=multiple_of, max_seq_len=max_seq_len, dropout=dropout)
+        if init_from == "resume":
+            resume_path = os.path.join(out_dir, "last.pt")
+            if not os.path.exists(resume_path):
+                resume_path = os.path.join(out_dir, "ckpt.pt")
+            checkpoint = load_checkpoint(resume_path, device)
+            if checkpoint["model_args"]["vocab_size"] != vocab_size:
+                raise DataError(f"{resume_path} has vocab_size {checkpoint['model_args']['vocab_size']}, not --vocab_size={vocab_size}")
+            model_args = checkpoint["model_args"]  # the shape comes from the checkpoint
+            model = model_from_checkpoint(checkpoint)
+            iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+            if master_process:
+                print(f"resuming from {resume_path} at iteration {iter_num}")
+        elif init_from == "scratch":
+            model = Transformer(ModelArgs(**model_args))
+        else:
+            raise DataError(f"--init_from must be 'scratch' or 'resume', not {init_from!r}")
+    except (DataError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    model.to(device)
+
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    if init_from == "resume" and "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng_state"])
+        checkpoint = None  # free memory
+    raw_model = model
+    if compile:
+        if master_process:
+            print("compiling the model... (takes a minute)")
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+    peak_flops = peak_matmul_flops(device, ptdtype)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over the same eval_iters batches of each split at every eval."""
+        out = {}
+        model.eval()
+        for split in ("train", "val"):
+            stream = batches(split, rank=0, stream_seed=seed + 1)
+            losses = torch.zeros(eval_iters)
+            for k in range(eval_iters):
+                X, Y = next(stream)
+                with ctx:
+                    _, loss = model(X, Y)
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    def sync_report(X):
+        """Under DDP: every rank's parameter sum and batch sum, to show the ranks stay in
+        sync (same parameters) while reading different data."""
+        local = torch.tensor([sum(p.double().sum().item() for p in raw_model.parameters()), X.double().sum().item()])
+        gathered = [torch.zeros_like(local) for _ in range(ddp_world_size)]
+        dist.all_gather(gathered, local)
+        return {"ddp/param_sum": [g[0].item() for g in gathered], "ddp/batch_sum": [g[1].item() for g in gathered]}
+
+    def checkpoint_dict():
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+                "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+                "tokenizer": tokenizer_info, "rng_state": torch.get_rng_state()}
+
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master_process and os.path.exists(log_path):  # keep only what happened before the resume point
+        kept = [line for line in open(log_path) if init_from == "resume" and json.loads(line)["iter"] <= iter_num]
+        with atomic_open(log_path, "w") as f:
+            f.writelines(kept)
+
+    def log(row):
+        if master_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # training loop
+    train_stream = batches("train", start_step=iter_num * gradient_accumulation_steps)
+    X, Y = next(train_stream)
+    t0 = time.time()
+    local_iter_num = 0  # iterations in this process, to skip timing the compile warm-up
+    running_mfu = -1.0
+    bar = tqdm(total=max_iters, initial=iter_num, disable=not master_process, unit="it", dynamic_ncols=True)
+    while True:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        just_resumed = init_from == "resume" and local_iter_num == 0 and not eval_only  # evaluated before saving
+        if (iter_num % eval_interval == 0 or iter_num == max_iters) and not just_resumed:
+            losses = estimate_loss()
+            row = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train/loss": losses["train"],
+                   "val/loss": losses["val"], "lr": lr, "mfu": running_mfu}
+            if ddp:
+                row.update(sync_report(X))
+            log(row)
+            if master_process:
+                tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if iter_num > 0:
+                    save_atomic(checkpoint_dict(), os.path.join(out_dir, "last.pt"))
+                    if losses["val"] < best_val_loss or always_save_checkpoint:
+                        best_val_loss = min(best_val_loss, losses["val"])
+                        save_atomic(checkpoint_dict(), os.path.join(out_dir, "ckpt.pt"))
+                        tqdm.write(f"saved checkpoint to {out_dir}/ckpt.pt")
+                    plot_losses(log_path, os.path.join(out_dir, "loss.png"))
+        if eval_only or iter_num >= max_iters:
+            break
+
+        # forward, backward, update, with gradient accumulation; only the last micro-step
+        # of an iteration all-reduces the gradients under DDP
+        for micro_step in range(gradient_accumulation_steps):
+            if ddp:
+                model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+            with ctx:
+                _, loss = model(X, Y)
+                loss = loss / gradient_accumulation_steps
+            X, Y = next(train_stream)  # prefetch the next batch while the backward runs on the GPU
+            scaler.scale(loss).backward()
+        if grad_clip != 0.0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        iter_num += 1
+        local_iter_num += 1
+        bar.update(1)
+        if iter_num % log_interval == 0 and master_process:
+            lossf = loss.item() * gradient_accumulation_steps
+            if local_iter_num >= 5:  # let the loop settle a bit
+                mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_iter / dt:,.0f}",
+                            mfu=f"{running_mfu * 100:.1f}%")
+            log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train/loss_step": lossf, "lr": lr,
+                 "dt_ms": round(dt * 1000, 2), "tok_per_s": round(tokens_per_iter / dt), "mfu": running_mfu})
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
