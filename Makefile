@@ -24,12 +24,63 @@ demo: setup
 	$(PY) tinystories.py train_vocab --vocab_size=512
 	$(PY) tinystories.py pretokenize --vocab_size=512
 	$(PY) tokenizer.py --tokenizer-model=data/tok512.model
+	$(PY) train.py
+	$(PY) sample.py --num_samples=3 --max_new_tokens=200
+	$(PY) export.py out/model.bin --checkpoint=out/ckpt.pt
+	$(PY) export.py out/model_q80.bin --checkpoint=out/ckpt.pt --version=2
+	$(MAKE) -s runomp
+	OMP_NUM_THREADS=1 ./run out/model.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
+	OMP_NUM_THREADS=1 ./run out/model_q80.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
 
-test: setup
+test: setup ctest lib
 	$(PY) -m pytest -q tests
 
 # ---------------------------------------------------------------------------
 # C engine (run.c + csrc/)
+# run: portable; runfast: tuned for this CPU (AVX-512 kernels when it has them); runomp: plus
+# OpenMP threads (OMP_NUM_THREADS); lib: the runomp engine as the shared library that
+# csrc/engine.py loads. -fopenmp-simd keeps the OpenMP pragmas quiet where threads are off.
+
+ENGINE_SRC := csrc/checkpoint.c csrc/matmul.c csrc/transformer.c csrc/tokenizer.c csrc/sampler.c
+ENGINE_HDR := $(wildcard csrc/*.h)
+WARN := -Wall -Wextra
+LIB := csrc/libengine.so
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 120
+
+.PHONY: run runfast runomp lib ctest fuzz
+
+run:
+	$(CC) -O3 $(WARN) -fopenmp-simd -o run run.c $(ENGINE_SRC) -lm
+
+runfast:
+	$(CC) -Ofast -march=native $(WARN) -fopenmp-simd -o run run.c $(ENGINE_SRC) -lm
+
+runomp:
+	$(CC) -Ofast -march=native $(WARN) -fopenmp -o run run.c $(ENGINE_SRC) -lm
+
+lib: $(LIB)
+
+$(LIB): $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) -Ofast -march=native $(WARN) -fopenmp -fPIC -shared -Wl,-Bsymbolic -o $@ $(ENGINE_SRC) -lm
+
+# run and runomp: the portable kernels, then the AVX-512 and OpenMP ones
+ctest:
+	$(MAKE) -s run && bash csrc/test_run.sh
+	$(MAKE) -s runomp && bash csrc/test_run.sh
+
+# libFuzzer with AddressSanitizer and UBSan on the checkpoint and tokenizer loaders (clang:
+# apt-get install clang), seeded with small valid files. Not part of the tests: it runs for
+# FUZZ_SECONDS each and keeps its corpus in out/fuzz/.
+out/fuzz_%: csrc/fuzz_%.c $(ENGINE_SRC) $(ENGINE_HDR)
+	@mkdir -p out
+	$(FUZZ_CC) -g -O1 -march=native -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -o $@ $< $(ENGINE_SRC) -lm
+
+fuzz: out/fuzz_checkpoint out/fuzz_tokenizer
+	$(PY) -m csrc.formats fuzz-seeds out/fuzz
+	./out/fuzz_checkpoint -max_total_time=$(FUZZ_SECONDS) -max_len=65536 out/fuzz/checkpoint
+	./out/fuzz_tokenizer -max_total_time=$(FUZZ_SECONDS) -max_len=65536 out/fuzz/tokenizer
 
 clean:
-	rm -rf __pycache__ tests/__pycache__
+	rm -rf __pycache__ tests/__pycache__ csrc/__pycache__
+	rm -f run $(LIB) out/fuzz_checkpoint out/fuzz_tokenizer

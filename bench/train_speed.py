@@ -21,6 +21,7 @@ from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 from train import peak_matmul_flops  # noqa: E402
 
 SHAPES = {  # name: (preset, overrides); seq lengths as in the llama2.c measurements
+    "default": ("default", {}),
     "260K": ("260K", dict(max_seq_len=512)),
     "15M-4096": ("15M", dict(vocab_size=4096, max_seq_len=256)),
     "15M": ("15M", dict(max_seq_len=256)),

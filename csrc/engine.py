@@ -1,0 +1,148 @@
+"""
+The C engine from Python: cffi in ABI mode over csrc/libengine.so, built with `make lib` when
+missing or older than its sources.
+
+    from csrc import engine
+    model = engine.Model("stories260K.bin")
+    tokenizer = engine.Tokenizer("tok512.bin", model.config.vocab_size)
+    logits = model.forward(token=1, pos=0)                    # numpy (vocab_size,)
+    ids = engine.generate(model, tokenizer, steps=64, temperature=0.0, text="Once upon a time")
+    print(tokenizer.decode(ids))
+
+Every error of the engine (a bad file, an id out of range) raises ValueError with its one-line
+message; a failed build raises RuntimeError.
+"""
+import fcntl
+import glob
+import os
+import re
+import subprocess
+
+import numpy as np
+from cffi import FFI
+
+from csrc.formats import Config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LIB_PATH = os.path.join(HERE, "libengine.so")
+HEADERS = ["checkpoint.h", "matmul.h", "sampler.h", "tokenizer.h", "transformer.h"]
+
+
+def _build():
+    """Runs `make lib` if the library is missing or older than a source file; a lock keeps
+    concurrent test processes from building over each other."""
+    sources = glob.glob(os.path.join(HERE, "*.[ch]"))
+    def stale():
+        return not os.path.exists(LIB_PATH) or os.path.getmtime(LIB_PATH) < max(map(os.path.getmtime, sources))
+    if not stale():
+        return
+    lock = os.open(HERE, os.O_RDONLY)  # a lock on the directory leaves no file behind
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stale():
+            r = subprocess.run(["make", "-s", "lib"], cwd=os.path.dirname(HERE), capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"make lib failed:\n{r.stdout}{r.stderr}")
+    finally:
+        os.close(lock)
+
+
+def _declarations():
+    """The C declarations, read from the headers themselves so they cannot drift: everything
+    but the preprocessor lines."""
+    err_len = re.search(r"#define ERR_LEN (\d+)", open(os.path.join(HERE, "error.h")).read()).group(1)
+    text = [f"#define ERR_LEN {err_len}"]
+    for h in HEADERS:
+        text += [line for line in open(os.path.join(HERE, h)) if not line.startswith("#")]
+    return "".join(text)
+
+
+_build()
+ffi = FFI()
+ffi.cdef(_declarations())
+lib = ffi.dlopen(LIB_PATH)
+
+
+def _error():
+    return ffi.new("char[]", lib.ERR_LEN)
+
+
+def _message(err):
+    return ffi.string(err).decode("utf-8", errors="replace")
+
+
+class Model:
+    """A checkpoint (llama2.c version 0, 1 or 2) with its KV cache."""
+
+    def __init__(self, path):
+        t = ffi.new("Transformer *")
+        err = _error()
+        if lib.transformer_open(t, os.fsencode(path), err) != 0:
+            raise ValueError(_message(err))
+        self._t = ffi.gc(t, lib.transformer_close)
+        c = t.ckpt.config
+        self.config = Config(c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len)
+        self.version = t.ckpt.version
+        self.group_size = t.ckpt.group_size  # 0 unless Q8_0
+
+    def forward(self, token, pos):
+        """Logits (vocab_size,) for `token` at `pos`; positions 0..pos-1 must have been run."""
+        logits = lib.transformer_forward(self._t, token, pos)
+        if logits == ffi.NULL:
+            raise ValueError(f"token {token} or position {pos} out of range "
+                             f"(vocab_size {self.config.vocab_size}, seq_len {self.config.seq_len})")
+        return np.frombuffer(ffi.buffer(logits, 4 * self.config.vocab_size), dtype=np.float32).copy()
+
+    def reset(self):
+        """Zeroes the KV cache."""
+        lib.transformer_reset(self._t)
+
+
+class Tokenizer:
+    """llama2.c's BPE tokenizer from its .bin file, which must hold vocab_size tokens."""
+
+    def __init__(self, path, vocab_size):
+        t = ffi.new("Tokenizer *")
+        err = _error()
+        if lib.tokenizer_open(t, os.fsencode(path), vocab_size, err) != 0:
+            raise ValueError(_message(err))
+        self._t = ffi.gc(t, lib.tokenizer_free)
+        self.vocab_size = vocab_size
+
+    def encode(self, text, bos=True, eos=False):
+        data = text.encode("utf-8")
+        tokens = ffi.new("int[]", len(data) + 3)
+        err = _error()
+        n = lib.tokenizer_encode(self._t, data, len(data), bos, eos, tokens, err)
+        if n < 0:
+            raise ValueError(_message(err))
+        return list(tokens[0:n])
+
+    def decode(self, ids):
+        """The text of ids as if they followed BOS (so a leading space is dropped, as by
+        sentencepiece); BOS and EOS decode to nothing."""
+        pieces, prev, n = [], 1, ffi.new("size_t *")
+        for token in ids:
+            piece = lib.tokenizer_decode(self._t, prev, token, n)
+            if piece == ffi.NULL:
+                raise ValueError(f"token {token} out of range [0, {self.vocab_size})")
+            pieces.append(ffi.unpack(piece, n[0]))
+            prev = token
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+def generate(model, prompt, steps=256, temperature=1.0, topp=0.9, seed=42, text=""):
+    """llama2.c's generation loop in C: `prompt` is a list of ids, or a Tokenizer that encodes
+    `text` after BOS. Runs until `steps` positions (0 = seq_len) or the model emits BOS, and
+    returns the whole sequence of ids, prompt first."""
+    ids = prompt.encode(text, bos=True) if isinstance(prompt, Tokenizer) else [int(i) for i in prompt]
+    sampler = ffi.new("Sampler *")
+    err = _error()
+    if lib.sampler_init(sampler, model.config.vocab_size, temperature, topp, seed, err) != 0:
+        raise ValueError(_message(err))
+    sampler = ffi.gc(sampler, lib.sampler_free)
+    out = ffi.new("int[]", model.config.seq_len + 1)
+    n = lib.transformer_generate(model._t, sampler, ids, len(ids), steps, out, ffi.NULL, ffi.NULL, err)
+    if n < 0:
+        raise ValueError(_message(err))
+    return list(out[0:n])

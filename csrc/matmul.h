@@ -1,0 +1,25 @@
+// Matrix-vector products, the one place where fp32 and Q8_0 weights differ. Everything else
+// in the forward pass is shared.
+#ifndef MATMUL_H
+#define MATMUL_H
+
+#include <stdint.h>
+
+#include "checkpoint.h"
+
+// An activation vector quantised on the fly for Q8_0 matrices: symmetric int8 per group of
+// group_size values, x ~= q * s.
+typedef struct {
+    int8_t *q; // (n,)
+    float *s;  // (n / group_size,)
+} QVector;
+
+void quantize_q8(QVector *xq, const float *x, int n, int group_size);
+
+// out (d,) = W (d, n) @ x (n,), with xq the quantised x when W is Q8_0. Shares the rows out
+// among the threads of the enclosing OpenMP parallel region, without a barrier at the end, so
+// that one region can run several independent matmuls; runs serially outside a region.
+void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
+            int group_size);
+
+#endif

@@ -1,0 +1,109 @@
+// The sampler, as in llama2.c's run.c. See sampler.h.
+#include "sampler.h"
+#include "error.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+void softmax(float *x, int size) {
+    float max_val = x[0]; // subtracted for numerical stability
+    for (int i = 1; i < size; i++) max_val = x[i] > max_val ? x[i] : max_val;
+    float sum = 0.0f;
+    for (int i = 0; i < size; i++) {
+        x[i] = expf(x[i] - max_val);
+        sum += x[i];
+    }
+    for (int i = 0; i < size; i++) x[i] /= sum;
+}
+
+static int sample_argmax(const float *probabilities, int n) {
+    int max_i = 0;
+    for (int i = 1; i < n; i++) max_i = probabilities[i] > probabilities[max_i] ? i : max_i;
+    return max_i;
+}
+
+// coin in [0, 1), probabilities sum to 1
+static int sample_mult(const float *probabilities, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probabilities[i];
+        if (coin < cdf) return i;
+    }
+    return n - 1; // in case of rounding errors
+}
+
+static int compare(const void *a, const void *b) {
+    const ProbIndex *a_ = a, *b_ = b;
+    return (a_->prob < b_->prob) - (a_->prob > b_->prob); // descending
+}
+
+// Samples from the smallest set of tokens whose cumulative probability exceeds topp.
+static int sample_topp(const float *probabilities, int n, float topp, ProbIndex *probindex,
+                       float coin) {
+    // tokens below (1 - topp) / (n - 1) cannot be in the nucleus: skip them before sorting
+    int n0 = 0;
+    const float cutoff = (1.0f - topp) / (n - 1);
+    for (int i = 0; i < n; i++) {
+        if (probabilities[i] >= cutoff) probindex[n0++] = (ProbIndex){probabilities[i], i};
+    }
+    if (n0 == 0) return sample_argmax(probabilities, n); // only with NaN logits
+    qsort(probindex, n0, sizeof(ProbIndex), compare);
+    float cumulative_prob = 0.0f;
+    int last_idx = n0 - 1; // in case of rounding errors consider all elements
+    for (int i = 0; i < n0; i++) {
+        cumulative_prob += probindex[i].prob;
+        if (cumulative_prob > topp) {
+            last_idx = i;
+            break;
+        }
+    }
+    float r = coin * cumulative_prob;
+    float cdf = 0.0f;
+    for (int i = 0; i <= last_idx; i++) {
+        cdf += probindex[i].prob;
+        if (r < cdf) return probindex[i].index;
+    }
+    return probindex[last_idx].index;
+}
+
+int sampler_init(Sampler *s, int vocab_size, float temperature, float topp,
+                 unsigned long long seed, char *err) {
+    *s = (Sampler){0};
+    if (!(temperature >= 0.0f)) return fail(err, "temperature %g is not >= 0", temperature);
+    if (!(topp >= 0.0f && topp <= 1.0f)) return fail(err, "top-p %g is not in [0, 1]", topp);
+    if (seed == 0) return fail(err, "seed must not be 0");
+    if (vocab_size < 1) return fail(err, "vocab_size %d is not positive", vocab_size);
+    s->probindex = malloc(vocab_size * sizeof(ProbIndex));
+    if (!s->probindex) return fail(err, "out of memory");
+    s->vocab_size = vocab_size;
+    s->temperature = temperature;
+    s->topp = topp;
+    s->rng_state = seed;
+    return 0;
+}
+
+void sampler_free(Sampler *s) {
+    free(s->probindex);
+    *s = (Sampler){0};
+}
+
+static unsigned int random_u32(unsigned long long *state) {
+    // xorshift rng: https://en.wikipedia.org/wiki/Xorshift#xorshift.2A
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (*state * 0x2545F4914F6CDD1Dull) >> 32;
+}
+
+static float random_f32(unsigned long long *state) { // in [0, 1)
+    return (random_u32(state) >> 8) / 16777216.0f;
+}
+
+int sampler_sample(Sampler *s, float *logits) {
+    if (s->temperature == 0.0f) return sample_argmax(logits, s->vocab_size);
+    for (int q = 0; q < s->vocab_size; q++) logits[q] /= s->temperature;
+    softmax(logits, s->vocab_size);
+    float coin = random_f32(&s->rng_state);
+    if (s->topp <= 0.0f || s->topp >= 1.0f) return sample_mult(logits, s->vocab_size, coin);
+    return sample_topp(logits, s->vocab_size, s->topp, s->probindex, coin);
+}

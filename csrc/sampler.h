@@ -1,0 +1,29 @@
+// llama2.c's sampler: greedy at temperature 0, else softmax(logits / temperature) and
+// multinomial or top-p (nucleus) sampling, with a xorshift rng.
+#ifndef SAMPLER_H
+#define SAMPLER_H
+
+typedef struct {
+    float prob;
+    int index;
+} ProbIndex; // a candidate token of top-p sampling
+
+typedef struct {
+    int vocab_size;
+    ProbIndex *probindex; // (vocab_size,) buffer for top-p sampling
+    float temperature;
+    float topp;
+    unsigned long long rng_state;
+} Sampler;
+
+// temperature >= 0, topp in [0, 1] (0 or 1 turns top-p off), seed != 0 (a zero xorshift
+// state stays zero); -1 with a message in err[ERR_LEN] otherwise.
+int sampler_init(Sampler *s, int vocab_size, float temperature, float topp,
+                 unsigned long long seed, char *err);
+void sampler_free(Sampler *s);
+// x = exp(x) / sum(exp(x)), in place; also the attention softmax.
+void softmax(float *x, int size);
+// Samples a token id from logits (vocab_size,), which it overwrites with probabilities.
+int sampler_sample(Sampler *s, float *logits);
+
+#endif

@@ -1,0 +1,54 @@
+// The Llama 2 transformer forward pass, one token at a time with a KV cache, and llama2.c's
+// generation loop on top of it.
+#ifndef TRANSFORMER_H
+#define TRANSFORMER_H
+
+#include "checkpoint.h"
+#include "matmul.h"
+#include "sampler.h"
+
+typedef struct {
+    float *x;           // (dim,) activation at the current position
+    float *xb;          // (dim,) same, inside a residual branch
+    float *xb2;         // (dim,) an additional buffer
+    float *hb;          // (hidden_dim,) ffn hidden activation
+    float *hb2;         // (hidden_dim,)
+    float *q;           // (dim,) query
+    float *att;         // (n_heads, seq_len) attention scores
+    float *logits;      // (vocab_size,) output
+    float *rope;        // (head_size,) cos, sin of each rotated pair at the current position
+    float *key_cache;   // (n_layers, seq_len, kv_dim)
+    float *value_cache; // (n_layers, seq_len, kv_dim)
+    QVector xq;         // (max(dim, hidden_dim),) the matmul input, quantised, for Q8_0 weights
+} RunState;
+
+typedef struct {
+    Checkpoint ckpt; // config and weights
+    RunState state;  // every buffer the forward pass needs: nothing is allocated per token
+} Transformer;
+
+// Opens a checkpoint and allocates the run state; -1 with a message in err[ERR_LEN] on failure.
+int transformer_open(Transformer *t, const char *path, char *err);
+// Allocates the run state for t->ckpt, already opened or parsed (checkpoint.h).
+int transformer_init(Transformer *t, const char *name, char *err);
+void transformer_close(Transformer *t);
+// Zeroes the KV cache. Not needed between sequences that restart at pos 0 (each position
+// overwrites its cache row before reading it); for callers that want a clean slate.
+void transformer_reset(Transformer *t);
+// Runs `token` at position `pos` (the cache must hold positions 0..pos-1) and returns the
+// logits (vocab_size,), valid until the next call; NULL if token or pos is out of range.
+float *transformer_forward(Transformer *t, int token, int pos);
+
+// Called with each generated token and the one before it (to decode the pair).
+typedef void (*TokenCallback)(void *ctx, int prev, int token);
+
+// llama2.c's generation loop: feeds the prompt, then samples, for `steps` positions (0, or
+// more than seq_len, means seq_len) or until the model emits BOS (1). Writes the sequence,
+// prompt first and without the final BOS, to out (room for seq_len + 1 ids, or NULL) and
+// calls on_token (may be NULL) for every id after the first. Returns the sequence length, or
+// -1 with a message in err if the prompt is empty, has an id out of range, or is longer
+// than the context.
+int transformer_generate(Transformer *t, Sampler *sampler, const int *prompt, int n_prompt,
+                         int steps, int *out, TokenCallback on_token, void *ctx, char *err);
+
+#endif

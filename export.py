@@ -1,0 +1,91 @@
+"""
+Export a checkpoint to the flat .bin files the C engine (and llama2.c's run.c/runq.c) reads.
+
+    python export.py out/model.bin --checkpoint=out/ckpt.pt              # version 1, fp32
+    python export.py out/model_q80.bin --checkpoint=out/ckpt.pt --version=2   # int8 Q8_0
+    python export.py out/model_v0.bin --checkpoint=out/ckpt.pt --version=0    # llama2.c legacy
+
+The layouts are llama2.c's export.py (legacy_export, version1_export, version2_export); the
+byte-level writers live in csrc/formats.py beside the engine that reads them. README.md has
+the layout tables.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from csrc import formats
+from model import load_checkpoint, model_from_checkpoint
+
+
+def llama2c_weights(model):
+    """The model's weights as csrc/formats.py's dict of llama2.c names, all layers stacked."""
+    def stack(get):
+        return np.stack([get(layer).detach().float().numpy() for layer in model.layers])
+    w = {
+        "token_embedding_table": model.tok_embeddings.weight.detach().float().numpy(),
+        "rms_att_weight": stack(lambda l: l.attention_norm.weight),
+        "rms_ffn_weight": stack(lambda l: l.ffn_norm.weight),
+        "rms_final_weight": model.norm.weight.detach().float().numpy(),
+    }
+    for name in ("wq", "wk", "wv", "wo"):
+        w[name] = stack(lambda l: getattr(l.attention, name).weight)
+    for name in ("w1", "w2", "w3"):
+        w[name] = stack(lambda l: getattr(l.feed_forward, name).weight)
+    shared = model.output.weight is model.tok_embeddings.weight
+    w["wcls"] = None if shared else model.output.weight.detach().float().numpy()
+    return w
+
+
+def q80_group_size(dim, hidden_dim):
+    """The largest power of two up to 64 that divides both dim and hidden_dim, since the
+    engine quantises activations of both lengths in whole groups."""
+    group_size = 64
+    while dim % group_size or hidden_dim % group_size:
+        group_size //= 2
+    return group_size
+
+
+def max_q80_error(w, group_size):
+    errors = []
+    for name, t in w.items():
+        if t is None or name.startswith("rms"):
+            continue  # norms stay fp32
+        for m in (t if t.ndim == 3 else t[None]):
+            q, s = formats.quantize_q80(m, group_size)
+            errors.append(np.abs(formats.dequantize_q80(q, s, m.shape) - m).max())
+    return float(max(errors))
+
+
+def export(model, path, version=1):
+    """Write `model` to `path` in llama2.c's format `version` (0, 1 or 2), atomically."""
+    p = model.params
+    config = formats.Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len)
+    w = llama2c_weights(model)
+    group_size = q80_group_size(p.dim, p.hidden_dim) if version == 2 else 64
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        formats.write_checkpoint(tmp, config, w, version, group_size)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if version == 2:
+        print(f"Q8_0 with group size {group_size}: max quantisation error {max_q80_error(w, group_size):.6f}")
+    print(f"wrote {path} (version {version}, {os.path.getsize(path):,} bytes)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("filepath", type=str, help="the output .bin")
+    parser.add_argument("--checkpoint", type=str, default="out/ckpt.pt", help="a train.py or ppo.py checkpoint")
+    parser.add_argument("--version", type=int, default=1, choices=(0, 1, 2), help="0 legacy fp32, 1 fp32, 2 int8 Q8_0")
+    args = parser.parse_args()
+    try:
+        model = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    with torch.no_grad():
+        export(model.eval(), args.filepath, args.version)
