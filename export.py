@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from csrc import formats
-from model import load_checkpoint, model_from_checkpoint
+from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 
 
 def llama2c_weights(model):
@@ -37,6 +37,28 @@ def llama2c_weights(model):
     shared = model.output.weight is model.tok_embeddings.weight
     w["wcls"] = None if shared else model.output.weight.detach().float().numpy()
     return w
+
+
+def model_from_llama2c(config, w):
+    """The inverse of llama2c_weights: a Transformer holding the weights of a llama2.c file
+    (e.g. `formats.read_v0("stories260K.bin")`), so its models can be run, sampled and
+    fine-tuned here."""
+    args = ModelArgs(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
+                     vocab_size=config.vocab_size, hidden_dim=config.hidden_dim, max_seq_len=config.seq_len)
+    model = Transformer(args)
+    state = {"tok_embeddings.weight": w["token_embedding_table"], "norm.weight": w["rms_final_weight"]}
+    for i in range(config.n_layers):
+        state[f"layers.{i}.attention_norm.weight"] = w["rms_att_weight"][i]
+        state[f"layers.{i}.ffn_norm.weight"] = w["rms_ffn_weight"][i]
+        for name in ("wq", "wk", "wv", "wo"):
+            state[f"layers.{i}.attention.{name}.weight"] = w[name][i]
+        for name in ("w1", "w2", "w3"):
+            state[f"layers.{i}.feed_forward.{name}.weight"] = w[name][i]
+    if w["wcls"] is not None:
+        raise ValueError("this model has an unshared classifier; model.py ties the output head to the embedding")
+    state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()})
+    return model
 
 
 def q80_group_size(dim, hidden_dim):
