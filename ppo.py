@@ -47,12 +47,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
-import train
 from model import PRESETS, load_checkpoint, model_from_checkpoint
 from tinystories import DataError, resolve_tokenizer, token_dir
 from tokenizer import Tokenizer, atomic_open
 from train import config as train_config
-from train import resolve_device_dtype, save_atomic
+from train import get_lr, pyplot, resolve_device_dtype, save_atomic, save_figure
 
 # -----------------------------------------------------------------------------
 # config: train.py's keys, so its command lines run unchanged, plus PPO's own below. PPO reads out_dir,
@@ -399,20 +398,6 @@ def iteration_stats(batch, kl_coef):
 # -----------------------------------------------------------------------------
 # logs, plots and the report
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, png_path):
-    fig.tight_layout()
-    fig.savefig(png_path + ".tmp.png", dpi=100)
-    pyplot().close(fig)
-    os.replace(png_path + ".tmp.png", png_path)
-
-
 def plot_log(log_path, png_path, target_len=None):
     rows = [json.loads(line) for line in open(log_path)]
     it = [r["iter"] for r in rows]
@@ -585,7 +570,6 @@ def train_ppo(cfg):
     ckpt = None
     scaler = torch.amp.GradScaler(device_type) if dtype == "float16" else None
     train_policy = DDP(policy, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None) if ddp else policy
-    vars(train).update(cfg)  # train.get_lr reads its module's config, as in train.py
 
     n_rollouts = cfg["num_mini_batches"] * cfg["batch_size"]
     log_path = os.path.join(out_dir, "ppo_log.jsonl")
@@ -609,7 +593,7 @@ def train_ppo(cfg):
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, unit="it", dynamic_ncols=True)
     while iter_num < cfg["max_iters"]:
         t0 = time.perf_counter()
-        lr = train.get_lr(iter_num)
+        lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # every random draw of an iteration follows from (seed, rank, iteration): resuming continues the same streams

@@ -28,7 +28,7 @@ from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from tinystories import SEPARATOR as END
 from tinystories import DataError, iter_batches, load_text, token_dir
 from tokenizer import Tokenizer, atomic_open
-from train import save_atomic
+from train import pyplot, save_atomic, save_figure
 
 # -----------------------------------------------------------------------------
 # config: plain defaults, overridable as --key=value (one set of keys for all three commands)
@@ -452,9 +452,7 @@ def format_metric(value):
 def plot_before_after(before_m, after_m, extra, png_path):
     """Bars of the bounded metrics, before and after, and one panel for each of `extra`
     {title: (before, after)}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     keys = [k for k in before_m if k in after_m and k not in ("reward model", "response length (tokens)")]
     fig, axes = plt.subplots(1, 1 + len(extra), figsize=(11, 4), gridspec_kw={"width_ratios": [4] + [1] * len(extra)})
     x = range(len(keys))
@@ -469,11 +467,7 @@ def plot_before_after(before_m, after_m, extra, png_path):
         ax.set_title(title, fontsize=9)
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
 
 
 # -----------------------------------------------------------------------------

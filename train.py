@@ -55,7 +55,7 @@ dropout = 0.0
 # adamw optimizer
 gradient_accumulation_steps = 1  # used to simulate larger batch sizes
 learning_rate = 1e-3
-max_iters = 1200
+max_iters = 1100
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
@@ -96,17 +96,19 @@ def resolve_device_dtype(device, dtype):
     return device, device_type, dtype
 
 
-def get_lr(it):
-    if not decay_lr:
-        return learning_rate
-    floor = min_lr or learning_rate / 10
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    decay_iters = lr_decay_iters or max_iters
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr; cfg: a config dict (train.py's or ppo.py's)."""
+    lr = cfg["learning_rate"]
+    if not cfg["decay_lr"]:
+        return lr
+    floor = cfg["min_lr"] or lr / 10
+    if it < cfg["warmup_iters"]:
+        return lr * (it + 1) / (cfg["warmup_iters"] + 1)
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     if it > decay_iters:
         return floor
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - floor)
+    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - floor)
 
 
 def peak_matmul_flops(device, dtype, n=1024, reps=5):
@@ -130,10 +132,25 @@ def save_atomic(obj, path):
         torch.save(obj, f)
 
 
-def plot_losses(log_path, png_path):
+def pyplot():
+    """matplotlib's pyplot without a display, imported only when a plot is drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, png_path):
+    """Write fig to png_path atomically (a reader never sees half a PNG) and free it."""
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    pyplot().close(fig)
+    os.replace(tmp, png_path)
+
+
+def plot_losses(log_path, png_path):
+    plt = pyplot()
     rows = [json.loads(line) for line in open(log_path)]
     evals = [r for r in rows if "val/loss" in r]
     steps = [r for r in rows if "train/loss_step" in r]
@@ -145,11 +162,7 @@ def plot_losses(log_path, png_path):
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
 
 
 if __name__ == "__main__":
@@ -287,7 +300,7 @@ if __name__ == "__main__":
     running_mfu = -1.0
     bar = tqdm(total=max_iters, initial=iter_num, disable=not master_process, unit="it", dynamic_ncols=True)
     while True:
-        lr = get_lr(iter_num)
+        lr = get_lr(iter_num, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
