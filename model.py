@@ -103,7 +103,8 @@ class Attention(nn.Module):
         """x (B, T, dim) -> (B, T, dim). Without a mask, plain causal attention over x (training).
         Decoding passes kv_cache (2, B, n_kv_heads, max_len, head_dim), into which this chunk's keys
         and values go at columns start_pos..start_pos+T-1, and a boolean mask (B, 1, T, start_pos+T)
-        that is True where a query may attend."""
+        that is True where a query may attend, or no mask when no row is padded (then a chunk from
+        start_pos 0 is causal, and a single token attends to the whole cache)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -116,10 +117,19 @@ class Attention(nn.Module):
             v_cache[:, :, start_pos:start_pos + T] = v
             k, v = k_cache[:, :, :start_pos + T], v_cache[:, :, :start_pos + T]  # (B, n_kv_heads, S, head_dim)
         n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, S, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if T == 1:
+            # one decoding step, written out: the n_rep query heads of a KV head read its cache in place
+            # (no repeat_kv copy), and at small head sizes this beats SDPA's kernel (1.5x on 260K)
+            q = q.reshape(B, self.n_kv_heads, n_rep, self.head_dim)
+            att = torch.einsum("bgrd,bgsd->bgrs", q, k) * self.head_dim**-0.5  # (B, n_kv_heads, n_rep, S)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
+            y = torch.einsum("bgrs,bgsd->bgrd", att.float().softmax(-1).type_as(v), v)  # (B, n_kv_heads, n_rep, head_dim)
+        else:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, S, head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
 
@@ -178,13 +188,13 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens, positions=None, mask=None, kv_cache=None, start_pos=0):
         """tokens (B, T) -> final-normed hidden states (B, T, dim), the trunk a value or reward head sits on.
-        By default positions are 0..T-1 and attention is causal. decode() passes per-row positions
-        (B, T), a mask and the KV cache (n_layers, 2, B, n_kv_heads, max_len, head_dim)."""
+        By default positions are 0..T-1 and attention is causal. decode() passes positions (T,), or
+        (B, T) per row, a mask and the KV cache (n_layers, 2, B, n_kv_heads, max_len, head_dim)."""
         T = tokens.size(1)
         if positions is None:
             cos, sin = self.freqs_cos[:T], self.freqs_sin[:T]  # (T, head_dim/2)
         else:
-            cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]  # (B, T, head_dim/2)
+            cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]  # (T or B, T, head_dim/2)
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if kv_cache is None else kv_cache[i], start_pos)
@@ -222,17 +232,23 @@ class Transformer(nn.Module):
 
     def decode(self, tokens, pad, kv_cache, start_pos):
         """Feed the next columns of a left-padded batch through the KV cache: tokens (B, T) fill cache
-        columns start_pos..start_pos+T-1, pad (B,) counts each row's padding columns on the left.
-        Returns the logits at the last column (B, vocab_size)."""
-        q_cols = torch.arange(start_pos, start_pos + tokens.size(1), device=tokens.device)  # (T,)
-        k_cols = torch.arange(start_pos + tokens.size(1), device=tokens.device)  # (S,)
-        # each row's own positions, as if run alone (RoPE is relative, so this only spares rounding)
-        positions = (q_cols - pad[:, None]).clamp(min=0)  # (B, T)
-        # causal over the row's real tokens; a padding column sees itself, as an all-False mask row
-        # gives NaNs on some SDPA backends
-        real = (k_cols >= pad[:, None])[:, None, :]  # (B, 1, S)
-        mask = (k_cols <= q_cols[:, None]) & (real | (k_cols == q_cols[:, None]))  # (B, T, S)
-        return self.output(self.hidden(tokens, positions, mask[:, None], kv_cache, start_pos)[:, -1])
+        columns start_pos..start_pos+T-1, pad (B,) counts each row's padding columns on the left
+        (None: no row is padded). Returns the logits at the last column (B, vocab_size)."""
+        T = tokens.size(1)
+        q_cols = torch.arange(start_pos, start_pos + T, device=tokens.device)  # (T,)
+        if pad is None and (T == 1 or start_pos == 0):
+            # nothing to hide: plain causal attention, and a single new token sees the whole cache
+            positions, mask = q_cols, None
+        else:
+            pad = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if pad is None else pad
+            k_cols = torch.arange(start_pos + T, device=tokens.device)  # (S,)
+            # each row's own positions, as if run alone (RoPE is relative, so this only spares rounding)
+            positions = (q_cols - pad[:, None]).clamp(min=0)  # (B, T)
+            # causal over the row's real tokens; a padding column sees itself, as an all-False mask row
+            # gives NaNs on some SDPA backends
+            real = (k_cols >= pad[:, None])[:, None, :]  # (B, 1, S)
+            mask = ((k_cols <= q_cols[:, None]) & (real | (k_cols == q_cols[:, None])))[:, None]  # (B, 1, T, S)
+        return self.output(self.hidden(tokens, positions, mask, kv_cache, start_pos)[:, -1])
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), generator=None):
@@ -258,7 +274,7 @@ class Transformer(nn.Module):
         device = self.freqs_cos.device
         # left padding puts every row's next token in the same cache column
         tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
-        pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
+        pad = torch.tensor([P - len(p) for p in prompts], device=device) if min(map(len, prompts)) < P else None  # (B,)
         rows = torch.arange(B, device=device)  # the prompt each active row belongs to
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)  # -1: not generated
@@ -278,7 +294,8 @@ class Transformer(nn.Module):
                     break
                 kv_cache[:, :, :len(keep), :, :start] = kv_cache[:, :, keep, :, :start]
                 kv_cache = kv_cache[:, :, :len(keep)]
-                tokens, pad, rows = tokens[keep], pad[keep], rows[keep]
+                tokens, rows = tokens[keep], rows[keep]
+                pad = None if pad is None else pad[keep]
         return [[t for t in row if t >= 0] for row in out.tolist()]
 
 
@@ -296,7 +313,11 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse CDF, as llama2.c's sampler: one uniform draw per row (torch.multinomial draws one per
+    # vocabulary entry, a fifth of the time of 400 rollouts of the 260K model)
+    cdf = probs.cumsum(-1)
+    coin = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, coin, right=True).clamp(max=cdf.size(-1) - 1).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_ppo_learns_to_end_stories_at_a_short_target_length_and_never_touches_th
 def test_early_stop_ends_the_epochs_once_the_approx_kl_exceeds_the_threshold():
     policy = tiny_policy(std=0.3)
     reference = copy.deepcopy(policy).requires_grad_(False)
-    score = lambda t, m, e: (t[:, 1:] == 7).float().sum(1)  # noqa: E731
+    score = lambda t, m, e: (t[:, 1:] < 32).float().sum(1)  # noqa: E731  (varies across rollouts: a gradient to follow)
     (_, stats), = train_tiny(policy, reference, score, 1, (), learning_rate=0.05, ppo_epochs=4, early_stop_kl=1e-6)
     assert stats["ppo/epochs"] == 1
     (_, stats), = train_tiny(policy, reference, score, 1, (), learning_rate=1e-5, ppo_epochs=4, early_stop_kl=1.0)
