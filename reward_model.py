@@ -43,7 +43,7 @@ device = "cpu"
 num_pairs = 1000  # training pairs, prompts from the train split
 num_eval_pairs = 200  # held-out pairs, prompts from the end of the validation split
 samples_per_prompt = 2  # the judge's best and worst of these make one pair; ties are skipped
-start_len = 32  # prompt = BOS + the first start_len tokens of a real story
+start_len = 30  # prompt = the first start_len tokens of a real story, BOS included (as ppo.py's start_len)
 max_new_tokens = 0  # 0: up to the model's context
 temperature = 1.0  # 1.0 and no top-k/top-p: the model's own distribution, what PPO samples
 top_k = 0  # 0 = off
@@ -152,9 +152,9 @@ def response_text(tok, prompt_ids, response_ids):
 
 
 def story_prompts(tok, stories, length):
-    """BOS + the first `length` tokens of each story long enough to go on after them."""
+    """The first `length` tokens (BOS included) of each story long enough to go on after them."""
     encoded = (tok.encode(s) for s in stories)
-    return [ids[:length + 1] for ids in encoded if len(ids) > length + 1]
+    return [ids[:length] for ids in encoded if len(ids) > length]
 
 
 def sample_responses(model, tok, prompts, cfg, generator):
@@ -558,7 +558,7 @@ def cmd_report(cfg):
     exact = cfg["temperature"] == 1.0 and not cfg["top_k"] and cfg["top_p"] >= 1.0
     md = ["# RLHF report: before and after PPO\n",
           f"- before: `{cfg['before']}`, after: `{cfg['after']}`, reward model: `{cfg['rm']}`",
-          f"- {len(prompts)} validation prompts (BOS + the first {cfg['start_len']} tokens of a story), one sample "
+          f"- {len(prompts)} validation prompts (the first {cfg['start_len']} tokens of a story, BOS included), one sample "
           f"each per policy, both from seed {cfg['seed']}; temperature {cfg['temperature']}, top_k {cfg['top_k'] or 'off'}, "
           f"top_p {cfg['top_p'] if cfg['top_p'] < 1.0 else 'off'}",
           f"- judge: weighted mean of {', '.join(f'{k} ({w})' for k, w in WEIGHTS.items())} over the parts that apply"
