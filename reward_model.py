@@ -73,7 +73,10 @@ config = {k: v for k, v in globals().items()  # the lower-case names: END is a c
 # -----------------------------------------------------------------------------
 # the judge: what a children's storyteller cares about, each part a number in [0, 1]
 
-WEIGHTS = {"ending": 0.4, "no_repetition": 0.35, "names": 0.25, "keyword": 0.25}
+WEIGHTS = {"ending": 0.4, "no_repetition": 0.35, "substance": 0.35, "names": 0.25, "keyword": 0.25}
+# A story is more than its opening: without this part, ending at once (ended, nothing repeated) is a
+# top score, and PPO finds that in 20 iterations. Real TinyStories continue for 130 words (median).
+MIN_STORY_WORDS = 50
 SENTENCE_END = re.compile(r"[.!?][\"'”’)]*\s*$")  # . ! or ?, possibly inside a closing quote
 
 
@@ -117,6 +120,7 @@ def judge_components(prompt, response, keyword=""):
       ending        half for ending the story (response ends with END, not cut off at the token
                     limit), half for a complete last sentence (. ! ? or a closing quote)
       no_repetition 1 - the worse of the duplicate-sentence and repeated-4-gram fractions (whole story)
+      substance     words in the response over MIN_STORY_WORDS, at most 1: the story goes on
       names         fraction of the prompt's names (capitalised, not sentence-initial) that the
                     response uses again
       keyword       1 if the keyword appears in the response as a word"""
@@ -127,6 +131,7 @@ def judge_components(prompt, response, keyword=""):
     return {
         "ending": 0.5 * ended + 0.5 * bool(SENTENCE_END.search(prompt + response)),
         "no_repetition": 1.0 - max(rep["dup_sentences"], rep["dup_4grams"]),
+        "substance": min(1.0, len(words(response)) / MIN_STORY_WORDS),
         "names": sum(bool(re.search(rf"\b{n}\b", response)) for n in cast) / len(cast) if cast else None,
         "keyword": float(bool(re.search(rf"\b{re.escape(keyword)}\b", response, re.I))) if keyword else None,
     }

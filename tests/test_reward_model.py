@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, SHARED, first_stories
 from model import ModelArgs, Transformer
-from reward_model import (END, RewardModel, bradley_terry_loss, distinct_n, encode_pairs, encode_story, evaluate,
+from reward_model import (END, WEIGHTS, RewardModel, bradley_terry_loss, distinct_n, encode_pairs, encode_story, evaluate,
                           judge, judge_components, load_reward_model, markdown_table, names, pad_right, pairwise_accuracy,
                           read_pairs, repetition, train_reward_model, write_pairs)
 from tinystories import DataError, iter_batches
@@ -36,12 +36,12 @@ def run(*args):
 
 
 def real_story_parts(n, offset=0):
-    """(prompt, rest) of real stories: the first sentence, then up to the next three."""
+    """(prompt, rest) of real stories: the first sentence, then the next six (about 60 words)."""
     parts = []
-    for story in first_stories(SHARED / "tinystories" / "train-000.txt", offset + n * 2)[offset:]:
+    for story in first_stories(SHARED / "tinystories" / "train-000.txt", offset + n * 3)[offset:]:
         sents = [s.strip() for s in story.replace("\n", " ").split(". ") if s.strip()]
-        if len(sents) >= 4 and all(len(s) > 20 for s in sents[:4]):
-            parts.append((sents[0] + ".", " " + ". ".join(sents[1:4]).rstrip(".") + "."))
+        if len(sents) >= 7 and all(len(s) > 20 for s in sents[:7]):
+            parts.append((sents[0] + ".", " " + ". ".join(sents[1:7]).rstrip(".") + "."))
     return parts[:n]
 
 
@@ -72,7 +72,7 @@ def test_a_story_that_ends_beats_the_same_story_cut_off_mid_sentence():
 
 def test_a_looped_sentence_lowers_the_repetition_component():
     for prompt, rest in real_story_parts(5):
-        loop = rest + " She was happy." * 4
+        loop = rest + " She was happy." * 8
         assert judge_components(prompt, loop + END)["no_repetition"] < judge_components(prompt, rest + END)["no_repetition"] - 0.3
     # a loop without a full stop: 12 4-grams, the second copy's 4 repeat the first's
     assert repetition("the dog ran to the big tree and the dog ran to the big tree")["dup_4grams"] == pytest.approx(4 / 12)
@@ -86,7 +86,10 @@ def test_reusing_the_prompts_character_name_raises_that_component():
     assert (both["names"], one["names"], none["names"]) == (1.0, 0.5, 0.0)
     assert judge(prompt, " Lily and Max went to the park." + END) > judge(prompt, " The girl went to the park." + END)
     assert judge_components("Once upon a time, there was a cat.", " It slept." + END)["names"] is None  # no name: left out
-    assert judge("Once upon a time, there was a cat.", " It slept." + END) == 1.0
+    parts = judge_components("Once upon a time, there was a cat.", " It slept." + END)
+    applying = ("ending", "no_repetition", "substance")
+    assert judge("Once upon a time, there was a cat.", " It slept." + END) == pytest.approx(
+        sum(WEIGHTS[k] * parts[k] for k in applying) / sum(WEIGHTS[k] for k in applying))
 
 
 def test_names_skip_sentence_openers_and_a_word_the_prompt_may_cut():
@@ -106,6 +109,17 @@ def test_real_complete_stories_score_near_the_top_of_the_judge():
     parts = [judge_components(s[:60], s[60:] + END) for s in stories]
     assert sum(p["ending"] for p in parts) / len(parts) > 0.95
     assert sum(p["no_repetition"] for p in parts) / len(parts) > 0.95
+    assert sum(p["substance"] for p in parts) / len(parts) > 0.9
+
+
+def test_ending_at_once_is_not_a_top_score():
+    prompt = "Once upon a time, there was a girl named Lily. She had a red ball."
+    at_once = judge_components(prompt, " The end." + END)
+    story = " Lily took her ball to the park. " * 1 + "She threw it high and her dog ran after it. " \
+        "Then it started to rain, so they ran home. Mom made warm soup and Lily told her about the park. " \
+        "Lily smiled and hugged her dog. It was the best day, and she played with her ball again the next morning." + END
+    assert at_once["substance"] < 0.1 and judge_components(prompt, story)["substance"] == 1.0
+    assert judge(prompt, story) > judge(prompt, " The end." + END) + 0.2
 
 
 # ---------------------------------------------------------------------------
