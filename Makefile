@@ -31,6 +31,14 @@ demo: setup
 	$(MAKE) -s runomp
 	OMP_NUM_THREADS=1 ./run out/model.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
 	OMP_NUM_THREADS=1 ./run out/model_q80.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
+	rm -f out/ppo_ckpt.pt out/ppo_log.jsonl
+	$(PY) train.py --init_from=resume --ppo=True $(DEMO_PPO)
+	$(PY) ppo.py --report=True --report_path=out/ppo_length.md --report_prompts=100
+	$(PY) export.py out/ppo_model.bin --checkpoint=out/ppo_ckpt.pt
+	OMP_NUM_THREADS=1 ./run out/ppo_model.bin -z data/tok512.bin -t 1.0 -n 256 -i "Once upon a time"
+
+# the demo's PPO stage: the length reward on the default model, a few minutes
+DEMO_PPO := --batch_size=16 --num_mini_batches=4 --target_len=150 --init_kl_coef=0.0 --max_iters=20
 
 test: setup ctest lib
 	$(PY) -m pytest -q tests
@@ -42,6 +50,7 @@ test: setup ctest lib
 # csrc/engine.py loads, without -ffast-math so parity with PyTorch holds to 1e-4 (with it, 1.4e-4). -fopenmp-simd keeps the OpenMP pragmas quiet where threads are off.
 
 ENGINE_SRC := csrc/checkpoint.c csrc/matmul.c csrc/transformer.c csrc/tokenizer.c csrc/sampler.c
+LIB_SRC := $(ENGINE_SRC) csrc/attention.c
 ENGINE_HDR := $(wildcard csrc/*.h)
 WARN := -Wall -Wextra
 LIB := csrc/libengine.so
@@ -61,8 +70,8 @@ runomp:
 
 lib: $(LIB)
 
-$(LIB): $(ENGINE_SRC) $(ENGINE_HDR)
-	$(CC) -O3 -march=native $(WARN) -fopenmp -fPIC -shared -Wl,-Bsymbolic -o $@ $(ENGINE_SRC) -lm
+$(LIB): $(LIB_SRC) $(ENGINE_HDR)
+	$(CC) -O3 -march=native $(WARN) -fopenmp -fPIC -shared -Wl,-Bsymbolic -o $@ $(LIB_SRC) -lm
 
 # run and runomp: the portable kernels, then the AVX-512 and OpenMP ones
 ctest:

@@ -87,6 +87,54 @@ def repeat_kv(x, n_rep):
     return x[:, :, None].expand(B, n_kv_heads, n_rep, S, head_dim).reshape(B, n_kv_heads * n_rep, S, head_dim)
 
 
+class CausalAttentionCPU(torch.autograd.Function):
+    """Causal attention through csrc/attention.c, for CPUs at small head sizes, where PyTorch's
+    flash attention is slow (head size 8: 4x, see bench/ppo_speed.py). q, k, v (B, H, T, head_dim)
+    with as many KV heads as query heads; fp32 arithmetic, results in the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        from csrc import engine
+        dtype = q.dtype
+        q, k, v = (x.float().contiguous() for x in (q, k, v))
+        B, H, T, D = q.shape
+        out, lse = torch.empty_like(q), q.new_empty(B, H, T)
+        if engine.lib.attention_forward(*map(engine.float_ptr, (q, k, v, out, lse)), B * H, T, D, torch.get_num_threads()):
+            raise MemoryError("attention_forward: out of memory")
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.dtype = dtype
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from csrc import engine
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.float().contiguous()
+        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        B, H, T, D = q.shape
+        if engine.lib.attention_backward(*map(engine.float_ptr, (q, k, v, out, lse, dout, dq, dk, dv)), B * H, T, D,
+                                         torch.get_num_threads()):
+            raise MemoryError("attention_backward: out of memory")
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype)
+
+
+def c_attention_available():
+    """Whether csrc's library builds and loads (`make lib`; needs a C compiler). Asked once."""
+    global _c_attention
+    if _c_attention is None:
+        try:
+            from csrc import engine  # noqa: F401  (builds the library if it is missing or stale)
+            _c_attention = True
+        except (ImportError, OSError, RuntimeError) as e:
+            print(f"note: csrc/libengine.so is unavailable ({type(e).__name__}), so CPU attention uses PyTorch's kernel")
+            _c_attention = False
+    return _c_attention
+
+
+_c_attention = None
+C_ATTENTION_MAX_HEAD_DIM = 8  # where csrc/attention.c beats PyTorch's CPU kernel (bench/ppo_speed.py)
+
+
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -127,8 +175,12 @@ class Attention(nn.Module):
             y = torch.einsum("bgrs,bgsd->bgrd", att.float().softmax(-1).type_as(v), v)  # (B, n_kv_heads, n_rep, head_dim)
         else:
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, S, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            if (x.device.type == "cpu" and mask is None and kv_cache is None and self.head_dim <= C_ATTENTION_MAX_HEAD_DIM
+                    and not (self.training and self.dropout) and c_attention_available()):
+                y = CausalAttentionCPU.apply(q, k, v)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                   dropout_p=self.dropout if self.training else 0.0)
         y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 

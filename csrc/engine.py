@@ -25,7 +25,7 @@ from csrc.formats import Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_PATH = os.path.join(HERE, "libengine.so")
-HEADERS = ["checkpoint.h", "matmul.h", "sampler.h", "tokenizer.h", "transformer.h"]
+HEADERS = ["checkpoint.h", "matmul.h", "sampler.h", "tokenizer.h", "transformer.h", "attention.h"]
 
 
 def _build():
@@ -61,6 +61,11 @@ _build()
 ffi = FFI()
 ffi.cdef(_declarations())
 lib = ffi.dlopen(LIB_PATH)
+
+
+def float_ptr(tensor):
+    """A float * to a contiguous fp32 torch tensor's data, for the attention kernels."""
+    return ffi.cast("float *", tensor.data_ptr())
 
 
 def _error():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED
-from model import PRESETS, ModelArgs, Transformer, apply_rope
+from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, CausalAttentionCPU, ModelArgs, Transformer, apply_rope, c_attention_available
 
 STORIES260K = SHARED / "models" / "llama2c" / "stories260K.bin"
 
@@ -104,6 +104,38 @@ def test_attention_equals_per_head_reference_with_run_c_rope(n_kv_heads):
     with torch.no_grad():
         y = attn(x, model.freqs_cos[:9], model.freqs_sin[:9])
         assert torch.allclose(y, reference_attention(attn, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 8), (3, 2, 40, 16), (1, 1, 1, 8), (1, 2, 130, 4)])
+def test_c_attention_kernel_equals_causal_sdpa_and_its_gradients(shape):
+    """csrc/attention.c (the CPU path at small head sizes) against PyTorch in float64."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out = CausalAttentionCPU.apply(q32, k32, v32)
+    grads = torch.autograd.grad(out, (q32, k32, v32), grad.float())
+    for ours, theirs in zip((out, *grads), (ref, *ref_grads)):
+        assert ours.dtype == torch.float32 and (ours.double() - theirs).abs().max() < 1e-5
+
+
+def test_a_model_at_head_size_8_trains_the_same_through_the_c_kernel_as_through_sdpa(monkeypatch):
+    import model as model_module
+    model = tiny_model(dim=32, n_heads=4, n_kv_heads=2)  # head size 8: the C kernel's range, with GQA
+    assert model.layers[0].attention.head_dim <= C_ATTENTION_MAX_HEAD_DIM and c_attention_available()
+    tokens = random_tokens(3, 20)
+    runs = []
+    for limit in (C_ATTENTION_MAX_HEAD_DIM, 0):  # 0: every layer goes to SDPA
+        monkeypatch.setattr(model_module, "C_ATTENTION_MAX_HEAD_DIM", limit)
+        model.zero_grad()
+        loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+        loss.backward()
+        runs.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (c_loss, c_grads), (sdpa_loss, sdpa_grads) = runs
+    assert c_loss == pytest.approx(sdpa_loss, abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(c_grads, sdpa_grads))
 
 
 def test_rope_scores_depend_only_on_the_relative_position():
