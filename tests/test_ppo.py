@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -288,9 +289,12 @@ def test_the_forks_command_line_runs_and_a_second_run_resumes_where_the_first_st
     assert not torch.equal(model_from_checkpoint(ckpt).output.weight, start["output.weight"])  # loads like any checkpoint
 
     md = tmp_path / "reports" / "ppo_length.md"
-    write_length_report({**config, "out_dir": str(part), "data_dir": small_data, "device": "cpu", "report_prompts": 8}, str(md))
+    write_length_report({**config, "out_dir": str(part), "data_dir": small_data, "device": "cpu", "report_prompts": 8,
+                         "report_path": str(md)})
     text = md.read_text()
     assert "| mean distance to target |" in text and "3 PPO iterations of 8 rollouts" in text and text.count("- *after*") == 3
+    kl = float(re.search(r"\| KL to the starting model \(nats/response\) \| 0 \| ([-\d.e+]+) \|", text).group(1))
+    assert kl != 0.0  # three updates moved the policy (an 8-sample estimate: its sign may go either way)
     assert (tmp_path / "reports" / "ppo_length.png").exists()
 
 
