@@ -93,8 +93,9 @@ ent_coef = 0.0  # entropy bonus coefficient
 whiten_rewards = False  # whiten the per-token rewards before GAE (the advantages always are)
 early_stop_kl = 0.0  # stop an iteration's epochs once a minibatch's approx KL exceeds this; 0 = never
 # report
-report = False  # evaluate the starting and the PPO model on held-out prompts -> reports/ppo_length.md
+report = False  # evaluate the starting and the PPO model on held-out prompts -> report_path
 report_prompts = 200  # validation stories for the report
+report_path = "reports/ppo_length.md"  # and its histogram beside it, .png
 # -----------------------------------------------------------------------------
 config = {**train_config, **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
 # -----------------------------------------------------------------------------
@@ -434,9 +435,16 @@ def length_stats(lengths, ended, target_len):
             "ended by itself": np.mean(ended)}
 
 
-def write_length_report(cfg, md_path="reports/ppo_length.md"):
+def printable(text):
+    """Text for a markdown page: the byte soup of a degenerate policy shown as U+FFFD, not as control codes."""
+    return "".join(c if c.isprintable() or c == "\n" else "\ufffd" for c in text)
+
+
+def write_length_report(cfg):
     """The starting model (the reference stored in ppo_ckpt.pt) and the PPO model on the same held-out
     prompts and seed, with the settings PPO was trained with: a table, samples side by side, a histogram."""
+    from reward_model import response_logprobs
+    md_path = cfg["report_path"]
     reuse_freed_memory()
     device = resolve_device_dtype(cfg["device"], cfg["dtype"])[0]
     path = os.path.join(cfg["out_dir"], "ppo_ckpt.pt")
@@ -453,6 +461,10 @@ def write_length_report(cfg, md_path="reports/ppo_length.md"):
     for name, model in models.items():
         results[name] = evaluate(model.to(device).eval(), prompts, n_new, run["temperature"], (tok.bos_id, tok.eos_id), cfg["seed"])
         stats[name] = length_stats(results[name]["lengths"], results[name]["ended"], run["target_len"])
+    # KL(after || before), estimated on the PPO model's own samples
+    after_samples = (prompts.tolist(), results["after"]["responses"])
+    kl = response_logprobs(models["after"], *after_samples) - response_logprobs(models["before"], *after_samples)
+    stats["before"]["KL to the starting model (nats/response)"], stats["after"]["KL to the starting model (nats/response)"] = 0.0, kl.mean().item()
     rows = [json.loads(line) for line in open(os.path.join(cfg["out_dir"], "ppo_log.jsonl"))]
     minutes = np.cumsum([r["time/ppo/total"] for r in rows]) / 60
     near = [i for i, r in enumerate(rows) if abs(r["tokens/responses_len_mean"] - run["target_len"]) <= 0.1 * run["target_len"]]
@@ -470,13 +482,14 @@ def write_length_report(cfg, md_path="reports/ppo_length.md"):
           ]
     table = ["| metric | before | after |", "|---|---|---|"] + [
         f"| {k} | {stats['before'][k]:.3g} | {stats['after'][k]:.3g} |" for k in stats["before"]]
-    md += table + ["\n![response lengths before and after](ppo_length.png)\n", "## Samples side by side (same prompt, same seed)\n"]
+    md += table + [f"\n![response lengths before and after]({os.path.basename(os.path.splitext(md_path)[0])}.png)\n",
+                   "## Samples side by side (same prompt, same seed)\n"]
     for i in range(min(3, len(prompts))):
         md.append(f"**prompt:** {tok.decode(prompts[i, 1:].tolist())}\n")
         for name in models:
             r, ended = results[name]["responses"][i], results[name]["ended"][i]
             text = tok.decode(prompts[i, 1:].tolist() + r[:len(r) - ended])[len(tok.decode(prompts[i, 1:].tolist())):]
-            md.append(f"- *{name}* ({results[name]['lengths'][i]} tokens, {'ended' if ended else 'cut off'}): {text.strip()}")
+            md.append(f"- *{name}* ({results[name]['lengths'][i]} tokens, {'ended' if ended else 'cut off'}): {printable(text.strip())}")
         md.append("")
     os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)
     with atomic_open(md_path, "w") as f:
@@ -488,7 +501,7 @@ def write_length_report(cfg, md_path="reports/ppo_length.md"):
     ax.set_xlabel("response length (tokens)")
     ax.set_ylabel("samples")
     ax.legend()
-    png = os.path.join(os.path.dirname(md_path) or ".", "ppo_length.png")
+    png = os.path.splitext(md_path)[0] + ".png"
     save_figure(fig, png)
     print("\n".join(table))
     print(f"wrote {md_path} and {png}")
