@@ -15,7 +15,12 @@
 // exp(x) for x <= 0 (a softmax argument minus its maximum): Cephes' expf, written so that it
 // vectorises (glibc's expf only does under -ffast-math). Relative error about 1e-7.
 static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
+    // x = max(x, -87) (exp(-87) ~ 0, and 2^n stays normal) on the bits: a float compare would keep
+    // GCC from vectorising, and for negative floats a larger magnitude is a larger unsigned integer
+    uint32_t bits_x;
+    memcpy(&bits_x, &x, sizeof x);
+    bits_x = bits_x > 0xC2AE0000u ? 0xC2AE0000u : bits_x;  // -87.0f; +0 and positive floats stay
+    memcpy(&x, &bits_x, sizeof x);
     float n = (float)(int32_t)(x * 1.44269504088896341f - 0.5f);  // round(x / ln 2), as x <= 0
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;           // x - n ln 2, in two parts
     float p = 1.9875691500e-4f;
@@ -25,9 +30,14 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};  // 2^n
-    return p * scale.f;
+    int32_t bits = ((int32_t)n + 127) << 23;  // 2^n as a float's bits
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
+
+// n rounded up to whole vectors of 16 floats; score rows have room for it
+static inline int round_up(int n) { return (n + 15) & ~15; }
 
 static void transpose(const float *x, float *xt, int T, int D) {  // (T, D) -> (D, T)
     for (int t = 0; t < T; t++)
@@ -35,7 +45,7 @@ static void transpose(const float *x, float *xt, int T, int D) {  // (T, D) -> (
 }
 
 // s[j] = scale * q . k_j for j < n, keys transposed: kt (D, T)
-static void scores(const float *q, const float *kt, float *s, int n, int T, int D, float scale) {
+static inline void scores_any(const float *q, const float *kt, float *s, int n, int T, int D, float scale) {
     for (int j = 0; j < n; j++) s[j] = 0.0f;
     for (int d = 0; d < D; d++) {
         float qd = q[d] * scale;
@@ -43,6 +53,31 @@ static void scores(const float *q, const float *kt, float *s, int n, int T, int 
 #pragma omp simd
         for (int j = 0; j < n; j++) s[j] += qd * kd[j];
     }
+}
+
+static void scores(const float *q, const float *kt, float *s, int n, int T, int D, float scale) {
+    if (D == 8) {  // the 260K shape: a constant D unrolls, and each score's sum stays in a register
+#pragma omp simd
+        for (int j = 0; j < n; j++) {
+            float acc = 0.0f;
+            for (int d = 0; d < 8; d++) acc += q[d] * kt[(size_t)d * T + j];
+            s[j] = acc * scale;
+        }
+    } else {
+        scores_any(q, kt, s, n, T, D, scale);
+    }
+}
+
+// s[j] = exp(s[j] - shift) for j < n, 0 from there up to the whole vector after n_total; returns the
+// sum. A function of its own: inside the OpenMP-outlined loops GCC left this loop scalar.
+static float exp_shifted(float *s, int n, int n_total, float shift) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < round_up(n_total); j++) {
+        s[j] = j < n ? exp_nonpositive(s[j] - shift) : 0.0f;
+        sum += s[j];
+    }
+    return sum;
 }
 
 static float dot(const float *a, const float *b, int n) {
@@ -58,7 +93,7 @@ int attention_forward(const float *q, const float *k, const float *v, float *out
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *buf = malloc(sizeof(float) * (size_t)T * (2 * D + 1));  // kt, vt, one row of scores
+        float *buf = malloc(sizeof(float) * ((size_t)T * (2 * D + 1) + 16));  // kt, vt, one row of scores
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
@@ -76,12 +111,7 @@ int attention_forward(const float *q, const float *k, const float *v, float *out
                 float max = s[0];
 #pragma omp simd reduction(max : max)
                 for (int j = 1; j < n; j++) max = s[j] > max ? s[j] : max;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int j = 0; j < n; j++) {
-                    s[j] = exp_nonpositive(s[j] - max);
-                    sum += s[j];
-                }
+                float sum = exp_shifted(s, n, n, max);
                 for (int d = 0; d < D; d++) out[off + (size_t)i * D + d] = dot(s, vt + (size_t)d * T, n) / sum;
                 lse[(size_t)bh * T + i] = max + logf(sum);
             }
@@ -91,13 +121,19 @@ int attention_forward(const float *q, const float *k, const float *v, float *out
     return failed ? -1 : 0;
 }
 
+// Rows of queries handled together in the backward pass, so that each read-modify-write of the key
+// and value gradients serves ROWS of them (2x at head size 8).
+#define ROWS 4
+
 int attention_backward(const float *q, const float *k, const float *v, const float *out, const float *lse,
                        const float *dout, float *dq, float *dk, float *dv, int BH, int T, int D, int n_threads) {
     const float scale = 1.0f / sqrtf((float)D);
+    const size_t TD = (size_t)T * D, row = (size_t)T + 16;  // a row of scores, with room for round_up
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *buf = malloc(sizeof(float) * (size_t)T * (4 * D + 2));  // kt, vt, dkt, dvt, p, ds
+        // kt, vt, dkt, dvt (D, T) each; ROWS rows of p and of ds; zeros standing in for missing rows
+        float *buf = malloc(sizeof(float) * (4 * TD + 2 * ROWS * row + D));
         if (!buf) {
 #pragma omp atomic write
             failed = 1;
@@ -105,31 +141,46 @@ int attention_backward(const float *q, const float *k, const float *v, const flo
 #pragma omp for schedule(static)
         for (int bh = 0; bh < BH; bh++) {
             if (!buf) continue;
-            size_t off = (size_t)bh * T * D, TD = (size_t)T * D;
-            float *kt = buf, *vt = buf + TD, *dkt = buf + 2 * TD, *dvt = buf + 3 * TD, *p = buf + 4 * TD, *ds = p + T;
+            size_t off = (size_t)bh * TD;
+            float *kt = buf, *vt = buf + TD, *dkt = buf + 2 * TD, *dvt = buf + 3 * TD;
+            float *p = buf + 4 * TD, *ds = p + ROWS * row, *zeros = ds + ROWS * row;
             transpose(k + off, kt, T, D);
             transpose(v + off, vt, T, D);
             memset(dkt, 0, sizeof(float) * 2 * TD);  // dkt and dvt
-            for (int i = 0; i < T; i++) {
-                int n = i + 1;
-                const float *qi = q + off + (size_t)i * D, *doi = dout + off + (size_t)i * D;
-                float row_lse = lse[(size_t)bh * T + i];
-                scores(qi, kt, p, n, T, D, scale);
+            memset(zeros, 0, sizeof(float) * D);
+            for (int i0 = 0; i0 < T; i0 += ROWS) {
+                int n_max = i0 + ROWS < T ? i0 + ROWS : T;  // keys of the block's last row
+                const float *qr[ROWS], *dor[ROWS];
+                for (int r = 0; r < ROWS; r++) {
+                    int i = i0 + r, n = i + 1;
+                    float *pr = p + r * row, *dsr = ds + r * row;
+                    if (i >= T) {  // past the end: a row of zeros changes no gradient
+                        qr[r] = dor[r] = zeros;
+                        memset(pr, 0, sizeof(float) * row);
+                        memset(dsr, 0, sizeof(float) * row);
+                        continue;
+                    }
+                    qr[r] = q + off + (size_t)i * D;
+                    dor[r] = dout + off + (size_t)i * D;
+                    scores(qr[r], kt, pr, n_max, T, D, scale);
+                    exp_shifted(pr, n, n_max, lse[(size_t)bh * T + i]);  // 0 past the row's own keys
+                    scores(dor[r], vt, dsr, n_max, T, D, 1.0f);  // dout_i . v_j for now
+                    float delta = dot(dor[r], out + off + (size_t)i * D, D);  // sum_j p_j (dout_i . v_j)
 #pragma omp simd
-                for (int j = 0; j < n; j++) p[j] = exp_nonpositive(p[j] - row_lse);
-                scores(doi, vt, ds, n, T, D, 1.0f);  // ds[j] = dout_i . v_j for now
-                float delta = dot(doi, out + off + (size_t)i * D, D);  // sum_j p_j (dout_i . v_j)
-#pragma omp simd
-                for (int j = 0; j < n; j++) ds[j] = p[j] * (ds[j] - delta) * scale;
+                    for (int j = 0; j < n_max; j++) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
+                    for (int d = 0; d < D; d++) dq[off + (size_t)i * D + d] = dot(dsr, kt + (size_t)d * T, n_max);
+                }
                 for (int d = 0; d < D; d++) {
                     float *dvd = dvt + (size_t)d * T, *dkd = dkt + (size_t)d * T;
-                    float g = doi[d], qd = qi[d];
+                    float g0 = dor[0][d], g1 = dor[1][d], g2 = dor[2][d], g3 = dor[3][d];
+                    float q0 = qr[0][d], q1 = qr[1][d], q2 = qr[2][d], q3 = qr[3][d];
+                    const float *p0 = p, *p1 = p + row, *p2 = p + 2 * row, *p3 = p + 3 * row;
+                    const float *s0 = ds, *s1 = ds + row, *s2 = ds + 2 * row, *s3 = ds + 3 * row;
 #pragma omp simd
-                    for (int j = 0; j < n; j++) {
-                        dvd[j] += p[j] * g;
-                        dkd[j] += ds[j] * qd;
+                    for (int j = 0; j < n_max; j++) {
+                        dvd[j] += p0[j] * g0 + p1[j] * g1 + p2[j] * g2 + p3[j] * g3;
+                        dkd[j] += s0[j] * q0 + s1[j] * q1 + s2[j] * q2 + s3[j] * q3;
                     }
-                    dq[off + (size_t)i * D + d] = dot(ds, kt + (size_t)d * T, n);
                 }
             }
             for (int t = 0; t < T; t++)
