@@ -87,17 +87,42 @@ static float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
+// out[d] = scale * sum_j w[j] xt[d][j] for the D rows of xt (D, T): attention's weighted sum of
+// values (forward) and of keys (dq). At D = 8 one pass over w with eight sums in registers.
+static void weighted_sum(const float *w, const float *xt, float *out, int n, int T, int D, float scale) {
+    if (D == 8) {
+        const float *x0 = xt, *x1 = xt + T, *x2 = xt + 2 * T, *x3 = xt + 3 * T, *x4 = xt + 4 * T, *x5 = xt + 5 * T,
+                    *x6 = xt + 6 * T, *x7 = xt + 7 * T;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, a4 = 0.0f, a5 = 0.0f, a6 = 0.0f, a7 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
+        for (int j = 0; j < n; j++) {
+            a0 += w[j] * x0[j], a1 += w[j] * x1[j], a2 += w[j] * x2[j], a3 += w[j] * x3[j];
+            a4 += w[j] * x4[j], a5 += w[j] * x5[j], a6 += w[j] * x6[j], a7 += w[j] * x7[j];
+        }
+        out[0] = a0 * scale, out[1] = a1 * scale, out[2] = a2 * scale, out[3] = a3 * scale;
+        out[4] = a4 * scale, out[5] = a5 * scale, out[6] = a6 * scale, out[7] = a7 * scale;
+    } else {
+        for (int d = 0; d < D; d++) out[d] = dot(w, xt + (size_t)d * T, n) * scale;
+    }
+}
+
+// One thread's scratch floats; if malloc fails, the call reports it and the thread skips its work.
+static float *scratch(size_t n, int *failed) {
+    float *buf = malloc(sizeof(float) * n);
+    if (!buf) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return buf;
+}
+
 int attention_forward(const float *q, const float *k, const float *v, float *out, float *lse, int BH, int T, int D,
                       int n_threads) {
     const float scale = 1.0f / sqrtf((float)D);
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *buf = malloc(sizeof(float) * ((size_t)T * (2 * D + 1) + 16));  // kt, vt, one row of scores
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *buf = scratch((size_t)T * (2 * D + 1) + 16, &failed);  // kt, vt, one row of scores
 #pragma omp for schedule(static)
         for (int bh = 0; bh < BH; bh++) {
             if (!buf) continue;
@@ -112,7 +137,7 @@ int attention_forward(const float *q, const float *k, const float *v, float *out
 #pragma omp simd reduction(max : max)
                 for (int j = 1; j < n; j++) max = s[j] > max ? s[j] : max;
                 float sum = exp_shifted(s, n, n, max);
-                for (int d = 0; d < D; d++) out[off + (size_t)i * D + d] = dot(s, vt + (size_t)d * T, n) / sum;
+                weighted_sum(s, vt, out + off + (size_t)i * D, n, T, D, 1.0f / sum);
                 lse[(size_t)bh * T + i] = max + logf(sum);
             }
         }
@@ -133,11 +158,7 @@ int attention_backward(const float *q, const float *k, const float *v, const flo
 #pragma omp parallel num_threads(n_threads)
     {
         // kt, vt, dkt, dvt (D, T) each; ROWS rows of p and of ds; zeros standing in for missing rows
-        float *buf = malloc(sizeof(float) * (4 * TD + 2 * ROWS * row + D));
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *buf = scratch(4 * TD + 2 * ROWS * row + D, &failed);
 #pragma omp for schedule(static)
         for (int bh = 0; bh < BH; bh++) {
             if (!buf) continue;
@@ -168,7 +189,7 @@ int attention_backward(const float *q, const float *k, const float *v, const flo
                     float delta = dot(dor[r], out + off + (size_t)i * D, D);  // sum_j p_j (dout_i . v_j)
 #pragma omp simd
                     for (int j = 0; j < n_max; j++) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
-                    for (int d = 0; d < D; d++) dq[off + (size_t)i * D + d] = dot(dsr, kt + (size_t)d * T, n_max);
+                    weighted_sum(dsr, kt, dq + off + (size_t)i * D, n_max, T, D, 1.0f);
                 }
                 for (int d = 0; d < D; d++) {
                     float *dvd = dvt + (size_t)d * T, *dkd = dkt + (size_t)d * T;
