@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED
-from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, CausalAttentionCPU, ModelArgs, Transformer, apply_rope, c_attention_available
+from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, CausalAttentionCPU, ModelArgs, Transformer, apply_rope, c_attention_available, rope_tables
 
 STORIES260K = SHARED / "models" / "llama2c" / "stories260K.bin"
 
@@ -102,7 +102,7 @@ def test_attention_equals_per_head_reference_with_run_c_rope(n_kv_heads):
     attn = model.layers[0].attention
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        y = attn(x, model.freqs_cos[:9], model.freqs_sin[:9])
+        y = attn(x, *rope_tables(model.freqs_cos[:9], model.freqs_sin[:9]))
         assert torch.allclose(y, reference_attention(attn, x), atol=1e-5)
 
 
@@ -144,8 +144,8 @@ def test_rope_scores_depend_only_on_the_relative_position():
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
 
     def score(m, n):
-        rq = apply_rope(q, model.freqs_cos[m], model.freqs_sin[m])
-        rk = apply_rope(k, model.freqs_cos[n], model.freqs_sin[n])
+        rq = apply_rope(q, *rope_tables(model.freqs_cos[m], model.freqs_sin[m]))
+        rk = apply_rope(k, *rope_tables(model.freqs_cos[n], model.freqs_sin[n]))
         return (rq * rk).sum().item()
 
     for shift in (1, 50, 200):
