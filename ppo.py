@@ -131,15 +131,21 @@ def reuse_freed_memory():
         pass
 
 
-def logprobs_from_logits(logits, tokens):
-    """logits (B, R, V), tokens (B, R) -> log p(token) (B, R), in fp32."""
-    return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+def log_softmax(logits, temperature):
+    """logits (B, R, V) -> log-probabilities of the tempered distribution, in fp32 (at temperature 1,
+    without a copy of the logits)."""
+    logits = logits.float()
+    return (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)
 
 
-def entropy_from_logits(logits):
-    """logits (B, R, V) -> entropy of each position's distribution (B, R)."""
-    p = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+def logprobs_from_logits(logits, tokens, temperature=1.0):
+    """logits (B, R, V), tokens (B, R) -> log p(token) (B, R) under the tempered distribution, in fp32."""
+    return log_softmax(logits, temperature).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def entropy_from_logprobs(logp):
+    """log-probabilities (B, R, V) -> entropy of each position's distribution (B, R)."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 def masked_mean(x, mask):
@@ -303,8 +309,8 @@ def make_experience(policy, reference, prompts, score_fn, kl_coef, cfg, generato
         with ctx:
             logits, v = policy(chunk, P)
             ref_logits, _ = reference(chunk, P)
-        logprobs.append(logprobs_from_logits(logits / cfg["temperature"], chunk[:, P:]))
-        ref_logprobs.append(logprobs_from_logits(ref_logits / cfg["temperature"], chunk[:, P:]))
+        logprobs.append(logprobs_from_logits(logits, chunk[:, P:], cfg["temperature"]))
+        ref_logprobs.append(logprobs_from_logits(ref_logits, chunk[:, P:], cfg["temperature"]))
         values.append(v)
     logprobs, values, ref_logprobs = (torch.cat(x) * mask for x in (logprobs, values, ref_logprobs))  # (B, R) each
     t2 = time.perf_counter()
@@ -358,12 +364,12 @@ def ppo_update(policy, optimizer, batch, cfg, generator, ctx=nullcontext(), scal
                 batch[k][idx, :R] for k in ("mask", "logprobs", "values", "advantages", "returns"))
             with ctx:
                 logits, vpreds = policy(tokens, P)  # (b, R, V), (b, R), fp32
-            logits = logits / cfg["temperature"]
-            logprobs = logprobs_from_logits(logits, tokens[:, P:])
+            logp = log_softmax(logits, cfg["temperature"])  # (b, R, V)
+            logprobs = logp.gather(-1, tokens[:, P:, None]).squeeze(-1)
             pg_loss, vf_loss, stats = ppo_loss(logprobs, vpreds, old_logprobs, old_values, advantages, returns, mask,
                                                cfg["cliprange"], cfg["cliprange_value"])
             with torch.enable_grad() if cfg["ent_coef"] else torch.no_grad():
-                entropy = masked_mean(entropy_from_logits(logits), mask)
+                entropy = masked_mean(entropy_from_logprobs(logp), mask)
             loss = pg_loss + cfg["vf_coef"] * vf_loss - cfg["ent_coef"] * entropy
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

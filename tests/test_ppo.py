@@ -16,8 +16,8 @@ import ppo
 from conftest import ROOT
 from model import PRESETS, ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from ppo import (AdaptiveKLController, FixedKLController, PolicyWithValueHead, collate, compute_gae, config,
-                 length_reward, make_experience, masked_mean, masked_whiten, parse_reward, ppo_loss, ppo_update,
-                 score_rollouts, write_length_report)
+                 entropy_from_logprobs, length_reward, log_softmax, logprobs_from_logits, make_experience, masked_mean,
+                 masked_whiten, parse_reward, ppo_loss, ppo_update, score_rollouts, write_length_report)
 from train import save_atomic
 
 STOP = (1, 2)  # BOS and EOS, as in the tokenizers
@@ -151,6 +151,18 @@ def test_reward_specs_and_the_reward_model_wiring():
 
 # ---------------------------------------------------------------------------
 # an iteration on a tiny model
+
+def test_log_probs_and_entropy_of_the_tempered_distribution():
+    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(7, (2, 3), generator=torch.Generator().manual_seed(1))
+    for temperature in (1.0, 0.7):
+        p = (logits / temperature).softmax(-1)
+        taken = logprobs_from_logits(logits, tokens, temperature)
+        assert torch.allclose(taken, p.gather(-1, tokens[..., None]).squeeze(-1).log(), atol=1e-6)
+        entropy = entropy_from_logprobs(log_softmax(logits, temperature))
+        assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-6)
+    assert torch.allclose(entropy_from_logprobs(log_softmax(torch.zeros(1, 7), 1.0)), torch.tensor([math.log(7)]))
+
 
 def test_everything_after_a_rows_end_is_masked():
     policy = tiny_policy(std=0.3)
