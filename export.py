@@ -11,11 +11,11 @@ the layout tables.
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
+from common import atomic_path, one_line_errors
 from csrc import formats
 from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 
@@ -87,13 +87,8 @@ def export(model, path, version=1):
     config = formats.Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len)
     w = llama2c_weights(model)
     group_size = q80_group_size(p.dim, p.hidden_dim) if version == 2 else 64
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         formats.write_checkpoint(tmp, config, w, version, group_size)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     if version == 2:
         print(f"Q8_0 with group size {group_size}: max quantisation error {max_q80_error(w, group_size):.6f}")
     print(f"wrote {path} (version {version}, {os.path.getsize(path):,} bytes)")
@@ -105,9 +100,7 @@ if __name__ == "__main__":
     parser.add_argument("--checkpoint", type=str, default="out/ckpt.pt", help="a train.py or ppo.py checkpoint")
     parser.add_argument("--version", type=int, default=1, choices=(0, 1, 2), help="0 legacy fp32, 1 fp32, 2 int8 Q8_0")
     args = parser.parse_args()
-    try:
+    with one_line_errors():
         model = model_from_checkpoint(load_checkpoint(args.checkpoint))
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
     with torch.no_grad():
         export(model.eval(), args.filepath, args.version)
