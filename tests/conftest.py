@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +31,11 @@ def small_data(tmp_path_factory):
     tinystories.train_vocab(512, data_dir)
     tinystories.pretokenize(512, data_dir, quiet=True)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def run_binary():
+    """./run, built as `make runomp` (the AVX-512 and OpenMP build when the CPU has them)."""
+    r = subprocess.run(["make", "-s", "runomp"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return str(ROOT / "run")

@@ -265,3 +265,59 @@ def test_import_refuses_a_model_that_model_py_cannot_hold(hf_dir, tmp_path):
                            capture_output=True, text=True)
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
     assert not (tmp_path / "m.bin").exists()
+
+
+# ---------------------------------------------------------------------------
+# GGUF, for llama.cpp
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "q8_0"])
+def test_gguf_holds_our_weights_shape_and_vocabulary(checkpoint, stories260k, tok, tmp_path, dtype):
+    import gguf
+    export_cli(tmp_path / "m.gguf", f"--checkpoint={checkpoint}", f"--dtype={dtype}")
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    field = lambda key: r.fields[key].contents()
+    assert field("general.architecture") == "llama"
+    assert [field(f"llama.{k}") for k in ("embedding_length", "feed_forward_length", "block_count", "attention.head_count",
+                                           "attention.head_count_kv", "context_length", "rope.dimension_count")] == [64, 172, 5, 8, 4, 512, 8]
+    sp = tok.sp_model
+    assert field("tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(512)]
+    assert field("tokenizer.ggml.scores") == pytest.approx([sp.get_score(i) for i in range(512)])
+    assert field("tokenizer.ggml.token_type")[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+                                                        gguf.TokenType.BYTE]
+    ours = export.renamed(stories260k.state_dict(), export.GGUF)
+    tensors = {t.name: t for t in r.tensors}
+    assert tensors.keys() == ours.keys() and "output.weight" not in tensors  # llama.cpp reuses token_embd, tied
+    for name, w in ours.items():
+        t = tensors[name]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        w = w.numpy()
+        if w.ndim == 1 or dtype == "fp32":
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(got, w), name
+        elif dtype == "fp16" or w.shape[1] % 32:  # q8_0 needs rows of whole 32-blocks: w2's 172 columns stay fp16
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16 and np.array_equal(got, w.astype(np.float16)), name
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+            assert np.abs(got - w).max() <= np.abs(w).max() / 127, name  # a step of the widest block (scales are fp16)
+
+
+def test_llama_cpp_generates_the_same_100_greedy_tokens_as_run(checkpoint, tok, run_binary, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
+                                                         "builds llama.cpp from source, see README)")
+    export_cli(tmp_path / "m.gguf", f"--checkpoint={checkpoint}")
+    export_cli(tmp_path / "m.bin", f"--checkpoint={checkpoint}")
+    tok.export(str(tmp_path / "tok.bin"))
+    prompt = "Once upon a time"
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=512, n_threads=1, verbose=False)
+    ids = llm.tokenize(prompt.encode(), add_bos=True)
+    assert ids == tok.encode(prompt)  # llama.cpp's tokenizer reads our vocabulary as sentencepiece does
+    theirs = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        theirs.append(t)
+        if len(theirs) == 100:
+            break
+    ours = engine.generate(engine.Model(str(tmp_path / "m.bin")), ids, steps=len(ids) + 100, temperature=0.0)
+    assert ours[:len(ids) + 100] == ids + theirs
+    r = subprocess.run([run_binary, str(tmp_path / "m.bin"), "-z", str(tmp_path / "tok.bin"), "-t", "0",
+                        "-n", str(len(ids) + 100), "-i", prompt], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == tok.decode(ids[1:] + theirs)
