@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
+os.environ["HF_HUB_OFFLINE"] = "1"  # transformers and datasets read local paths only; the hub is never asked
 
 import tinystories  # noqa: E402
 

@@ -1,13 +1,21 @@
-"""export.py -> the C engine: logits, greedy generation and int8 agreement against PyTorch."""
+"""export.py -> the C engine (logits, greedy generation and int8 agreement against PyTorch), Hugging Face
+transformers both ways and GGUF for llama.cpp."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import export
-from conftest import SHARED
+from conftest import ROOT, SHARED
 from csrc import engine, formats
 import model as model_module
-from model import ModelArgs, Transformer
+from model import PRESETS, ModelArgs, Transformer, load_checkpoint
+from tokenizer import Tokenizer
 
 STORIES260K = SHARED / "models" / "llama2c" / "stories260K.bin"
 
@@ -88,31 +96,35 @@ def test_int8_export_stays_close_and_agrees_on_greedy_tokens(stories260k, story_
     assert np.abs(q - ref).mean() < 0.5
 
 
+class Payload:
+    def __reduce__(self):  # unpickling would call os.system
+        return (os.system, ("echo pwned",))
+
+
 def test_export_refuses_a_missing_or_foreign_checkpoint(tmp_path):
-    import subprocess, sys
-    from conftest import ROOT
     (tmp_path / "x.pt").write_bytes(b"junk")
-    for ckpt in (tmp_path / "none.pt", tmp_path / "x.pt"):
+    torch.save({"model": {}, "model_args": {}, "payload": Payload()}, tmp_path / "code.pt")
+    for ckpt, message in ((tmp_path / "none.pt", "no checkpoint at"), (tmp_path / "x.pt", "not a PyTorch checkpoint"),
+                          (tmp_path / "code.pt", "contains pickled objects that weights-only loading refuses (posix.system)")):
         p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"), f"--checkpoint={ckpt}"],
                            capture_output=True, text=True)
-        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and str(ckpt) in p.stderr
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and str(ckpt) in p.stderr and message in p.stderr
+        assert "pwned" not in p.stdout
     assert not (tmp_path / "m.bin").exists()
+
+
+@pytest.mark.parametrize("output", ["m.bin", "m.gguf", "ckpt.pt", "hf"])
+def test_export_into_a_missing_directory_is_a_one_line_error(stories260k, tmp_path, output):
+    torch.save({"model": stories260k.state_dict(), "model_args": {**PRESETS["260K"], "dropout": 0.0}}, tmp_path / "ckpt.pt")
+    target = tmp_path / "missing" / "dir" / output
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(target), f"--checkpoint={tmp_path / 'ckpt.pt'}",
+                        f"--version={-1 if output == 'hf' else 1}"], capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr == f"error: no directory {target.parent} to write {target} into\n"
 
 
 # ---------------------------------------------------------------------------
 # Hugging Face transformers, both ways
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-
-from conftest import ROOT
-from model import PRESETS, load_checkpoint
-from tokenizer import Tokenizer
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # local paths only: the hub is never asked
 PROMPT = [1, 403, 407, 261]  # "Once upon a time" in stories260K's lost tokenizer (see above)
 
 
