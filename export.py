@@ -20,15 +20,15 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from common import atomic_open, atomic_path, one_line_errors, save_atomic
 from csrc import formats
 from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
-from tokenizer import Tokenizer, atomic_open
+from tokenizer import Tokenizer
 
 
 def llama2c_weights(model):
@@ -101,13 +101,8 @@ def export(model, path, version=1):
     config = formats.Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len)
     w = llama2c_weights(model)
     group_size = q80_group_size(p.dim, p.hidden_dim) if version == 2 else 64
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         formats.write_checkpoint(tmp, config, w, version, group_size)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     if version == 2:
         print(f"Q8_0 with group size {group_size}: max quantisation error {max_q80_error(w, group_size):.6f}")
     print(f"wrote {path} (version {version}, {os.path.getsize(path):,} bytes)")
@@ -257,8 +252,7 @@ def save_as_checkpoint(model, path, tok):
                  "bos_id": tok.bos_id}
     ckpt = {"model": model.state_dict(), "model_args": asdict(model.params), "iter_num": 0, "best_val_loss": float("inf"),
             "config": {}, "tokenizer": tokenizer}
-    with atomic_open(path) as f:
-        torch.save(ckpt, f)
+    save_atomic(ckpt, path)
     print(f"wrote {path}")
 
 
@@ -308,16 +302,11 @@ def export_gguf(model, path, tok, dtype="fp32"):
             w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:  # fp16, or rows that are not whole Q8_0 blocks of 32 (llama.cpp's converter falls back to fp16 too)
             w.add_tensor(name, a.astype(np.float16))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(f"wrote {path} (GGUF, {dtype}, {os.path.getsize(path):,} bytes)")
 
 
@@ -367,7 +356,6 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", type=str, default="fp32", choices=("fp32", "fp16", "q8_0"),
                         help="weights of a transformers directory (fp32, fp16) or a GGUF file (fp32, fp16, q8_0)")
     parser.add_argument("--tokenizer", type=str, default="", help="sentencepiece .model (default: the checkpoint's)")
-    try:
-        main(parser.parse_args())
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    args = parser.parse_args()
+    with one_line_errors():
+        main(args)

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
+from common import DataError, atomic_open, one_line_errors, pyplot, save_atomic, save_figure
 from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from tinystories import SEPARATOR as END
-from tinystories import DataError, iter_batches, load_text, token_dir
-from tokenizer import Tokenizer, atomic_open
-from train import pyplot, save_atomic, save_figure
+from tinystories import iter_batches, load_text, token_dir
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config: plain defaults, overridable as --key=value (one set of keys for all three commands)
@@ -597,7 +597,5 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(f"error: the first argument must be a command: {', '.join(COMMANDS)}")
     cfg = configurator.configure(config, sys.argv[2:])
-    try:
+    with one_line_errors():
         COMMANDS[sys.argv[1]](cfg)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")

@@ -4,13 +4,11 @@ Sample stories from a trained checkpoint (KV-cache generation in PyTorch).
     python sample.py                                    # out/ckpt.pt, 3 stories
     python sample.py --prompt="Once upon a time" --temperature=0.8 --top_k=50 --seed=7
 """
-import sys
-
 import torch
 
 import configurator
+from common import DataError, one_line_errors
 from model import load_checkpoint, model_from_checkpoint
-from tinystories import DataError
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -51,7 +49,5 @@ if __name__ == "__main__":
     config = configurator.configure({k: v for k, v in globals().items() if k in (
         "checkpoint", "tokenizer", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
         "seed", "device")})
-    try:
+    with one_line_errors():
         main(config)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")

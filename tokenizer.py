@@ -13,24 +13,10 @@ import json
 import os
 import shutil
 import struct
-import sys
-from contextlib import contextmanager
 
 from sentencepiece import SentencePieceProcessor
 
-
-@contextmanager
-def atomic_open(path, mode="wb"):
-    """Write to a temporary file beside `path`, then rename it into place, so that a crash
-    or Ctrl-C never leaves a half-written file under the real name."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from common import atomic_open, one_line_errors
 
 
 class Tokenizer:
@@ -136,8 +122,6 @@ if __name__ == "__main__":
     parser.add_argument("-t", "--tokenizer-model", type=str, required=True, help="sentencepiece .model to export")
     parser.add_argument("-o", "--output", type=str, default=None, help="output .bin (default: beside the model)")
     args = parser.parse_args()
-    try:
+    with one_line_errors():
         path = Tokenizer(args.tokenizer_model).export(args.output)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
     print(f"wrote {path}")

@@ -18,7 +18,7 @@ from model import PRESETS, ModelArgs, Transformer, load_checkpoint, model_from_c
 from ppo import (AdaptiveKLController, FixedKLController, PolicyWithValueHead, collate, compute_gae, config,
                  entropy_from_logprobs, length_reward, log_softmax, logprobs_from_logits, make_experience, masked_mean,
                  masked_whiten, parse_reward, ppo_loss, ppo_update, score_rollouts, write_length_report)
-from train import save_atomic
+from common import save_atomic
 
 STOP = (1, 2)  # BOS and EOS, as in the tokenizers
 
@@ -321,7 +321,7 @@ def test_two_process_gloo_ddp_keeps_the_ranks_in_sync_on_different_rollouts(smal
     assert [r["iter"] for r in rows] == [1, 2] and rows[-1]["rollouts"] == 2 * 2 * 8
     for r in rows:
         assert r["ddp/param_sum"][0] == r["ddp/param_sum"][1]
-        assert r["ddp/rollout_sum"][0] != r["ddp/rollout_sum"][1]
+        assert r["ddp/batch_sum"][0] != r["ddp/batch_sum"][1]
     assert rows[0]["ddp/param_sum"][0] != rows[1]["ddp/param_sum"][0]
 
 
