@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import configurator
 from common import (DataError, atomic_open, autocast, get_lr, init_ddp, jsonl_log, mean_over_ranks, one_line_errors, pyplot,
-                    rank_sums, read_jsonl, resolve_device_dtype, save_atomic, save_figure)
+                    rank_sums, read_jsonl, resolve_device_dtype, save_atomic, save_figure, start_wandb)
 from model import load_checkpoint, model_from_checkpoint
 from tinystories import resolve_tokenizer, token_dir
 from tokenizer import Tokenizer
@@ -79,6 +79,10 @@ min_lr = 0.0  # 0.0 = learning_rate / 10
 # system
 device = "auto"
 dtype = "auto"
+# experiment tracking (llama2.c's keys): every row of ppo_log.jsonl also goes to Weights & Biases
+wandb_log = False
+wandb_project = "tinystories-rl"
+wandb_run_name = ""  # empty: wandb names the run
 # rollouts
 ppo = True  # train.py hands over to this file when --ppo=True
 start_len = 30  # prompt = the first start_len tokens of a real story (1 = BOS only)
@@ -600,7 +604,8 @@ def train_ppo(cfg):
 
     n_rollouts = cfg["num_mini_batches"] * cfg["batch_size"]
     log_path = os.path.join(out_dir, "ppo_log.jsonl")
-    log = jsonl_log(log_path, iter_num if resuming else None, master)
+    wandb_run = start_wandb(cfg, out_dir) if master else None
+    log = jsonl_log(log_path, iter_num if resuming else None, master, wandb_run)
 
     def score_fn(tokens, mask, ended):
         return score_rollouts(tokens, mask, ended, cfg["start_len"], weights, cfg["target_len"], cfg["missing_eos_penalty"],

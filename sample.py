@@ -7,7 +7,7 @@ Sample stories from a trained checkpoint (KV-cache generation in PyTorch).
 import torch
 
 import configurator
-from common import DataError, one_line_errors
+from common import DataError, one_line_errors, resolve_device_dtype
 from model import load_checkpoint, model_from_checkpoint
 from tokenizer import Tokenizer
 
@@ -26,8 +26,9 @@ device = "cpu"
 
 
 def main(cfg):
+    device = resolve_device_dtype(cfg["device"], "float32")[0]
     ckpt = load_checkpoint(cfg["checkpoint"])
-    model = model_from_checkpoint(ckpt).to(cfg["device"]).eval()
+    model = model_from_checkpoint(ckpt).to(device).eval()
     tok = Tokenizer(cfg["tokenizer"] or ckpt["tokenizer"]["tokenizer"])
     if tok.n_words != model.params.vocab_size:
         raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}")
@@ -35,7 +36,7 @@ def main(cfg):
     room = model.params.max_seq_len - len(ids)
     if room <= 0:
         raise DataError(f"the prompt is {len(ids)} tokens, longer than the model's context of {model.params.max_seq_len}")
-    generator = torch.Generator(cfg["device"]).manual_seed(cfg["seed"])
+    generator = torch.Generator(device).manual_seed(cfg["seed"])
     outs = model.generate([ids] * cfg["num_samples"], min(cfg["max_new_tokens"], room), temperature=cfg["temperature"],
                           top_k=cfg["top_k"] or None, top_p=cfg["top_p"], generator=generator,
                           stop_tokens=(tok.bos_id, tok.eos_id))

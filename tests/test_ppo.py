@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ppo
-from conftest import ROOT
+from conftest import ROOT, wandb_history
 from model import PRESETS, ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from ppo import (AdaptiveKLController, FixedKLController, PolicyWithValueHead, collate, compute_gae, config,
                  entropy_from_logprobs, length_reward, log_softmax, logprobs_from_logits, make_experience, masked_mean,
@@ -336,3 +336,13 @@ def test_bad_input_is_a_one_line_error(small_data, pretrained, flags, message):
     with pytest.raises(SystemExit) as e:
         ppo.main(argv(small_data, pretrained, *flags))
     assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code), e.value.code
+
+
+def test_wandb_offline_receives_every_row_of_the_ppo_log(small_data, pretrained, tmp_path):
+    shutil.copytree(pretrained, tmp_path / "out")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv(small_data, tmp_path / "out", "--max_iters=2", "--wandb_log=True")],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = log_rows(tmp_path / "out")
+    assert len(rows) == 2 and wandb_history(tmp_path / "out") == rows
