@@ -268,11 +268,12 @@ def test_ours_to_transformers_and_back_is_bit_identical_and_trains_samples_and_r
 
 
 def test_import_refuses_a_model_that_model_py_cannot_hold(hf_dir, tmp_path):
-    untied = tmp_path / "untied"
-    shutil.copytree(hf_dir, untied)
-    config = json.load(open(untied / "config.json"))
-    json.dump({**config, "tie_word_embeddings": False}, open(untied / "config.json", "w"))
-    for source, message in ((untied, "tie_word_embeddings"), (tmp_path / "none", "no config.json")):
+    config = json.load(open(hf_dir / "config.json"))
+    for name, change in (("untied", {"tie_word_embeddings": False}), ("gpt2", {"model_type": "gpt2"})):
+        shutil.copytree(hf_dir, tmp_path / name)
+        json.dump({**config, **change}, open(tmp_path / name / "config.json", "w"))
+    for source, message in ((tmp_path / "untied", "tie_word_embeddings"), (tmp_path / "gpt2", "not a transformers Llama config"),
+                            (tmp_path / "none", "no config.json")):
         p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"), f"--hf={source}"],
                            capture_output=True, text=True)
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
