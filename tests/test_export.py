@@ -113,13 +113,18 @@ def test_export_refuses_a_missing_or_foreign_checkpoint(tmp_path):
     assert not (tmp_path / "m.bin").exists()
 
 
-@pytest.mark.parametrize("output", ["m.bin", "m.gguf", "ckpt.pt", "hf"])
-def test_export_into_a_missing_directory_is_a_one_line_error(stories260k, tmp_path, output):
+def test_export_into_a_missing_directory_is_a_one_line_error(stories260k, tmp_path):
+    import argparse
     torch.save({"model": stories260k.state_dict(), "model_args": {**PRESETS["260K"], "dropout": 0.0}}, tmp_path / "ckpt.pt")
-    target = tmp_path / "missing" / "dir" / output
-    p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(target), f"--checkpoint={tmp_path / 'ckpt.pt'}",
-                        f"--version={-1 if output == 'hf' else 1}"], capture_output=True, text=True)
+    target = tmp_path / "missing" / "dir" / "m.bin"
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(target), f"--checkpoint={tmp_path / 'ckpt.pt'}"],
+                       capture_output=True, text=True)
     assert p.returncode != 0 and p.stderr == f"error: no directory {target.parent} to write {target} into\n"
+    for output, version in (("m.gguf", 1), ("ckpt.pt", 1), ("hf", -1)):  # the other formats, in-process
+        args = argparse.Namespace(filepath=str(target.parent / output), checkpoint=str(tmp_path / "ckpt.pt"), hf="",
+                                  version=version, dtype="fp32", tokenizer="")
+        with pytest.raises(FileNotFoundError, match=f"no directory {target.parent} to write"):
+            export.main(args)
 
 
 # ---------------------------------------------------------------------------
@@ -247,11 +252,12 @@ def test_ours_to_transformers_and_back_is_bit_identical_and_trains_samples_and_r
     assert all(torch.equal(w, after["model"][k]) for k, w in before["model"].items())
     assert after["model_args"]["hidden_dim"] == 172 and after["tokenizer"]["tokenizer"] == str(hf_dir / "tokenizer.model")
     # ./run: the .bin made from the transformers directory is the .bin made from the checkpoint, byte for byte
-    export_cli(tmp_path / "a.bin", f"--checkpoint={checkpoint}")
-    export_cli(tmp_path / "b.bin", f"--hf={hf_dir}")
+    export.export(model_module.model_from_checkpoint(before), tmp_path / "a.bin")
+    export.export(export.load_hf(hf_dir), tmp_path / "b.bin")
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
     # sample.py, train.py --init_from=resume and PPO start from it
     import sample
+    capsys.readouterr()
     sample.main({"checkpoint": str(out / "ckpt.pt"), "tokenizer": "", "prompt": "Once upon a time", "num_samples": 1,
                  "max_new_tokens": 10, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "device": "cpu"})
     assert capsys.readouterr().out.startswith("Once upon a time")
