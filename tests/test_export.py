@@ -319,24 +319,30 @@ def test_gguf_holds_our_weights_shape_and_vocabulary(checkpoint, stories260k, to
             assert np.abs(got - w).max() <= np.abs(w).max() / 127, name  # a step of the widest block (scales are fp16)
 
 
-def test_llama_cpp_generates_the_same_100_greedy_tokens_as_run(checkpoint, tok, run_binary, tmp_path):
+def test_llama_cpp_generates_the_same_100_greedy_tokens_as_run(checkpoint, stories260k, run_binary, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
                                                          "builds llama.cpp from source, see README)")
-    export_cli(tmp_path / "m.gguf", f"--checkpoint={checkpoint}")
-    export_cli(tmp_path / "m.bin", f"--checkpoint={checkpoint}")
-    tok.export(str(tmp_path / "tok.bin"))
-    prompt = "Once upon a time"
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=512, n_threads=1, verbose=False)
+    # fixed files, so that the story is the same everywhere: stories260K with llama2.c's tok512 (a sentencepiece
+    # model with remove_extra_whitespaces), whose greedy continuation of "One day" runs 100 tokens without BOS
+    tok = Tokenizer(str(SHARED / "models" / "llama2c" / "tok512.model"))
+    export_cli(tmp_path / "m.gguf", f"--checkpoint={checkpoint}", f"--tokenizer={tok.model_path}")
+    export.export(stories260k, tmp_path / "m.bin")
+    prompt = "One day"
+    # fp32 keys and values in the cache, no flash attention: llama.cpp's defaults (an fp16 cache) move these logits by 0.04
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=512, n_threads=1, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False, verbose=False)
     ids = llm.tokenize(prompt.encode(), add_bos=True)
-    assert ids == tok.encode(prompt)  # llama.cpp's tokenizer reads our vocabulary as sentencepiece does
+    assert ids == tok.encode(prompt)  # llama.cpp's tokenizer reads the vocabulary inside as sentencepiece does
     theirs = []
     for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
         theirs.append(t)
         if len(theirs) == 100:
             break
-    ours = engine.generate(engine.Model(str(tmp_path / "m.bin")), ids, steps=len(ids) + 100, temperature=0.0)
-    assert ours[:len(ids) + 100] == ids + theirs
-    r = subprocess.run([run_binary, str(tmp_path / "m.bin"), "-z", str(tmp_path / "tok.bin"), "-t", "0",
-                        "-n", str(len(ids) + 100), "-i", prompt], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.rstrip("\n") == tok.decode(ids[1:] + theirs)
+    text = llm.detokenize(ids + theirs).decode()
+    llm.close()  # now: freed at interpreter exit, llama-cpp-python's destructor fails
+    assert tok.bos_id not in theirs  # so ./run, which stops at BOS, runs all 100 steps too
+    steps = len(ids) + 99  # positions: the last one's token is sampled, not fed
+    assert engine.generate(engine.Model(str(tmp_path / "m.bin")), ids, steps=steps, temperature=0.0) == ids + theirs
+    r = subprocess.run([run_binary, str(tmp_path / "m.bin"), "-z", str(SHARED / "models" / "llama2c" / "tok512.bin"), "-t", "0",
+                        "-n", str(steps), "-i", prompt], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout == text + "\n", r.stderr
