@@ -23,12 +23,12 @@ class DataError(Exception):
 
 @contextmanager
 def one_line_errors():
-    """Bad input (a DataError, a missing file, a bad value) ends the program with one `error: ...` line
-    and a non-zero exit instead of a traceback. Wrap the set-up only (arguments, files, checkpoints):
-    a bug in the work itself should keep its traceback."""
+    """Bad input (a DataError, a bad value) or a file that cannot be read or written (an OSError: missing,
+    a full disk) ends the program with one `error: ...` line and a non-zero exit instead of a traceback.
+    Wrap the set-up and the writes only: a bug in the work itself should keep its traceback."""
     try:
         yield
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -58,9 +58,18 @@ def atomic_open(path, mode="wb"):
 
 
 def save_atomic(obj, path):
-    """torch.save, atomically."""
-    with atomic_open(path) as f:
-        torch.save(obj, f)
+    """torch.save, atomically. A failed write (a full disk) is an OSError naming the file and the cause,
+    and the file already at path, if any, stays as it was."""
+    try:
+        with atomic_open(path) as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer turns a failed write into RuntimeError("... unexpected pos ..."), the OSError its context
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        kept = f"; the earlier {path} is unchanged" if os.path.exists(path) else ""
+        raise OSError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -80,10 +89,21 @@ def cpu_has_fast_bf16():
 
 def resolve_device_dtype(device, dtype):
     """'auto' device -> cuda if present, else cpu; 'auto' dtype -> bf16 where the hardware runs it fast
-    (fp16 on GPUs without bf16), else fp32. Returns device, device_type ('cuda', 'cpu', 'mps'), dtype."""
+    (fp16 on GPUs without bf16), else fp32. Returns device, device_type ('cuda', 'cpu', 'mps'), dtype;
+    a DataError for a device this machine lacks or a dtype that is not one of PTDTYPES."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if "cuda" in device else device
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device={device}, but torch sees no CUDA GPU here (torch {torch.__version__}); use --device=cpu")
+    if device_type == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise DataError(f"--device={device}, but torch sees {torch.cuda.device_count()} CUDA GPUs")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise DataError("--device=mps, but this machine has no MPS (Apple GPU) backend; use --device=cpu")
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise DataError(f"--device={device}: choose auto, cpu, cuda, cuda:N or mps")
+    if dtype not in ("auto", *PTDTYPES):
+        raise DataError(f"--dtype={dtype}: choose auto, {', '.join(PTDTYPES)}")
     if dtype == "auto":
         if device_type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -171,8 +191,22 @@ def get_lr(it, cfg):
 # the metrics log and figures
 
 
-def jsonl_log(path, resume_iter=None, enabled=True):
-    """A function log(row) that appends the dict row to path as one JSON line, where enabled (rank 0).
+def start_wandb(cfg, out_dir):
+    """A Weights & Biases run when cfg["wandb_log"] (llama2.c's keys: wandb_log, wandb_project,
+    wandb_run_name), else None. WANDB_MODE=offline keeps it in out_dir/wandb without a network
+    (`wandb sync` uploads it later)."""
+    if not cfg["wandb_log"]:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise DataError("--wandb_log=True needs the wandb package: pip install wandb") from None
+    return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg, dir=out_dir)
+
+
+def jsonl_log(path, resume_iter=None, enabled=True, wandb_run=None):
+    """A function log(row) that appends the dict row to path as one JSON line, where enabled (rank 0),
+    and logs it to wandb_run (from start_wandb) at the row's iteration (or step).
     A new run starts the file empty; a resumed one (resume_iter) keeps the rows whose 'iter' is at most
     resume_iter, so that the log continues where the checkpoint does."""
     if enabled:
@@ -186,6 +220,8 @@ def jsonl_log(path, resume_iter=None, enabled=True):
         if enabled:
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if wandb_run is not None:
+                wandb_run.log(row, step=row.get("iter", row.get("step")))
     return log
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
-from common import jsonl_log, one_line_errors, resolve_device_dtype, save_atomic
+from common import jsonl_log, one_line_errors, resolve_device_dtype, save_atomic, start_wandb
 from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from prefs import checked_tokenizer, encode_story, pad_right, read_pairs
 
@@ -26,6 +26,10 @@ eval_pairs = "data/prefs_eval.jsonl"  # held out: prompts from the validation sp
 rm_path = "out/rm.pt"  # the reward model; its log goes beside it, out/rm_log.jsonl
 seed = 1337
 device = "auto"
+# experiment tracking (llama2.c's keys): every row of the log also goes to Weights & Biases
+wandb_log = False
+wandb_project = "tinystories-rl"
+wandb_run_name = ""  # empty: wandb names the run
 epochs = 3
 batch_size = 16  # pairs per step
 learning_rate = 3e-4
@@ -165,10 +169,11 @@ def main(cfg):
             return [(c[:L], r[:L]) for c, r in pairs]
         train_set, eval_set = encoded(cfg["pairs"]), encoded(cfg["eval_pairs"])
         os.makedirs(os.path.dirname(cfg["rm_path"]) or ".", exist_ok=True)
+        wandb_run = start_wandb(cfg, os.path.dirname(cfg["rm_path"]) or ".")
     torch.manual_seed(cfg["seed"])
     reward_model = RewardModel(model_from_checkpoint(ckpt)).to(device)
     log_path = os.path.splitext(cfg["rm_path"])[0] + "_log.jsonl"
-    log = jsonl_log(log_path)
+    log = jsonl_log(log_path, wandb_run=wandb_run)
     before = evaluate(reward_model, eval_set, cfg["batch_size"], device)
     log({"step": 0, "epoch": 0, **{f"eval/{k}": v for k, v in before.items()}})
     history = train_reward_model(reward_model, train_set, eval_set, cfg["epochs"], cfg["batch_size"], cfg["learning_rate"],
@@ -176,8 +181,9 @@ def main(cfg):
     shorter = sum((len(c) < len(r)) + 0.5 * (len(c) == len(r)) for c, r in eval_set) / len(eval_set)  # ties: a coin
     print(f"held-out pairwise accuracy {history[-1]['accuracy']:.3f} on {len(eval_set)} pairs "
           f"(the rule 'the shorter story is better' gets {shorter:.3f}); log in {log_path}")
-    save_atomic({"model": reward_model.state_dict(), "model_args": ckpt["model_args"], "tokenizer": ckpt["tokenizer"],
-                 "base_checkpoint": cfg["checkpoint"], "config": cfg, "eval": history[-1]}, cfg["rm_path"])
+    with one_line_errors():  # e.g. a full disk
+        save_atomic({"model": reward_model.state_dict(), "model_args": ckpt["model_args"], "tokenizer": ckpt["tokenizer"],
+                     "base_checkpoint": cfg["checkpoint"], "config": cfg, "eval": history[-1]}, cfg["rm_path"])
     print(f"saved the reward model to {cfg['rm_path']}")
 
 

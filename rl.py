@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import configurator
 from common import (DataError, autocast, get_lr, init_ddp, jsonl_log, mean_over_ranks, one_line_errors, pyplot, rank_sums,
-                    read_jsonl, resolve_device_dtype, save_atomic, save_figure)
+                    read_jsonl, resolve_device_dtype, save_atomic, save_figure, start_wandb)
 from model import load_checkpoint, model_from_checkpoint
 from prefs import END, distinct_n, judge, response_text
 from reward_model import load_reward_model
@@ -67,6 +67,9 @@ RUN = dict(  # every method
     min_lr=0.0,  # 0.0 = learning_rate / 10
     device="auto",  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype="auto",  # autocast of the forward passes and updates: 'auto', 'float32', 'bfloat16', 'float16'
+    wandb_log=False,  # llama2.c's experiment-tracking keys: every row of {method}_log.jsonl also goes to W&B
+    wandb_project="tinystories-rl",
+    wandb_run_name="",  # empty: wandb names the run
     ptx_coef=0.0,  # PPO-ptx (InstructGPT): + ptx_coef x the pretraining loss at every optimizer step; 0 = off
     ptx_batch_size=8,  # windows of the model's context from the training token file, per optimizer step
 )
@@ -637,11 +640,12 @@ def evaluate_run(run, model, ref_nll=None):
 
 def save(run):
     heads = {name: module.state_dict() for name, module in run.policy.named_children() if name != "model"}
-    save_atomic({"model": run.policy.model.state_dict(), "model_args": run.model_args, "iter_num": run.iter_num,
-                 "config": run.cfg, **run.source, "method": run.method, "optimizer": run.optimizer.state_dict(),
-                 "heads": heads, "kl_coef": run.kl_ctl.value if run.kl_ctl else None,
-                 "reference": run.reference.model.state_dict()}, run.ckpt_path)
-    plot_log(run.log_path, os.path.splitext(run.log_path)[0] + ".png", run.cfg.get("target_len"))
+    with one_line_errors():  # e.g. a full disk: one line, and the earlier checkpoint stays
+        save_atomic({"model": run.policy.model.state_dict(), "model_args": run.model_args, "iter_num": run.iter_num,
+                     "config": run.cfg, **run.source, "method": run.method, "optimizer": run.optimizer.state_dict(),
+                     "heads": heads, "kl_coef": run.kl_ctl.value if run.kl_ctl else None,
+                     "reference": run.reference.model.state_dict()}, run.ckpt_path)
+        plot_log(run.log_path, os.path.splitext(run.log_path)[0] + ".png", run.cfg.get("target_len"))
 
 
 def plot_log(log_path, png_path, target_len=None):
@@ -679,9 +683,10 @@ def train(cfg, method, make_policy, step, prepare=None):
         if prepare:
             prepare(run)
         run.vocabulary = training_words(cfg["data_dir"]) if run.rank == 0 else None
+        wandb_run = start_wandb(run.cfg, cfg["out_dir"]) if run.rank == 0 else None
     cfg = run.cfg
     episodes = cfg["batch_size"] * cfg.get("num_mini_batches", 1) * run.world_size  # rollouts (DPO: pairs) per iteration
-    log = jsonl_log(run.log_path, run.iter_num if run.resuming else None, run.master)
+    log = jsonl_log(run.log_path, run.iter_num if run.resuming else None, run.master, wandb_run)
     if run.master:
         print(f"{method.upper()} from {run.start_path} at iteration {run.iter_num}: {episodes} "
               f"{'pairs' if method == 'dpo' else 'rollouts'} per iteration, reward {cfg['reward']}, {run.dtype}")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import configurator
 from common import (DataError, PTDTYPES, autocast, get_lr, init_ddp, jsonl_log, one_line_errors, peak_matmul_flops,
-                    pyplot, rank_sums, read_jsonl, resolve_device_dtype, save_atomic, save_figure)
+                    pyplot, rank_sums, read_jsonl, resolve_device_dtype, save_atomic, save_figure, start_wandb)
 from model import PRESETS, ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from tinystories import iter_batches, resolve_tokenizer, token_dir
 
@@ -70,6 +70,10 @@ min_lr = 0.0  # 0.0 = learning_rate / 10, as Chinchilla
 device = "auto"  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 where the hardware runs it fast, else float32), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model: no gain at the default size on CPU, 1.25x from 15M up (bench/train_speed.py)
+# experiment tracking (llama2.c's keys): every row of log.jsonl also goes to Weights & Biases
+wandb_log = False
+wandb_project = "tinystories-rl"
+wandb_run_name = ""  # empty: wandb names the run
 # -----------------------------------------------------------------------------
 RL_METHODS = ("ppo", "grpo", "rloo", "dpo")  # --rl=NAME runs NAME.py's stage from out_dir's checkpoint
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -113,7 +117,8 @@ if __name__ == "__main__":
         sys.exit(0)
     config = configurator.configure(config, presets={name: {k: v for k, v in p.items() if k in config} for name, p in PRESETS.items()})
     globals().update(config)
-    device, device_type, dtype = resolve_device_dtype(device, dtype)
+    with one_line_errors():
+        device, device_type, dtype = resolve_device_dtype(device, dtype)
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = init_ddp(device, device_type)
     if gradient_accumulation_steps % ddp_world_size:
         sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {ddp_world_size}")
@@ -203,7 +208,9 @@ if __name__ == "__main__":
                 "tokenizer": tokenizer_info, "rng_state": torch.get_rng_state()}
 
     log_path = os.path.join(out_dir, "log.jsonl")
-    log = jsonl_log(log_path, iter_num if init_from == "resume" else None, master_process)
+    with one_line_errors():
+        wandb_run = start_wandb(config, out_dir) if master_process else None
+    log = jsonl_log(log_path, iter_num if init_from == "resume" else None, master_process, wandb_run)
 
     # training loop
     train_stream = batches("train", start_step=iter_num * gradient_accumulation_steps)
@@ -228,12 +235,13 @@ if __name__ == "__main__":
             if master_process:
                 tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if iter_num > 0:
-                    save_atomic(checkpoint_dict(), os.path.join(out_dir, "last.pt"))
-                    if losses["val"] < best_val_loss or always_save_checkpoint:
-                        best_val_loss = min(best_val_loss, losses["val"])
-                        save_atomic(checkpoint_dict(), os.path.join(out_dir, "ckpt.pt"))
-                        tqdm.write(f"saved checkpoint to {out_dir}/ckpt.pt")
-                    plot_losses(log_path, os.path.join(out_dir, "loss.png"))
+                    with one_line_errors():  # e.g. a full disk
+                        save_atomic(checkpoint_dict(), os.path.join(out_dir, "last.pt"))
+                        if losses["val"] < best_val_loss or always_save_checkpoint:
+                            best_val_loss = min(best_val_loss, losses["val"])
+                            save_atomic(checkpoint_dict(), os.path.join(out_dir, "ckpt.pt"))
+                            tqdm.write(f"saved checkpoint to {out_dir}/ckpt.pt")
+                        plot_losses(log_path, os.path.join(out_dir, "loss.png"))
         if eval_only or iter_num >= max_iters:
             break
 

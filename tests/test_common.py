@@ -1,9 +1,13 @@
 """common.py: atomic writes, the metrics log on resume, the learning-rate schedule, one-line errors."""
+import errno
+import io
 import os
 
 import pytest
+import torch
 
-from common import DataError, atomic_open, get_lr, jsonl_log, one_line_errors, read_jsonl
+import common
+from common import DataError, atomic_open, get_lr, jsonl_log, one_line_errors, read_jsonl, save_atomic
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -48,3 +52,27 @@ def test_bad_input_becomes_one_error_line_and_a_bug_keeps_its_traceback():
     with pytest.raises(KeyError):
         with one_line_errors():
             {}["a bug"]
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with room for `room` more bytes: a write past it fails as the OS reports it."""
+    def __init__(self, path, mode, room):
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return super().write(b)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_file_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_atomic({"w": torch.ones(3)}, path)
+    monkeypatch.setattr(common, "open", lambda p, mode: FullDisk(p, mode, room=1000), raising=False)
+    with pytest.raises(SystemExit) as e:
+        with one_line_errors():
+            save_atomic({"w": torch.randn(10000)}, path)  # 40 kB: torch's zip writer hits the full disk
+    assert e.value.code == f"error: could not write {path}: No space left on device; the earlier {path} is unchanged"
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3)) and os.listdir(tmp_path) == ["ckpt.pt"]

@@ -17,7 +17,7 @@ import ppo
 import rl
 import rloo
 import train
-from conftest import ROOT, STOP, bos_prompts, tiny_model
+from conftest import ROOT, STOP, bos_prompts, tiny_model, wandb_history
 from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from prefs import END, write_pairs
 from test_prefs import real_story_parts
@@ -298,6 +298,16 @@ def test_two_process_gloo_ddp_keeps_the_ranks_in_sync_on_different_data(small_da
             assert r["ddp/param_sum"][0] == r["ddp/param_sum"][1] and r["ptx/loss"] > 0
             assert r["ddp/batch_sum"][0] != r["ddp/batch_sum"][1]
         assert rows[0]["ddp/param_sum"][0] != rows[1]["ddp/param_sum"][0]
+
+
+def test_wandb_offline_receives_every_row_of_the_log(small_data, pretrained, tmp_path):
+    out = run_dir(pretrained, tmp_path, "wandb")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *method_argv("rloo", small_data, out), "--max_iters=2",
+                        "--wandb_log=True"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = log_rows(out / "rloo_log.jsonl")
+    assert len(rows) == 3 and wandb_history(out) == rows
 
 
 def test_ppo_as_typed_in_the_usage_line_starts_from_out_dirs_checkpoint(small_data, pretrained, tmp_path):
