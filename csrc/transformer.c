@@ -1,6 +1,7 @@
 // The transformer forward pass and the generation loop. See transformer.h.
 #include "transformer.h"
 #include "error.h"
+#include "ops.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -91,35 +92,6 @@ static void embed(float *x, const Matrix *table, int token, int dim, int group_s
     for (int i = 0; i < dim; i++) x[i] = q[i] * s[i / group_size];
 }
 
-static void rmsnorm(float *o, const float *x, const float *weight, int size) {
-    float ss = 0.0f;
-    for (int j = 0; j < size; j++) ss += x[j] * x[j];
-    ss = 1.0f / sqrtf(ss / size + 1e-5f);
-    for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
-}
-
-// cos and sin for each pair (i, i+1) of a head at position pos: the same for every head and
-// layer, so computed once per token
-static void rope_table(float *rope, int pos, int head_size) {
-    for (int i = 0; i < head_size; i += 2) {
-        float freq = 1.0f / powf(10000.0f, i / (float)head_size);
-        float val = pos * freq;
-        rope[i] = cosf(val);
-        rope[i + 1] = sinf(val);
-    }
-}
-
-// RoPE: rotates the pairs (i, i+1) of every head of vec (n,)
-static void rope_rotate(float *vec, int n, const float *rope, int head_size) {
-    for (int h = 0; h < n; h += head_size) {
-        for (int i = 0; i < head_size; i += 2) {
-            float v0 = vec[h + i], v1 = vec[h + i + 1];
-            vec[h + i] = v0 * rope[i] - v1 * rope[i + 1];
-            vec[h + i + 1] = v0 * rope[i + 1] + v1 * rope[i];
-        }
-    }
-}
-
 // Multi-head attention of s->q over the cached keys and values of positions 0..pos of one
 // layer; writes the heads' outputs to s->xb (dim,).
 static void attention(RunState *s, const Config *p, size_t layer_offset, int pos) {
@@ -199,10 +171,7 @@ float *transformer_forward(Transformer *t, int token, int pos) {
             matmul(s->hb, &L->w1, s->xb, xq, dim, hidden_dim, gs);
             matmul(s->hb2, &L->w3, s->xb, xq, dim, hidden_dim, gs);
         }
-        for (int i = 0; i < hidden_dim; i++) {
-            float h = s->hb[i];
-            s->hb[i] = h / (1.0f + expf(-h)) * s->hb2[i]; // silu(x) = x * sigmoid(x)
-        }
+        swiglu(s->hb, s->hb2, hidden_dim);
         if (gs) quantize_q8(xq, s->hb, hidden_dim, gs);
 #pragma omp parallel if ((size_t)dim * hidden_dim >= PARALLEL_MIN)
         matmul(s->xb, &L->w2, s->hb, xq, hidden_dim, dim, gs);
@@ -219,8 +188,7 @@ float *transformer_forward(Transformer *t, int token, int pos) {
 // ----------------------------------------------------------------------------
 // generation
 
-int transformer_generate(Transformer *t, Sampler *sampler, const int *prompt, int n_prompt,
-                         int steps, int *out, TokenCallback on_token, void *ctx, char *err) {
+int transformer_check_prompt(const Transformer *t, const int *prompt, int n_prompt, char *err) {
     const Config *p = &t->ckpt.config;
     if (n_prompt < 1) return fail(err, "empty prompt: need at least one token (BOS)");
     if (n_prompt > p->seq_len) {
@@ -233,6 +201,13 @@ int transformer_generate(Transformer *t, Sampler *sampler, const int *prompt, in
                         i, p->vocab_size);
         }
     }
+    return 0;
+}
+
+int transformer_generate(Transformer *t, Sampler *sampler, const int *prompt, int n_prompt,
+                         int steps, int *out, TokenCallback on_token, void *ctx, char *err) {
+    const Config *p = &t->ckpt.config;
+    if (transformer_check_prompt(t, prompt, n_prompt, err) != 0) return -1;
     if (sampler->vocab_size != p->vocab_size) {
         return fail(err, "sampler vocab_size %d does not match the model's %d",
                     sampler->vocab_size, p->vocab_size);
