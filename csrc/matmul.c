@@ -54,7 +54,7 @@ void quantize_q8(QVector *xq, const float *x, int n, int group_size) {
 
 void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
             int group_size) {
-    const int gs = group_size;
+    const int gs = group_size, groups = gs ? n / gs : 0; // scales per row
 #ifdef Q8_CHUNK
     // the SIMD kernel takes chunks of Q8_CHUNK values that hold whole groups or lie in one
     const int simd_q8 = gs >= 4 && (Q8_CHUNK % gs == 0 || gs % Q8_CHUNK == 0);
@@ -79,7 +79,7 @@ void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int 
             const float *ws[ROWS];
             for (int r = 0; r < ROWS; r++) {
                 wq[r] = w->q + row[r] * n;
-                ws[r] = w->s + row[r] * (n / gs);
+                ws[r] = w->s + row[r] * groups;
             }
 #ifdef Q8_CHUNK
             if (simd_q8) {
