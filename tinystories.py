@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import Tokenizer, atomic_open
+from common import DataError, atomic_open, one_line_errors
+from tokenizer import Tokenizer
 
 DATA_DIR = "data"
 SHARED_DIR = Path(__file__).resolve().parent.parent / "shared" / "tinystories"
@@ -36,10 +36,6 @@ SEPARATOR = "<|endoftext|>"
 STORIES_PER_SHARD = 100_000
 MAX_VOCAB_TRAIN_BYTES = 200 * 2**20  # train_vocab reads at most this much text (~10% of V1)
 SPLITS = ("train", "val")
-
-
-class DataError(Exception):
-    """Bad or missing input: the CLI prints it as one line and exits non-zero."""
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +342,7 @@ if __name__ == "__main__":
     parser.add_argument("--num_workers", type=int, default=None, help="processes for pretokenize (default: all cores)")
     parser.add_argument("--force", action="store_true", help="pretokenize even if up to date")
     args = parser.parse_args()
-    try:
+    with one_line_errors():
         if args.stage == "download":
             download(args.data_dir, args.source)
         elif args.stage == "train_vocab":
@@ -355,5 +351,3 @@ if __name__ == "__main__":
             train_vocab(args.vocab_size, args.data_dir)
         else:
             pretokenize(args.vocab_size, args.data_dir, args.tokenizer, args.force, args.num_workers)
-    except DataError as e:
-        sys.exit(f"error: {e}")
