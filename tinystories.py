@@ -8,7 +8,8 @@ TinyStories (Eldan & Li 2023): download, tokenizer training, pretokenization, ba
 The internal form every source is normalised into: data/TinyStories/{train,val}-NNN.txt,
 UTF-8, each story stripped and followed by a line `<|endoftext|>` (TinyStoriesV2's own
 format), at most STORIES_PER_SHARD stories a file, plus manifest.json (source, counts,
-sha256 of every shard).
+sha256 of every shard). download and pretokenize read the text CHUNK_BYTES at a time
+(--chunk_mb), so their memory stays flat however large the data.
 """
 import argparse
 import codecs
@@ -174,9 +175,9 @@ def read_file(path, chunk_bytes=CHUNK_BYTES):
         raise DataError(f"{path} holds no stories")
 
 
-def read_stories(path):
-    """All the stories of one file, as a list (download and pretokenize stream instead)."""
-    return [s for stories, _ in read_file(path) for s in stories]
+def read_files(paths, chunk_bytes=CHUNK_BYTES):
+    """read_file over several files, one after another."""
+    return itertools.chain.from_iterable(read_file(p, chunk_bytes) for p in paths)
 
 
 def local_files(source):
@@ -230,7 +231,7 @@ def write_text(chunks, data_dir, source, total_bytes=None):
     final = text_dir(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=data_dir, prefix=".TinyStories.")
-    bar = tqdm(total=total_bytes, desc="download", unit="B", unit_scale=True, disable=None)  # on a terminal
+    bar = tqdm(total=total_bytes, desc="download", unit="B", unit_scale=True, disable=None)  # None: on a terminal only
     try:
         manifest = {"source": source, "splits": {}}
         for split in SPLITS:
@@ -266,7 +267,7 @@ def download(data_dir=DATA_DIR, source=None, chunk_bytes=CHUNK_BYTES):
     if source:
         files = local_files(source)
         total = sum(os.path.getsize(f) for s in SPLITS for f in files[s])
-        chunks = {s: (c for f in files[s] for c in read_file(f, chunk_bytes)) for s in SPLITS}
+        chunks = {s: read_files(files[s], chunk_bytes) for s in SPLITS}
     else:
         total, chunks = hub_chunks(chunk_bytes)
     manifest = write_text(chunks, data_dir, str(source) if source else f"hub:{HUB_DATASET}", total)
@@ -276,21 +277,16 @@ def download(data_dir=DATA_DIR, source=None, chunk_bytes=CHUNK_BYTES):
 
 
 def text_files(data_dir, split):
+    """The files of one split of the internal form, in order."""
     files = sorted(glob.glob(os.path.join(text_dir(data_dir), f"{split}-*.txt")))
     if not files:
         raise DataError(f"no TinyStories text in {text_dir(data_dir)}; run `python tinystories.py download` first")
     return files
 
 
-def text_chunks(data_dir, split, chunk_bytes=CHUNK_BYTES):
-    """The stories of one split of the internal form, in order, a chunk at a time:
-    yields (stories, bytes of the files they came from)."""
-    return (c for f in text_files(data_dir, split) for c in read_file(f, chunk_bytes))
-
-
 def load_text(data_dir, split):
     """The stories of one split of the internal form, in order, as a list."""
-    return [s for stories, _ in text_chunks(data_dir, split) for s in stories]
+    return [s for stories, _ in read_files(text_files(data_dir, split)) for s in stories]
 
 
 def read_manifest(data_dir):
@@ -311,7 +307,7 @@ def train_vocab(vocab_size, data_dir=DATA_DIR):
     import sentencepiece as spm
     if vocab_size < 260:  # 256 byte-fallback pieces + <unk>, <s>, </s> + at least one merge
         raise DataError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 259 pieces")
-    stories = (s for chunk, _ in text_chunks(data_dir, "train") for s in chunk)
+    stories = (s for chunk, _ in read_files(text_files(data_dir, "train")) for s in chunk)
     with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
         # one story after another, one paragraph a line, as sentencepiece reads lines
         corpus, size = os.path.join(tmp, "corpus.txt"), 0
@@ -357,8 +353,8 @@ def _encode(task):
     stories, nbytes = task
     # BOS before each story, no EOS: as in llama2.c, the next story's BOS marks the end
     ids = _tokenizer.sp_model.encode(stories, num_threads=1)  # the processes are the parallelism
-    tokens = np.concatenate([np.empty(0, np.uint16)] + [np.array([_tokenizer.bos_id] + t, dtype=np.uint16) for t in ids])
-    return tokens, len(stories), sum(len(s.encode()) for s in stories), nbytes
+    tokens = [np.empty(0, np.uint16)] + [np.array([_tokenizer.bos_id] + t, dtype=np.uint16) for t in ids]
+    return np.concatenate(tokens), len(stories), sum(len(s.encode()) for s in stories), nbytes
 
 
 def _in_order(pool, func, tasks, depth):
@@ -422,8 +418,9 @@ def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_
     with mp.get_context("fork").Pool(num_workers) if num_workers > 1 else nullcontext() as pool:
         for split in SPLITS:
             files = text_files(data_dir, split)
+            # an empty chunk (a story longer than it) still makes a task, to count its bytes
             tasks = ((stories[i:i + TASK_STORIES], nbytes if i == 0 else 0)
-                     for stories, nbytes in text_chunks(data_dir, split, chunk_bytes)
+                     for stories, nbytes in read_files(files, chunk_bytes)
                      for i in range(0, max(1, len(stories)), TASK_STORIES))
             encoded = _in_order(pool, _encode, tasks, 2 * num_workers) if pool else map(_encode, tasks)
             n_stories, n_tokens, n_bytes = 0, 0, 0
@@ -488,6 +485,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     chunk_bytes = max(1, int(args.chunk_mb * 2**20))
     try:
+        if args.chunk_mb <= 0:
+            raise DataError(f"--chunk_mb must be positive, not {args.chunk_mb}")
         if args.stage == "download":
             download(args.data_dir, args.source, chunk_bytes)
         elif args.stage == "train_vocab":

@@ -134,6 +134,8 @@ for stage, color in (("download", "tab:blue"), ("pretokenize", "tab:orange")):
     ax_speed.plot(x, [r[stage]["mb_per_s"] for r in results], "o-", color=color, label=stage)
 for ax, ylabel in ((ax_mem, "MB"), (ax_speed, "MB of text / s")):
     ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:.0f}" for v in x])
+    ax.minorticks_off()
     ax.set_xlabel("text (MB)")
     ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
