@@ -27,9 +27,11 @@ def parse_value(key, text, default):
     return value
 
 
-def configure(config, argv=None, presets=None):
+def configure(config, argv=None, presets=None, ignored=()):
     """A copy of the dict `config` with the `--key=value` arguments applied.
-    `--preset=NAME` fills the keys of presets[NAME] first; explicit flags win over it."""
+    `--preset=NAME` fills the keys of presets[NAME] first; explicit flags win over it.
+    Keys in `ignored` are accepted and dropped: another script's keys that a shared command line
+    may carry (e.g. the model shape, which an RL stage takes from its checkpoint)."""
     argv = sys.argv[1:] if argv is None else argv
     config, overrides = dict(config), {}
     try:
@@ -37,6 +39,8 @@ def configure(config, argv=None, presets=None):
             if not arg.startswith("--") or "=" not in arg:
                 raise ValueError(f"expected --key=value, got {arg!r}")
             key, text = arg[2:].split("=", 1)
+            if key in ignored and key not in config:
+                continue
             if key not in config:
                 raise ValueError(f"unknown config key --{key}")
             overrides[key] = parse_value(key, text, config[key])

@@ -8,6 +8,8 @@ torch.compile-friendly) and generation (a KV cache over a left-padded, ragged ba
 """
 import math
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -391,6 +393,12 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first object it refused
+        if "Weights only load failed" not in str(e) or not found:
+            raise ValueError(f"{path} is truncated or not a PyTorch checkpoint (UnpicklingError)") from None
+        raise ValueError(f"{path} contains pickled objects that weights-only loading refuses ({found[1]}); "
+                         "checkpoints written here hold none") from None
     except Exception as e:
         raise ValueError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():

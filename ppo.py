@@ -33,7 +33,6 @@ PPO keeps shortening stories past the target; the fork's --init_kl_coef=0.0 sett
 """
 import copy
 import ctypes
-import json
 import os
 import sys
 import time
@@ -47,25 +46,43 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
-from model import PRESETS, load_checkpoint, model_from_checkpoint
-from tinystories import DataError, resolve_tokenizer, token_dir
-from tokenizer import Tokenizer, atomic_open
-from train import config as train_config
-from train import get_lr, pyplot, resolve_device_dtype, save_atomic, save_figure
+from common import (DataError, atomic_open, autocast, get_lr, init_ddp, jsonl_log, mean_over_ranks, one_line_errors, pyplot,
+                    rank_sums, read_jsonl, resolve_device_dtype, save_atomic, save_figure, start_wandb)
+from model import load_checkpoint, model_from_checkpoint
+from tinystories import resolve_tokenizer, token_dir
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
-# config: train.py's keys, so its command lines run unchanged, plus PPO's own below. PPO reads out_dir,
-# data_dir, vocab_source, vocab_size, seed, batch_size (rollouts per minibatch), learning_rate,
-# weight_decay, beta1, beta2, grad_clip, decay_lr and its schedule keys, max_iters (PPO iterations),
-# eval_interval, device and dtype; init_from must be 'resume'. It accepts and ignores the rest: the
-# shape keys and max_seq_len (the shape is the checkpoint's), dropout (off: PPO's ratios need a
-# deterministic policy), compile, eval_iters, eval_only, log_interval, always_save_checkpoint and
-# gradient_accumulation_steps (one minibatch, one step).
-# pretraining defaults that do not suit PPO:
-learning_rate = 1e-4  # the fork's; pretraining's 1e-3 wrecks a pretrained policy
-decay_lr = False  # constant, as the fork and TRL
-weight_decay = 0.0  # decay would pull the weights toward 0, not toward the reference
+# config: the keys PPO reads, with train.py's names, so that its command lines (and the llama2.c PPO
+# fork's) run unchanged; train.py's other keys are accepted and ignored (IGNORED below).
+# I/O
+out_dir = "out"  # starts from out_dir/ckpt.pt, writes and resumes from out_dir/ppo_ckpt.pt
 eval_interval = 10  # write ppo_ckpt.pt and ppo_log.png every this many iterations, and at the end
+init_from = "resume"  # RL starts from a pretrained model
+seed = 1337
+# data
+data_dir = "data"
+vocab_source = "custom"
+vocab_size = 512
+batch_size = 32  # rollouts per minibatch
+# adamw optimizer
+learning_rate = 1e-4  # the fork's; pretraining's 1e-3 wrecks a pretrained policy
+max_iters = 1100  # PPO iterations
+weight_decay = 0.0  # decay would pull the weights toward 0, not toward the reference
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+decay_lr = False  # constant, as the fork and TRL
+warmup_iters = 100  # with decay_lr
+lr_decay_iters = 0  # 0 = max_iters
+min_lr = 0.0  # 0.0 = learning_rate / 10
+# system
+device = "auto"
+dtype = "auto"
+# experiment tracking (llama2.c's keys): every row of ppo_log.jsonl also goes to Weights & Biases
+wandb_log = False
+wandb_project = "tinystories-rl"
+wandb_run_name = ""  # empty: wandb names the run
 # rollouts
 ppo = True  # train.py hands over to this file when --ppo=True
 start_len = 30  # prompt = the first start_len tokens of a real story (1 = BOS only)
@@ -97,7 +114,11 @@ report = False  # evaluate the starting and the PPO model on held-out prompts ->
 report_prompts = 200  # validation stories for the report
 report_path = "reports/ppo_length.md"  # and its histogram beside it, .png
 # -----------------------------------------------------------------------------
-config = {**train_config, **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
+config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# train.py's keys that PPO accepts and ignores: the shape (the checkpoint's), dropout (off: PPO's ratios
+# compare two passes of the same function), and pretraining's evaluation, saving and batching keys
+IGNORED = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "dropout", "compile",
+           "eval_iters", "eval_only", "log_interval", "always_save_checkpoint", "gradient_accumulation_steps")
 # -----------------------------------------------------------------------------
 
 
@@ -406,7 +427,7 @@ def iteration_stats(batch, kl_coef):
 # logs, plots and the report
 
 def plot_log(log_path, png_path, target_len=None):
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = read_jsonl(log_path)
     it = [r["iter"] for r in rows]
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for ax, key, label in zip(axes, ("env/reward_mean", "objective/kl", "tokens/responses_len_mean"),
@@ -471,7 +492,7 @@ def write_length_report(cfg):
     after_samples = (prompts.tolist(), results["after"]["responses"])
     kl = response_logprobs(models["after"], *after_samples) - response_logprobs(models["before"], *after_samples)
     stats["before"]["KL to the starting model (nats/response)"], stats["after"]["KL to the starting model (nats/response)"] = 0.0, kl.mean().item()
-    rows = [json.loads(line) for line in open(os.path.join(cfg["out_dir"], "ppo_log.jsonl"))]
+    rows = read_jsonl(os.path.join(cfg["out_dir"], "ppo_log.jsonl"))
     minutes = np.cumsum([r["time/ppo/total"] for r in rows]) / 60
     near = [i for i, r in enumerate(rows) if abs(r["tokens/responses_len_mean"] - run["target_len"]) <= 0.1 * run["target_len"]]
     md = ["# PPO on the length task: before and after\n",
@@ -523,19 +544,10 @@ def train_ppo(cfg):
         raise DataError(f"PPO samples: --temperature must be > 0, not {cfg['temperature']}")
     weights = parse_reward(cfg["reward"])
     reuse_freed_memory()
-    ddp = int(os.environ.get("RANK", -1)) != -1
     device, device_type, dtype = resolve_device_dtype(cfg["device"], cfg["dtype"])
-    if ddp:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        if device_type == "cuda":
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size = 0, 1
+    ddp, rank, local_rank, world_size, device = init_ddp(device, device_type)
     master = rank == 0
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = autocast(device_type, dtype)
     # decoding a small model on a CPU is overhead-bound: autocast's casts cost more than bf16 saves
     # (bench/ppo_speed.py, 400 rollouts of 260K: 1.4x), so only GPUs generate under autocast
     gen_ctx = ctx if device_type == "cuda" else nullcontext()
@@ -588,10 +600,12 @@ def train_ppo(cfg):
     source = {k: ckpt[k] for k in ("tokenizer", "best_val_loss") if k in ckpt}
     ckpt = None
     scaler = torch.amp.GradScaler(device_type) if dtype == "float16" else None
-    train_policy = DDP(policy, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None) if ddp else policy
+    train_policy = DDP(policy, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else policy
 
     n_rollouts = cfg["num_mini_batches"] * cfg["batch_size"]
     log_path = os.path.join(out_dir, "ppo_log.jsonl")
+    wandb_run = start_wandb(cfg, out_dir) if master else None
+    log = jsonl_log(log_path, iter_num if resuming else None, master, wandb_run)
 
     def score_fn(tokens, mask, ended):
         return score_rollouts(tokens, mask, ended, cfg["start_len"], weights, cfg["target_len"], cfg["missing_eos_penalty"],
@@ -606,9 +620,6 @@ def train_ppo(cfg):
     if master:
         print(f"PPO from {path} at iteration {iter_num}: {n_rollouts} rollouts per iteration and rank "
               f"({cfg['num_mini_batches']} x {cfg['batch_size']}), up to {max_new} new tokens, reward {cfg['reward']}, {dtype}")
-        kept = [line for line in open(log_path) if json.loads(line)["iter"] <= iter_num] if resuming and os.path.exists(log_path) else []
-        with atomic_open(log_path, "w") as f:
-            f.writelines(kept)
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, unit="it", dynamic_ncols=True)
     while iter_num < cfg["max_iters"]:
         t0 = time.perf_counter()
@@ -627,20 +638,12 @@ def train_ppo(cfg):
         timing["time/ppo/total"] = time.perf_counter() - t0
         stats = {**iteration_stats(batch, kl_ctl.value), **stats, **timing, "ppo/learning_rate": lr}
         if ddp:  # the mean over ranks, so that the controller and the log see every rank's rollouts
-            values = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
-            dist.all_reduce(values)
-            local = torch.tensor([sum(p.double().sum().item() for p in policy.parameters()), batch["tokens"].sum().item()],
-                                 dtype=torch.float64, device=device)
-            gathered = [torch.zeros_like(local) for _ in range(world_size)]
-            dist.all_gather(gathered, local)  # each rank's parameter and rollout sums: in sync, on different rollouts
-            stats = {**dict(zip(stats, (values / world_size).tolist())),
-                     "ddp/param_sum": [g[0].item() for g in gathered], "ddp/rollout_sum": [g[1].item() for g in gathered]}
+            stats = {**mean_over_ranks(stats, device), **rank_sums(policy, batch["tokens"])}
         kl_ctl.update(stats["objective/kl"], n_rollouts * world_size)
         iter_num += 1
         bar.update(1)
         if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"iter": iter_num, "rollouts": iter_num * n_rollouts * world_size, **stats}) + "\n")
+            log({"iter": iter_num, "rollouts": iter_num * n_rollouts * world_size, **stats})
             bar.set_postfix(score=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.2f}",
                             len=f"{stats['tokens/responses_len_mean']:.0f}", s_it=f"{timing['time/ppo/total']:.1f}")
             if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
@@ -651,11 +654,9 @@ def train_ppo(cfg):
 
 
 def main(argv):
-    cfg = configurator.configure(config, argv, presets={name: {k: v for k, v in p.items() if k in config} for name, p in PRESETS.items()})
-    try:
+    cfg = configurator.configure(config, argv, ignored=IGNORED)
+    with one_line_errors():
         write_length_report(cfg) if cfg["report"] else train_ppo(cfg)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
+from common import (DataError, atomic_open, jsonl_log, one_line_errors, pyplot, resolve_device_dtype, save_atomic,
+                    save_figure, start_wandb)
 from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from tinystories import SEPARATOR as END
-from tinystories import DataError, iter_batches, load_text, token_dir
-from tokenizer import Tokenizer, atomic_open
-from train import pyplot, save_atomic, save_figure
+from tinystories import iter_batches, load_text, token_dir
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config: plain defaults, overridable as --key=value (one set of keys for all three commands)
@@ -39,6 +40,10 @@ eval_pairs = "data/prefs_eval.jsonl"  # held out: prompts from the validation sp
 out = "out/rm.pt"  # the reward model; its log goes beside it, out/rm_log.jsonl
 seed = 1337
 device = "cpu"
+# experiment tracking (llama2.c's keys): every row of train's log also goes to Weights & Biases
+wandb_log = False
+wandb_project = "tinystories-rl"
+wandb_run_name = ""  # empty: wandb names the run
 # make_pairs
 num_pairs = 1000  # training pairs, prompts from the train split
 num_eval_pairs = 200  # held-out pairs, prompts from the end of the validation split
@@ -515,14 +520,11 @@ def cmd_train(cfg):
     reward_model = RewardModel(model_from_checkpoint(ckpt)).to(cfg["device"])
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
     log_path = os.path.splitext(cfg["out"])[0] + "_log.jsonl"
-    with open(log_path, "w") as f:
-        def log(row):
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-        before = evaluate(reward_model, eval_set, cfg["batch_size"], cfg["device"])
-        log({"step": 0, "epoch": 0, **{f"eval/{k}": v for k, v in before.items()}})
-        history = train_reward_model(reward_model, train_set, eval_set, cfg["epochs"], cfg["batch_size"], cfg["learning_rate"],
-                                     cfg["weight_decay"], cfg["grad_clip"], cfg["seed"], cfg["device"], log)
+    log = jsonl_log(log_path, wandb_run=start_wandb(cfg, os.path.dirname(cfg["out"]) or "."))
+    before = evaluate(reward_model, eval_set, cfg["batch_size"], cfg["device"])
+    log({"step": 0, "epoch": 0, **{f"eval/{k}": v for k, v in before.items()}})
+    history = train_reward_model(reward_model, train_set, eval_set, cfg["epochs"], cfg["batch_size"], cfg["learning_rate"],
+                                 cfg["weight_decay"], cfg["grad_clip"], cfg["seed"], cfg["device"], log)
     shorter = sum((len(c) < len(r)) + 0.5 * (len(c) == len(r)) for c, r in eval_set) / len(eval_set)  # ties: a coin
     print(f"held-out pairwise accuracy {history[-1]['accuracy']:.3f} on {len(eval_set)} pairs "
           f"(the rule 'the shorter story is better' gets {shorter:.3f}); log in {log_path}")
@@ -597,7 +599,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(f"error: the first argument must be a command: {', '.join(COMMANDS)}")
     cfg = configurator.configure(config, sys.argv[2:])
-    try:
+    with one_line_errors():
+        resolve_device_dtype(cfg["device"], "float32")  # a device this machine lacks is one line here
         COMMANDS[sys.argv[1]](cfg)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")

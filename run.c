@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -172,7 +173,11 @@ static float parse_float(const char *flag, const char *s) {
     char *end;
     errno = 0;
     float v = strtof(s, &end);
-    if (end == s || *end != '\0' || errno != 0) bad_value(flag, "a number", s);
+    uint32_t bits; // strtof takes "nan" and "inf"; -Ofast assumes neither exists, so test the exponent bits
+    memcpy(&bits, &v, sizeof(bits));
+    if (end == s || *end != '\0' || errno != 0 || (bits & 0x7f800000u) == 0x7f800000u) {
+        bad_value(flag, "a number", s);
+    }
     return v;
 }
 

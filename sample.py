@@ -4,13 +4,11 @@ Sample stories from a trained checkpoint (KV-cache generation in PyTorch).
     python sample.py                                    # out/ckpt.pt, 3 stories
     python sample.py --prompt="Once upon a time" --temperature=0.8 --top_k=50 --seed=7
 """
-import sys
-
 import torch
 
 import configurator
+from common import DataError, one_line_errors, resolve_device_dtype
 from model import load_checkpoint, model_from_checkpoint
-from tinystories import DataError
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -28,8 +26,9 @@ device = "cpu"
 
 
 def main(cfg):
+    device = resolve_device_dtype(cfg["device"], "float32")[0]
     ckpt = load_checkpoint(cfg["checkpoint"])
-    model = model_from_checkpoint(ckpt).to(cfg["device"]).eval()
+    model = model_from_checkpoint(ckpt).to(device).eval()
     tok = Tokenizer(cfg["tokenizer"] or ckpt["tokenizer"]["tokenizer"])
     if tok.n_words != model.params.vocab_size:
         raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}")
@@ -37,7 +36,7 @@ def main(cfg):
     room = model.params.max_seq_len - len(ids)
     if room <= 0:
         raise DataError(f"the prompt is {len(ids)} tokens, longer than the model's context of {model.params.max_seq_len}")
-    generator = torch.Generator(cfg["device"]).manual_seed(cfg["seed"])
+    generator = torch.Generator(device).manual_seed(cfg["seed"])
     outs = model.generate([ids] * cfg["num_samples"], min(cfg["max_new_tokens"], room), temperature=cfg["temperature"],
                           top_k=cfg["top_k"] or None, top_p=cfg["top_p"], generator=generator,
                           stop_tokens=(tok.bos_id, tok.eos_id))
@@ -51,7 +50,5 @@ if __name__ == "__main__":
     config = configurator.configure({k: v for k, v in globals().items() if k in (
         "checkpoint", "tokenizer", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
         "seed", "device")})
-    try:
+    with one_line_errors():
         main(config)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")

@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenizer import Tokenizer, atomic_open
+from common import DataError, atomic_open, one_line_errors
+from tokenizer import Tokenizer
 
 DATA_DIR = "data"
 SHARED_DIR = Path(__file__).resolve().parent.parent / "shared" / "tinystories"
@@ -41,10 +41,6 @@ STORIES_PER_SHARD = 100_000
 MAX_VOCAB_TRAIN_BYTES = 200 * 2**20  # train_vocab reads at most this much text (~10% of V1)
 CHUNK_BYTES = 2**20  # download and pretokenize read this much text at a time
 SPLITS = ("train", "val")
-
-
-class DataError(Exception):
-    """Bad or missing input: the CLI prints it as one line and exits non-zero."""
 
 
 # -----------------------------------------------------------------------------
@@ -484,7 +480,7 @@ if __name__ == "__main__":
     parser.add_argument("--chunk_mb", type=float, default=CHUNK_BYTES / 2**20, help="MiB of text download and pretokenize read at a time")
     args = parser.parse_args()
     chunk_bytes = max(1, int(args.chunk_mb * 2**20))
-    try:
+    with one_line_errors():
         if args.chunk_mb <= 0:
             raise DataError(f"--chunk_mb must be positive, not {args.chunk_mb}")
         if args.stage == "download":
@@ -496,5 +492,3 @@ if __name__ == "__main__":
         else:
             pretokenize(args.vocab_size, args.data_dir, args.tokenizer, args.force, args.num_workers,
                         chunk_bytes=chunk_bytes)
-    except DataError as e:
-        sys.exit(f"error: {e}")

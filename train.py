@@ -9,12 +9,9 @@ Pretrain a Llama-style model on TinyStories. Runs on one CPU, one GPU, or many w
 Config keys and meanings are llama2.c's, so llama2.c training command lines run unchanged.
 """
 import json
-import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -22,9 +19,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import configurator
+from common import (DataError, PTDTYPES, autocast, get_lr, init_ddp, jsonl_log, one_line_errors, peak_matmul_flops,
+                    pyplot, rank_sums, read_jsonl, resolve_device_dtype, save_atomic, save_figure, start_wandb)
 from model import PRESETS, ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
-from tinystories import DataError, iter_batches, resolve_tokenizer, token_dir
-from tokenizer import atomic_open
+from tinystories import iter_batches, resolve_tokenizer, token_dir
 
 # -----------------------------------------------------------------------------
 # config: plain defaults, overridable as --key=value. The defaults train the CPU default
@@ -69,89 +67,19 @@ min_lr = 0.0  # 0.0 = learning_rate / 10, as Chinchilla
 device = "auto"  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 where the hardware runs it fast, else float32), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile the model: no gain at the default size on CPU, 1.25x from 15M up (bench/train_speed.py)
+# experiment tracking (llama2.c's keys): every row of log.jsonl also goes to Weights & Biases
+wandb_log = False
+wandb_project = "tinystories-rl"
+wandb_run_name = ""  # empty: wandb names the run
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 config = {k: globals()[k] for k in config_keys}  # what the command line may set, and what checkpoints record
 # -----------------------------------------------------------------------------
 
 
-def cpu_has_fast_bf16():
-    """AMX or AVX512-BF16: where bf16 autocast pays on CPU (measured in bench/train_speed.py)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def resolve_device_dtype(device, dtype):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = "cuda" if "cuda" in device else device
-    if dtype == "auto":
-        if device_type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "bfloat16" if device_type == "cpu" and cpu_has_fast_bf16() else "float32"
-    return device, device_type, dtype
-
-
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay to min_lr; cfg: a config dict (train.py's or ppo.py's)."""
-    lr = cfg["learning_rate"]
-    if not cfg["decay_lr"]:
-        return lr
-    floor = cfg["min_lr"] or lr / 10
-    if it < cfg["warmup_iters"]:
-        return lr * (it + 1) / (cfg["warmup_iters"] + 1)
-    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
-    if it > decay_iters:
-        return floor
-    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
-    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - floor)
-
-
-def peak_matmul_flops(device, dtype, n=1024, reps=5):
-    """Measured peak matmul FLOP/s of this device in this dtype, the MFU denominator."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(reps + 1):
-        if "cuda" in str(device):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if "cuda" in str(device):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def save_atomic(obj, path):
-    with atomic_open(path) as f:
-        torch.save(obj, f)
-
-
-def pyplot():
-    """matplotlib's pyplot without a display, imported only when a plot is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, png_path):
-    """Write fig to png_path atomically (a reader never sees half a PNG) and free it."""
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    pyplot().close(fig)
-    os.replace(tmp, png_path)
-
-
 def plot_losses(log_path, png_path):
     plt = pyplot()
-    rows = [json.loads(line) for line in open(log_path)]
+    rows = read_jsonl(log_path)
     evals = [r for r in rows if "val/loss" in r]
     steps = [r for r in rows if "train/loss_step" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -172,20 +100,12 @@ if __name__ == "__main__":
         sys.exit(0)
     config = configurator.configure(config, presets={name: {k: v for k, v in p.items() if k in config} for name, p in PRESETS.items()})
     globals().update(config)
-    # ddp: launched by torchrun, which sets RANK
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    device, device_type, dtype = resolve_device_dtype(device, dtype)
-    if ddp:
-        ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        if device_type == "cuda":
-            device = f"cuda:{ddp_local_rank}"
-            torch.cuda.set_device(device)
-        if gradient_accumulation_steps % ddp_world_size:
-            raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {ddp_world_size}")
-        gradient_accumulation_steps //= ddp_world_size
-    else:
-        ddp_rank, ddp_world_size = 0, 1
+    with one_line_errors():
+        device, device_type, dtype = resolve_device_dtype(device, dtype)
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = init_ddp(device, device_type)
+    if gradient_accumulation_steps % ddp_world_size:
+        sys.exit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the world size {ddp_world_size}")
+    gradient_accumulation_steps //= ddp_world_size
     master_process = ddp_rank == 0
     tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * max_seq_len
     if master_process:
@@ -194,10 +114,9 @@ if __name__ == "__main__":
     torch.manual_seed(seed + ddp_rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = autocast(device_type, dtype)
 
-    try:
+    with one_line_errors():
         # data and tokenizer
         if vocab_source == "llama2" and vocab_size != 32000:
             raise DataError(f"vocab_source=llama2 has 32000 tokens, not --vocab_size={vocab_size}")
@@ -232,8 +151,6 @@ if __name__ == "__main__":
             model = Transformer(ModelArgs(**model_args))
         else:
             raise DataError(f"--init_from must be 'scratch' or 'resume', not {init_from!r}")
-    except (DataError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
     model.to(device)
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -249,7 +166,7 @@ if __name__ == "__main__":
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
-    peak_flops = peak_matmul_flops(device, ptdtype)
+    peak_flops = peak_matmul_flops(device, PTDTYPES[dtype])
 
     @torch.no_grad()
     def estimate_loss():
@@ -268,29 +185,15 @@ if __name__ == "__main__":
         model.train()
         return out
 
-    def sync_report(X):
-        """Under DDP: every rank's parameter sum and batch sum, to show the ranks stay in
-        sync (same parameters) while reading different data."""
-        local = torch.tensor([sum(p.double().sum().item() for p in raw_model.parameters()), X.double().sum().item()])
-        gathered = [torch.zeros_like(local) for _ in range(ddp_world_size)]
-        dist.all_gather(gathered, local)
-        return {"ddp/param_sum": [g[0].item() for g in gathered], "ddp/batch_sum": [g[1].item() for g in gathered]}
-
     def checkpoint_dict():
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
                 "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
                 "tokenizer": tokenizer_info, "rng_state": torch.get_rng_state()}
 
     log_path = os.path.join(out_dir, "log.jsonl")
-    if master_process and os.path.exists(log_path):  # keep only what happened before the resume point
-        kept = [line for line in open(log_path) if init_from == "resume" and json.loads(line)["iter"] <= iter_num]
-        with atomic_open(log_path, "w") as f:
-            f.writelines(kept)
-
-    def log(row):
-        if master_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    with one_line_errors():
+        wandb_run = start_wandb(config, out_dir) if master_process else None
+    log = jsonl_log(log_path, iter_num if init_from == "resume" else None, master_process, wandb_run)
 
     # training loop
     train_stream = batches("train", start_step=iter_num * gradient_accumulation_steps)
@@ -310,17 +213,18 @@ if __name__ == "__main__":
             row = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train/loss": losses["train"],
                    "val/loss": losses["val"], "lr": lr, "mfu": running_mfu}
             if ddp:
-                row.update(sync_report(X))
+                row.update(rank_sums(raw_model, X))
             log(row)
             if master_process:
                 tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if iter_num > 0:
-                    save_atomic(checkpoint_dict(), os.path.join(out_dir, "last.pt"))
-                    if losses["val"] < best_val_loss or always_save_checkpoint:
-                        best_val_loss = min(best_val_loss, losses["val"])
-                        save_atomic(checkpoint_dict(), os.path.join(out_dir, "ckpt.pt"))
-                        tqdm.write(f"saved checkpoint to {out_dir}/ckpt.pt")
-                    plot_losses(log_path, os.path.join(out_dir, "loss.png"))
+                    with one_line_errors():  # e.g. a full disk
+                        save_atomic(checkpoint_dict(), os.path.join(out_dir, "last.pt"))
+                        if losses["val"] < best_val_loss or always_save_checkpoint:
+                            best_val_loss = min(best_val_loss, losses["val"])
+                            save_atomic(checkpoint_dict(), os.path.join(out_dir, "ckpt.pt"))
+                            tqdm.write(f"saved checkpoint to {out_dir}/ckpt.pt")
+                        plot_losses(log_path, os.path.join(out_dir, "loss.png"))
         if eval_only or iter_num >= max_iters:
             break
 

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 from ppo import PolicyWithValueHead, config, length_reward, make_experience, ppo_update, reuse_freed_memory  # noqa: E402
-from train import resolve_device_dtype  # noqa: E402
+from common import resolve_device_dtype  # noqa: E402
 
 WORKLOADS = {  # name: (rollouts, new tokens, PPO epochs, minibatch size)
     "a": (400, 300, 4, 50),

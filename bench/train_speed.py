@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
-from train import peak_matmul_flops  # noqa: E402
+from common import peak_matmul_flops  # noqa: E402
 
 SHAPES = {  # name: (preset, overrides); seq lengths as in the llama2.c measurements
     "default": ("default", {}),

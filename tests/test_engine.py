@@ -15,15 +15,6 @@ from csrc.formats import Config
 LLAMA2C = SHARED / "models" / "llama2c"
 STORIES260K = LLAMA2C / "stories260K.bin"
 TOK512 = LLAMA2C / "tok512.bin"
-RUN = ROOT / "run"
-
-
-@pytest.fixture(scope="module")
-def run_binary():
-    """./run, built as `make runomp` (the AVX-512 and OpenMP build when the CPU has them)."""
-    r = subprocess.run(["make", "-s", "runomp"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return str(RUN)
 
 
 @pytest.fixture(scope="module")
@@ -479,6 +470,9 @@ def test_malformed_tokenizers_give_a_clean_error(tmp_path, run_binary):
 
 def test_cli_rejects_bad_numbers_with_one_line(run_binary):
     assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, "-t", "hot"], "-t expects a number")
+    for flag in ("-t", "-p"):  # strtof reads these, and a NaN temperature or top-p would sample garbage
+        for value in ("nan", "-inf", "infinity"):
+            assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, flag, value], f"{flag} expects a number, got '{value}'")
     assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, "-n", "12x"], "-n expects an integer")
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import ppo
-from conftest import ROOT
+from conftest import ROOT, wandb_history
 from model import PRESETS, ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
 from ppo import (AdaptiveKLController, FixedKLController, PolicyWithValueHead, collate, compute_gae, config,
                  entropy_from_logprobs, length_reward, log_softmax, logprobs_from_logits, make_experience, masked_mean,
                  masked_whiten, parse_reward, ppo_loss, ppo_update, score_rollouts, write_length_report)
-from train import save_atomic
+from common import save_atomic
 
 STOP = (1, 2)  # BOS and EOS, as in the tokenizers
 
@@ -321,7 +321,7 @@ def test_two_process_gloo_ddp_keeps_the_ranks_in_sync_on_different_rollouts(smal
     assert [r["iter"] for r in rows] == [1, 2] and rows[-1]["rollouts"] == 2 * 2 * 8
     for r in rows:
         assert r["ddp/param_sum"][0] == r["ddp/param_sum"][1]
-        assert r["ddp/rollout_sum"][0] != r["ddp/rollout_sum"][1]
+        assert r["ddp/batch_sum"][0] != r["ddp/batch_sum"][1]
     assert rows[0]["ddp/param_sum"][0] != rows[1]["ddp/param_sum"][0]
 
 
@@ -336,3 +336,13 @@ def test_bad_input_is_a_one_line_error(small_data, pretrained, flags, message):
     with pytest.raises(SystemExit) as e:
         ppo.main(argv(small_data, pretrained, *flags))
     assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code), e.value.code
+
+
+def test_wandb_offline_receives_every_row_of_the_ppo_log(small_data, pretrained, tmp_path):
+    shutil.copytree(pretrained, tmp_path / "out")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv(small_data, tmp_path / "out", "--max_iters=2", "--wandb_log=True")],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = log_rows(tmp_path / "out")
+    assert len(rows) == 2 and wandb_history(tmp_path / "out") == rows

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
+from common import DataError, save_atomic
 from conftest import ROOT, SHARED, first_stories
 from model import ModelArgs, Transformer
 from reward_model import (END, WEIGHTS, RewardModel, bradley_terry_loss, distinct_n, encode_pairs, encode_story, evaluate,
                           judge, judge_components, load_reward_model, markdown_table, names, pad_right, pairwise_accuracy,
                           read_pairs, repetition, train_reward_model, write_pairs)
-from tinystories import DataError, iter_batches
+from tinystories import iter_batches
 from tokenizer import Tokenizer
-from train import save_atomic
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=8, max_seq_len=128)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, wandb_history
 
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--batch_size=4", "--max_seq_len=32",
         "--eval_iters=2", "--log_interval=1", "--compile=False", "--dtype=float32", "--device=cpu",
@@ -80,6 +80,9 @@ def test_truncated_or_foreign_checkpoint_is_a_one_line_error(small_data, tmp_pat
     ("--batch_size=abc", "error: --batch_size expects int, got 'abc'"),
     ("--compile=maybe", "error: --compile expects True or False, got 'maybe'"),
     ("--preset=7B", "error: unknown --preset=7B"),
+    ("--dtype=float64", "error: --dtype=float64: choose auto, float32, bfloat16, float16"),
+    pytest.param("--device=cuda", "error: --device=cuda, but torch sees no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_command_line_is_a_one_line_error(small_data, tmp_path, flag, message):
     p = train(small_data, tmp_path, flag)
@@ -107,3 +110,23 @@ def test_sample_continues_the_prompt_and_is_reproducible(small_data, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'ckpt.pt'}",
                         "--prompt=" + "word " * 100], capture_output=True, text=True)
     assert p.returncode != 0 and "longer than the model's context of 32" in p.stderr
+
+
+def test_wandb_offline_receives_every_row_of_the_log(small_data, tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data_dir={small_data}", f"--out_dir={tmp_path}", *TINY,
+                        "--max_iters=4", "--eval_interval=2", "--wandb_log=True", "--wandb_project=test",
+                        "--wandb_run_name=tiny"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {}  # log.jsonl's rows merged by iteration, as wandb merges the rows of one step
+    for r in log_rows(tmp_path):
+        rows.setdefault(r["iter"], {}).update(r)
+    assert wandb_history(tmp_path) == [rows[i] for i in sorted(rows)] and len(rows) == 5
+
+
+def test_wandb_log_without_wandb_installed_is_a_one_line_error(small_data, tmp_path):
+    (tmp_path / "wandb.py").write_text("raise ImportError('No module named wandb')\n")  # shadows the installed one
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data_dir={small_data}", f"--out_dir={tmp_path / 'out'}",
+                        *TINY, "--max_iters=2", "--wandb_log=True"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
+    assert p.returncode != 0 and p.stderr.strip() == "error: --wandb_log=True needs the wandb package: pip install wandb"
