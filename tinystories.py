@@ -171,6 +171,11 @@ def read_file(path, chunk_bytes=CHUNK_BYTES):
         raise DataError(f"{path} holds no stories")
 
 
+def read_stories(path):
+    """All the stories of one file, as a list (download and pretokenize stream instead)."""
+    return [s for stories, _ in read_file(path) for s in stories]
+
+
 def read_files(paths, chunk_bytes=CHUNK_BYTES):
     """read_file over several files, one after another."""
     return itertools.chain.from_iterable(read_file(p, chunk_bytes) for p in paths)

@@ -17,7 +17,7 @@ import tinystories  # noqa: E402
 
 
 def first_stories(path, n):
-    return [s for stories, _ in tinystories.read_file(path) for s in stories][:n]
+    return tinystories.read_stories(path)[:n]
 
 
 @pytest.fixture(scope="session")
