@@ -200,9 +200,13 @@ def read_hf_config(hf_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {hf_dir}")
     c = json.load(open(path))
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "rms_norm_eps",
+              "max_position_embeddings")
+    if c.get("model_type") != "llama" or not all(k in c for k in needed):
+        raise ValueError(f"{path}: not a transformers Llama config (model_type {c.get('model_type')!r})")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
-    unsupported = {"model_type": c.get("model_type") != "llama", "hidden_act": c.get("hidden_act", "silu") != "silu",
+    unsupported = {"hidden_act": c.get("hidden_act", "silu") != "silu",
                    "rope_scaling": rope.get("rope_type", rope.get("type", "default")) != "default",
                    "attention_bias": c.get("attention_bias", False), "mlp_bias": c.get("mlp_bias", False),
                    "head_dim": c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]) * c["num_attention_heads"] != c["hidden_size"],
