@@ -45,38 +45,76 @@ test: setup ctest lib
 
 # ---------------------------------------------------------------------------
 # C engine (run.c + csrc/)
-# run: portable; runfast: tuned for this CPU (AVX-512 kernels when it has them); runomp: plus
-# OpenMP threads (OMP_NUM_THREADS); lib: the runomp engine as the shared library that
-# csrc/engine.py loads, without -ffast-math so parity with PyTorch holds to 1e-4 (with it, 1.4e-4). -fopenmp-simd keeps the OpenMP pragmas quiet where threads are off.
+# run: the portable C kernels (the reference), -O3. runfast: the kernels for ARCH (-march=ARCH,
+# native by default: AVX-512, AVX2 or NEON by what this CPU has), -Ofast. runomp: plus OpenMP
+# threads (OMP_NUM_THREADS). An explicit ARCH builds another path, e.g. on an AVX-512 machine
+# `make runomp ARCH=x86-64-v3` (AVX2+FMA), ARCH="x86-64-v3 -mavxvnni" (AVX2 with AVX-VNNI),
+# ARCH=x86-64-v4 (AVX-512 without VNNI), ARCH=portable; ./run names its kernels on stderr.
+# lib: the engine as the shared library csrc/engine.py loads, and csrc/attention.c (model.py's
+# CPU training kernel) as one of its own; both without -ffast-math, so that parity with PyTorch
+# holds to 1e-4 (with it, 1.4e-4). -fopenmp-simd keeps the OpenMP pragmas quiet where threads are off.
 
-ENGINE_SRC := csrc/checkpoint.c csrc/matmul.c csrc/transformer.c csrc/tokenizer.c csrc/sampler.c
-LIB_SRC := $(ENGINE_SRC) csrc/attention.c
-ENGINE_HDR := $(wildcard csrc/*.h)
+ARCH ?= native
+ifeq ($(ARCH),portable)
+TARGET := -DPORTABLE_KERNELS
+else
+TARGET := -march=$(ARCH)
+endif
+KERNELS_SRC := csrc/kernels_scalar.c csrc/kernels_avx2.c csrc/kernels_avx512.c csrc/kernels_neon.c
+ENGINE_SRC := csrc/checkpoint.c csrc/matmul.c $(KERNELS_SRC) csrc/ops.c csrc/transformer.c csrc/tokenizer.c csrc/sampler.c
+ENGINE_HDR := $(filter-out csrc/attention.h,$(wildcard csrc/*.h))
 WARN := -Wall -Wextra
 LIB := csrc/libengine.so
+ATTENTION_LIB := csrc/libattention.so
+SHARED_LIB := -O3 $(WARN) -fopenmp -fPIC -shared -Wl,-Bsymbolic
+BIN ?= run
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 120
 
-.PHONY: run runfast runomp lib ctest fuzz
+.PHONY: run runfast runomp lib ctest armtest fuzz
 
 run:
-	$(CC) -O3 $(WARN) -fopenmp-simd -o run run.c $(ENGINE_SRC) -lm
+	$(CC) -O3 -DPORTABLE_KERNELS $(WARN) -fopenmp-simd -o $(BIN) run.c $(ENGINE_SRC) -lm
 
 runfast:
-	$(CC) -Ofast -march=native $(WARN) -fopenmp-simd -o run run.c $(ENGINE_SRC) -lm
+	$(CC) -Ofast $(TARGET) $(WARN) -fopenmp-simd -o $(BIN) run.c $(ENGINE_SRC) -lm
 
 runomp:
-	$(CC) -Ofast -march=native $(WARN) -fopenmp -o run run.c $(ENGINE_SRC) -lm
+	$(CC) -Ofast $(TARGET) $(WARN) -fopenmp -o $(BIN) run.c $(ENGINE_SRC) -lm
 
-lib: $(LIB)
+lib: $(LIB) $(ATTENTION_LIB)
 
-$(LIB): $(LIB_SRC) $(ENGINE_HDR)
-	$(CC) -O3 -march=native $(WARN) -fopenmp -fPIC -shared -Wl,-Bsymbolic -o $@ $(LIB_SRC) -lm
+$(LIB): $(ENGINE_SRC) $(ENGINE_HDR)
+	$(CC) $(TARGET) $(SHARED_LIB) -o $@ $(ENGINE_SRC) -lm
 
-# run and runomp: the portable kernels, then the AVX-512 and OpenMP ones
+$(ATTENTION_LIB): csrc/attention.c csrc/attention.h
+	$(CC) $(TARGET) $(SHARED_LIB) -o $@ csrc/attention.c -lm
+
+# the kernels of ARCH against the portable ones on random data (tests/test_kernels.py runs it for
+# every path this CPU can execute)
+KTEST ?= out/test_kernels
+$(KTEST): csrc/test_kernels.c $(ENGINE_SRC) $(ENGINE_HDR)
+	@mkdir -p $(dir $@)
+	$(CC) -O3 $(TARGET) $(WARN) -fopenmp -o $@ csrc/test_kernels.c $(ENGINE_SRC) -lm
+
+# run and runomp for this CPU; tests/test_kernels.py does the same for every other path
 ctest:
 	$(MAKE) -s run && bash csrc/test_run.sh
 	$(MAKE) -s runomp && bash csrc/test_run.sh
+
+# The NEON kernels, cross-compiled, under qemu-aarch64 (Debian: gcc-aarch64-linux-gnu,
+# libc6-dev-arm64-cross, qemu-user): with and without the dot-product extension.
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+ARM_OUT ?= out
+armtest:
+	@mkdir -p $(ARM_OUT)
+	@for arch in armv8.2-a+dotprod armv8-a; do \
+		echo "aarch64 -march=$$arch:"; \
+		$(AARCH64_CC) -Ofast -march=$$arch $(WARN) -fopenmp -o $(ARM_OUT)/run-aarch64 run.c $(ENGINE_SRC) -lm && \
+		$(AARCH64_CC) -O3 -march=$$arch $(WARN) -fopenmp -o $(ARM_OUT)/test_kernels-aarch64 csrc/test_kernels.c $(ENGINE_SRC) -lm && \
+		qemu-aarch64 -L /usr/aarch64-linux-gnu $(ARM_OUT)/test_kernels-aarch64 && \
+		RUN="qemu-aarch64 -L /usr/aarch64-linux-gnu $(ARM_OUT)/run-aarch64" bash csrc/test_run.sh || exit 1; \
+	done
 
 # libFuzzer with AddressSanitizer and UBSan on the checkpoint and tokenizer loaders (clang:
 # apt-get install clang), seeded with small valid files. Not part of the tests: it runs for
@@ -92,4 +130,4 @@ fuzz: out/fuzz_checkpoint out/fuzz_tokenizer
 
 clean:
 	rm -rf __pycache__ tests/__pycache__ csrc/__pycache__
-	rm -f run $(LIB) out/fuzz_checkpoint out/fuzz_tokenizer
+	rm -f run $(LIB) $(ATTENTION_LIB) out/fuzz_checkpoint out/fuzz_tokenizer out/test_kernels*

@@ -101,43 +101,45 @@ def repeat_kv(x, n_rep):
 class CausalAttentionCPU(torch.autograd.Function):
     """Causal attention through csrc/attention.c, for CPUs at small head sizes, where PyTorch's
     flash attention is slow (head size 8: 4x, see bench/ppo_speed.py). q, k, v (B, H, T, head_dim)
-    with as many KV heads as query heads; fp32 arithmetic, results in the inputs' dtype."""
+    with as many KV heads as query heads; fp32 arithmetic, results in the inputs' dtype. lib: another
+    build of the library (tests), else csrc/libattention.so."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
-        from csrc import engine
+    def forward(ctx, q, k, v, lib=None):
+        from csrc import attention
+        lib = lib or attention.lib
         dtype = q.dtype
         q, k, v = (x.float().contiguous() for x in (q, k, v))
         B, H, T, D = q.shape
         out, lse = torch.empty_like(q), q.new_empty(B, H, T)
-        if engine.lib.attention_forward(*map(engine.float_ptr, (q, k, v, out, lse)), B * H, T, D, torch.get_num_threads()):
+        if lib.attention_forward(*map(attention.float_ptr, (q, k, v, out, lse)), B * H, T, D, torch.get_num_threads()):
             raise MemoryError("attention_forward: out of memory")
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.dtype = dtype
+        ctx.dtype, ctx.lib = dtype, lib
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        from csrc import engine
+        from csrc import attention
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.float().contiguous()
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
         B, H, T, D = q.shape
-        if engine.lib.attention_backward(*map(engine.float_ptr, (q, k, v, out, lse, dout, dq, dk, dv)), B * H, T, D,
-                                         torch.get_num_threads()):
+        if ctx.lib.attention_backward(*map(attention.float_ptr, (q, k, v, out, lse, dout, dq, dk, dv)), B * H, T, D,
+                                      torch.get_num_threads()):
             raise MemoryError("attention_backward: out of memory")
-        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype)
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None
 
 
 def c_attention_available():
-    """Whether csrc's library builds and loads (`make lib`; needs a C compiler). Asked once."""
+    """Whether csrc/libattention.so (from `make lib`) loads. Asked once."""
     global _c_attention
     if _c_attention is None:
         try:
-            from csrc import engine  # noqa: F401  (builds the library if it is missing or stale)
+            from csrc import attention  # noqa: F401
             _c_attention = True
-        except (ImportError, OSError, RuntimeError) as e:
-            print(f"note: csrc/libengine.so is unavailable ({type(e).__name__}), so CPU attention uses PyTorch's kernel")
+        except (ImportError, OSError) as e:
+            print(f"note: {e}; CPU attention uses PyTorch's kernel")
             _c_attention = False
     return _c_attention
 

@@ -9,8 +9,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "csrc/error.h"
+#include "csrc/matmul.h"
 #include "csrc/sampler.h"
 #include "csrc/tokenizer.h"
 #include "csrc/transformer.h"
@@ -40,6 +44,16 @@ static void print_piece(const Tokenizer *tokenizer, int prev, int token) {
     }
     fwrite(piece, 1, len, stdout);
     fflush(stdout);
+}
+
+// One line on stderr: the kernels this build runs (make runomp ARCH=...) and its threads.
+static void print_kernels(void) {
+#ifdef _OPENMP
+    int threads = omp_get_max_threads();
+#else
+    int threads = 1;
+#endif
+    fprintf(stderr, "kernels: %s, %d thread%s\n", matmul_kernels(), threads, threads > 1 ? "s" : "");
 }
 
 static int *encode_or_die(const Tokenizer *tokenizer, const char *text, int *n_tokens) {
@@ -73,6 +87,8 @@ static void generate(Transformer *transformer, const Tokenizer *tokenizer, Sampl
     int *prompt_tokens = encode_or_die(tokenizer, prompt ? prompt : "", &n_prompt);
     Printer printer = {tokenizer, 0, 0.0};
     char err[ERR_LEN];
+    if (transformer_check_prompt(transformer, prompt_tokens, n_prompt, err) != 0) die(err);
+    print_kernels();
     if (transformer_generate(transformer, sampler, prompt_tokens, n_prompt, steps, NULL,
                              print_token, &printer, err) < 0) {
         die(err);
@@ -104,6 +120,7 @@ static void chat(Transformer *transformer, const Tokenizer *tokenizer, Sampler *
     char system_prompt[512] = "", user_prompt[512], rendered_prompt[1152];
     int *prompt_tokens = NULL;
     int n_prompt = 0, user_idx = 0, user_turn = 1, next = 0;
+    print_kernels();
     for (int pos = 0; pos < steps; pos++) {
         if (user_turn) {
             if (pos == 0) {

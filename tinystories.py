@@ -8,11 +8,15 @@ TinyStories (Eldan & Li 2023): download, tokenizer training, pretokenization, ba
 The internal form every source is normalised into: data/TinyStories/{train,val}-NNN.txt,
 UTF-8, each story stripped and followed by a line `<|endoftext|>` (TinyStoriesV2's own
 format), at most STORIES_PER_SHARD stories a file, plus manifest.json (source, counts,
-sha256 of every shard).
+sha256 of every shard). download and pretokenize read the text CHUNK_BYTES at a time
+(--chunk_mb), so their memory stays flat however large the data.
 """
 import argparse
+import codecs
+import collections
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -35,11 +39,12 @@ HUB_DATASET = "roneneldan/TinyStories"
 SEPARATOR = "<|endoftext|>"
 STORIES_PER_SHARD = 100_000
 MAX_VOCAB_TRAIN_BYTES = 200 * 2**20  # train_vocab reads at most this much text (~10% of V1)
+CHUNK_BYTES = 2**20  # download and pretokenize read this much text at a time
 SPLITS = ("train", "val")
 
 
 # -----------------------------------------------------------------------------
-# download: any accepted source -> the internal form
+# download: any accepted source -> the internal form, a chunk of text at a time
 
 def split_of(path):
     """'train', 'val' or None from a file name, e.g. TinyStoriesV2-GPT4-valid.txt,
@@ -52,38 +57,132 @@ def split_of(path):
     return None
 
 
-def read_stories(path):
-    """The stories of one file: .txt with <|endoftext|> separators, a .json list of
-    {"story": ...} (V1 TinyStories_all_data), .jsonl, or .parquet (the hub's layout)."""
-    suffix = Path(path).suffix
+def clean(texts):
+    """Stories as the internal form keeps them: stripped, \r\n made \n, empty ones dropped."""
+    stories = (t.replace("\r\n", "\n").strip() for t in texts if isinstance(t, str))
+    return [s for s in stories if s]
+
+
+def _read_text(path, chunk_bytes):
+    """A file's UTF-8 text in pieces of whole characters: yields (text, bytes read)."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            held = len(decoder.getstate()[0])  # bytes of a character the last block cut in two
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not valid UTF-8 (byte {offset - held + e.start})") from None
+            if not block:
+                return
+            offset += len(block)
+            yield text, len(block)
+
+
+def _delimited(pieces, delimiter):
+    """Text up to the last `delimiter` read so far (without it), so that no story or line
+    is cut in two: yields (text, bytes read), and the rest of the file last."""
+    rest = ""
+    for text, nbytes in pieces:
+        head, _, rest = (rest + text).rpartition(delimiter)
+        yield head, nbytes
+    yield rest, 0
+
+
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
+JSON_EXPECTED = {"[": "'['", ",": "',' or ']'", "": "the end of the file"}
+
+
+def _json_array(pieces):
+    """The elements of a file holding one JSON array (a V1 file: ~100 MB), decoded with
+    JSONDecoder.raw_decode as the text arrives: yields (elements, bytes read)."""
+    decoder, buf, pos, start = json.JSONDecoder(), "", 0, 0  # start: characters dropped from buf
+    expect = "["  # next: "[", "first" (an element or "]"), "element", "," (or "]"), "" (nothing)
+    for text, nbytes in itertools.chain(pieces, [(None, 0)]):  # None: the end of the file
+        start, buf, pos, elements = start + pos, buf[pos:] + (text or ""), 0, []
+        while (pos := JSON_SPACE.match(buf, pos).end()) < len(buf):
+            c = buf[pos]
+            if expect in ("first", "element"):
+                if expect == "first" and c == "]":
+                    expect, pos = "", pos + 1
+                    continue
+                try:
+                    element, pos = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as e:
+                    # a cut number, literal or escape fails within the last few characters, a cut
+                    # string as unterminated: the text read so far may end inside this element
+                    if text is None or (e.pos < len(buf) - 8 and not e.msg.startswith("Unterminated string")):
+                        raise ValueError(f"{e.msg} (character {start + e.pos})") from None
+                    break
+                elements.append(element)
+                expect = ","
+            elif (expect, c) in (("[", "["), (",", ",")):
+                expect, pos = ("first" if c == "[" else "element"), pos + 1
+            elif (expect, c) == (",", "]"):
+                expect, pos = "", pos + 1
+            else:
+                raise ValueError(f"expected {JSON_EXPECTED[expect]} at character {start + pos}, not {c!r}")
+        yield elements, nbytes
+    if expect:
+        raise ValueError("the file ends inside the JSON array")
+
+
+def _parquet_texts(path, chunk_bytes):
+    """The `text` (or `story`) column of a .parquet file (the hub's layout), about
+    chunk_bytes of text a batch: yields (texts, bytes of the file)."""
+    import pyarrow.parquet as pq
+    # buffer_size: read a column chunk (up to a whole row group) a piece at a time
+    with pq.ParquetFile(path, buffer_size=chunk_bytes, pre_buffer=False) as pf:
+        column = "text" if "text" in pf.schema_arrow.names else "story"
+        meta, file_bytes = pf.metadata, os.path.getsize(path)
+        text_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        batch_rows = max(1, chunk_bytes * meta.num_rows // max(1, text_bytes))
+        rows, read = 0, 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
+            rows += batch.num_rows
+            upto = file_bytes * rows // meta.num_rows
+            yield batch.column(0).to_pylist(), upto - read
+            read = upto
+
+
+def read_file(path, chunk_bytes=CHUNK_BYTES):
+    """The stories of one file, a chunk of about chunk_bytes at a time: yields (stories,
+    bytes of the file they came from). A file is .txt with <|endoftext|> separators, a .json
+    list of {"story": ...} (V1 TinyStories_all_data), .jsonl, or .parquet (the hub's layout)."""
+    suffix, found = Path(path).suffix, False
     try:
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-            table = pq.read_table(path)
-            column = "text" if "text" in table.column_names else "story"
-            texts = table.column(column).to_pylist()
+            texts = _parquet_texts(path, chunk_bytes)
+        elif suffix == ".txt":
+            texts = ((t.split(SEPARATOR), n) for t, n in _delimited(_read_text(path, chunk_bytes), SEPARATOR))
         else:
-            raw = Path(path).read_bytes().decode("utf-8")
-            if suffix == ".txt":
-                texts = raw.split(SEPARATOR)
-            elif suffix == ".json":
-                texts = [r.get("story", r.get("text")) for r in json.loads(raw)]
-            else:  # .jsonl
-                rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-                texts = [r.get("story", r.get("text")) for r in rows]
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 (byte {e.start})") from None
+            rows = (_json_array(_read_text(path, chunk_bytes)) if suffix == ".json" else
+                    (([json.loads(line) for line in t.splitlines() if line.strip()], n)  # .jsonl
+                     for t, n in _delimited(_read_text(path, chunk_bytes), "\n")))
+            texts = (([r.get("story", r.get("text")) for r in rs], n) for rs, n in rows)
+        for t, nbytes in texts:
+            stories = clean(t)
+            found = found or bool(stories)
+            yield stories, nbytes
     except (ValueError, KeyError, AttributeError, TypeError, OSError) as e:
         raise DataError(f"cannot read stories from {path}: {e}") from None
-    stories = [t.replace("\r\n", "\n").strip() for t in texts if isinstance(t, str)]
-    stories = [s for s in stories if s]
-    if not stories:
+    if not found:
         raise DataError(f"{path} holds no stories")
-    return stories
 
 
-def load_local(source):
-    """{'train': [...], 'val': [...]} from a directory holding the dataset in one of its
+def read_stories(path):
+    """All the stories of one file, as a list (download and pretokenize stream instead)."""
+    return [s for stories, _ in read_file(path) for s in stories]
+
+
+def read_files(paths, chunk_bytes=CHUNK_BYTES):
+    """read_file over several files, one after another."""
+    return itertools.chain.from_iterable(read_file(p, chunk_bytes) for p in paths)
+
+
+def local_files(source):
+    """{'train': [paths], 'val': [paths]} of a directory holding the dataset in one of its
     layouts. Files are assigned to splits by name; if no name says, the first file (in
     sorted order) is validation and the rest train, as llama2.c does with data00.json."""
     source = Path(source)
@@ -98,71 +197,97 @@ def load_local(source):
     unknown = [f.name for f, s in zip(files, splits) if s is None]
     if unknown:
         raise DataError(f"cannot tell the split (train or valid) of {', '.join(unknown)} in {source}")
-    data = {"train": [], "val": []}
-    for f, s in zip(files, splits):
-        data[s].extend(read_stories(f))
+    data = {s: [f for f, fs in zip(files, splits) if fs == s] for s in SPLITS}
     for s in SPLITS:
         if not data[s]:
             raise DataError(f"no {s} stories in {source}")
     return data
 
 
-def load_hub():
-    """The full dataset from the Hugging Face hub, via the `datasets` library."""
+def hub_chunks(chunk_bytes):
+    """(total bytes, {split: chunks}) of the dataset on the Hugging Face hub. `datasets`
+    keeps it as memory-mapped Arrow files in its cache; it is read a batch at a time."""
     try:
         from datasets import load_dataset
         ds = load_dataset(HUB_DATASET)
-        return {"train": ds["train"]["text"], "val": ds["validation"]["text"]}
+        splits = {"train": ds["train"], "val": ds["validation"]}
     except Exception as e:
         raise DataError(f"could not get {HUB_DATASET} from the Hugging Face hub ({type(e).__name__}); "
                         f"point --source=DIR or TINYSTORIES_DIR at a local copy") from None
+
+    def chunks(split):
+        rows = max(1, chunk_bytes * len(split) // max(1, split.data.nbytes))
+        for batch in split.with_format("arrow").iter(batch_size=rows):
+            yield clean(batch.column("text").to_pylist()), batch.nbytes
+    return sum(s.data.nbytes for s in splits.values()), {name: chunks(s) for name, s in splits.items()}
 
 
 def text_dir(data_dir):
     return os.path.join(data_dir, "TinyStories")
 
 
-def write_text(data, data_dir, source):
-    """Write the internal form into a fresh directory, then swap it in whole."""
+def write_text(chunks, data_dir, source, total_bytes=None):
+    """Write the internal form from {split: iterable of (stories, bytes read)}, each file as
+    it fills, into a fresh directory, then swap that in whole."""
     final = text_dir(data_dir)
     os.makedirs(data_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=data_dir, prefix=".TinyStories.")
+    bar = tqdm(total=total_bytes, desc="download", unit="B", unit_scale=True, disable=None)  # None: on a terminal only
     try:
         manifest = {"source": source, "splits": {}}
         for split in SPLITS:
-            stories, shards = [s.strip() for s in data[split]], {}
-            for i in range(0, len(stories), STORIES_PER_SHARD):
-                name = f"{split}-{i // STORIES_PER_SHARD:03d}.txt"
-                blob = "".join(f"{s}\n{SEPARATOR}\n" for s in stories[i:i + STORIES_PER_SHARD]).encode()
-                Path(tmp, name).write_bytes(blob)
-                shards[name] = hashlib.sha256(blob).hexdigest()
-            manifest["splits"][split] = {"stories": len(stories), "shards": shards}
+            n, shards = 0, {}
+            for stories, nbytes in chunks[split]:
+                while stories:  # those that still fit in the current file
+                    room = STORIES_PER_SHARD - n % STORIES_PER_SHARD
+                    name = f"{split}-{n // STORIES_PER_SHARD:03d}.txt"
+                    blob = "".join(f"{s}\n{SEPARATOR}\n" for s in stories[:room]).encode()
+                    with open(Path(tmp, name), "ab") as f:
+                        f.write(blob)
+                    shards.setdefault(name, hashlib.sha256()).update(blob)
+                    n, stories = n + len(stories[:room]), stories[room:]
+                bar.update(nbytes)
+                bar.set_postfix_str(f"{split} {n:,} stories", refresh=False)
+            if n == 0:
+                raise DataError(f"no {split} stories in {source}")
+            manifest["splits"][split] = {"stories": n, "shards": {k: h.hexdigest() for k, h in shards.items()}}
         Path(tmp, "manifest.json").write_text(json.dumps(manifest, indent=1))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
-def download(data_dir=DATA_DIR, source=None):
+def download(data_dir=DATA_DIR, source=None, chunk_bytes=CHUNK_BYTES):
     source = source or os.environ.get("TINYSTORIES_DIR")
     if source is None and SHARED_DIR.is_dir():
         source = str(SHARED_DIR)
-    data = load_local(source) if source else load_hub()
-    manifest = write_text(data, data_dir, source or f"hub:{HUB_DATASET}")
+    if source:
+        files = local_files(source)
+        total = sum(os.path.getsize(f) for s in SPLITS for f in files[s])
+        chunks = {s: read_files(files[s], chunk_bytes) for s in SPLITS}
+    else:
+        total, chunks = hub_chunks(chunk_bytes)
+    manifest = write_text(chunks, data_dir, str(source) if source else f"hub:{HUB_DATASET}", total)
     counts = ", ".join(f"{s} {manifest['splits'][s]['stories']:,}" for s in SPLITS)
     print(f"wrote {text_dir(data_dir)} from {manifest['source']}: {counts} stories")
     return manifest
 
 
-def load_text(data_dir, split):
-    """The stories of one split of the internal form, in order."""
+def text_files(data_dir, split):
+    """The files of one split of the internal form, in order."""
     files = sorted(glob.glob(os.path.join(text_dir(data_dir), f"{split}-*.txt")))
     if not files:
         raise DataError(f"no TinyStories text in {text_dir(data_dir)}; run `python tinystories.py download` first")
-    return [s for f in files for s in read_stories(f)]
+    return files
+
+
+def load_text(data_dir, split):
+    """The stories of one split of the internal form, in order, as a list."""
+    return [s for stories, _ in read_files(text_files(data_dir, split)) for s in stories]
 
 
 def read_manifest(data_dir):
@@ -183,12 +308,12 @@ def train_vocab(vocab_size, data_dir=DATA_DIR):
     import sentencepiece as spm
     if vocab_size < 260:  # 256 byte-fallback pieces + <unk>, <s>, </s> + at least one merge
         raise DataError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 259 pieces")
-    stories = load_text(data_dir, "train")
+    stories = (s for chunk, _ in read_files(text_files(data_dir, "train")) for s in chunk)
     with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
         # one story after another, one paragraph a line, as sentencepiece reads lines
         corpus, size = os.path.join(tmp, "corpus.txt"), 0
         with open(corpus, "w", encoding="utf-8") as f:
-            for s in stories:
+            for s in stories:  # read a chunk at a time, and no further than needed
                 if size > MAX_VOCAB_TRAIN_BYTES:
                     break
                 f.write(s + "\n")
@@ -219,16 +344,29 @@ def train_vocab(vocab_size, data_dir=DATA_DIR):
 # -----------------------------------------------------------------------------
 # pretokenize: stories -> flat uint16 token files, BOS before every story
 
-# set just before the worker processes fork, so they inherit them instead of receiving
-# every story through a pipe
-_tokenizer, _stories = None, None
+# set just before the worker processes fork, so they inherit it
+_tokenizer = None
+TASK_STORIES = 256  # stories a worker encodes at once: sentencepiece returns lists of Python ints
 
 
-def _encode_range(bounds):
+def _encode(task):
+    """(tokens, stories, text bytes, file bytes) of a task (stories, file bytes)."""
+    stories, nbytes = task
     # BOS before each story, no EOS: as in llama2.c, the next story's BOS marks the end
-    lo, hi = bounds
-    ids = _tokenizer.sp_model.encode(_stories[lo:hi], num_threads=1)  # the processes are the parallelism
-    return np.concatenate([np.array([_tokenizer.bos_id] + t, dtype=np.uint16) for t in ids])
+    ids = _tokenizer.sp_model.encode(stories, num_threads=1)  # the processes are the parallelism
+    tokens = [np.empty(0, np.uint16)] + [np.array([_tokenizer.bos_id] + t, dtype=np.uint16) for t in ids]
+    return np.concatenate(tokens), len(stories), sum(len(s.encode()) for s in stories), nbytes
+
+
+def _in_order(pool, func, tasks, depth):
+    """func over tasks on the pool's processes, results in order, at most `depth` in flight."""
+    pending = collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(func, (task,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def resolve_tokenizer(data_dir, vocab_size, tokenizer=None):
@@ -248,7 +386,8 @@ def token_dir(data_dir, vocab_size):
     return os.path.join(data_dir, f"tok{vocab_size}")
 
 
-def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_workers=None, quiet=False):
+def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_workers=None, quiet=False,
+                chunk_bytes=CHUNK_BYTES):
     """Encode both splits; returns the meta dict written beside the token files.
     Skips the work when the text and the tokenizer are unchanged since the last run."""
     model_path = resolve_tokenizer(data_dir, vocab_size, tokenizer)
@@ -271,29 +410,31 @@ def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_
                 print(f"{out_dir} is up to date (use --force to redo)")
             return meta
     os.makedirs(out_dir, exist_ok=True)
-    global _tokenizer, _stories
+    global _tokenizer
     _tokenizer = Tokenizer(model_path)
     meta = dict(key, vocab_size=n_words, bos_id=_tokenizer.bos_id)
     num_workers = num_workers or os.cpu_count()
     if "fork" not in mp.get_all_start_methods():
         num_workers = 1
-    for split in SPLITS:
-        _stories = load_text(data_dir, split)
-        ranges = [(i, min(i + 256, len(_stories))) for i in range(0, len(_stories), 256)]
-        n_tokens, n_bytes = 0, sum(len(s.encode()) for s in _stories)
-        bar = tqdm(total=len(_stories), desc=f"{split} tok{n_words}", unit="story", disable=quiet)
-        with mp.get_context("fork").Pool(num_workers) if num_workers > 1 else nullcontext() as pool:
-            encoded = pool.imap(_encode_range, ranges) if pool else map(_encode_range, ranges)
-            with atomic_open(os.path.join(out_dir, f"{split}.bin")) as f:
-                for (lo, hi), tokens in zip(ranges, encoded):
+    with mp.get_context("fork").Pool(num_workers) if num_workers > 1 else nullcontext() as pool:
+        for split in SPLITS:
+            files = text_files(data_dir, split)
+            # an empty chunk (a story longer than it) still makes a task, to count its bytes
+            tasks = ((stories[i:i + TASK_STORIES], nbytes if i == 0 else 0)
+                     for stories, nbytes in read_files(files, chunk_bytes)
+                     for i in range(0, max(1, len(stories)), TASK_STORIES))
+            encoded = _in_order(pool, _encode, tasks, 2 * num_workers) if pool else map(_encode, tasks)
+            n_stories, n_tokens, n_bytes = 0, 0, 0
+            with tqdm(total=sum(map(os.path.getsize, files)), desc=f"{split} tok{n_words}", unit="B",
+                      unit_scale=True, disable=quiet or None) as bar, atomic_open(os.path.join(out_dir, f"{split}.bin")) as f:
+                for tokens, stories, text_bytes, file_bytes in encoded:
                     f.write(tokens.tobytes())
-                    n_tokens += len(tokens)
-                    bar.update(hi - lo)
-        bar.close()
-        meta[split] = {"stories": len(_stories), "tokens": n_tokens, "text_bytes": n_bytes,
-                       "tokens_per_story": round(n_tokens / len(_stories), 1),
-                       "bytes_per_token": round(n_bytes / (n_tokens - len(_stories)), 3)}
-    _stories = None
+                    n_stories, n_tokens, n_bytes = n_stories + stories, n_tokens + len(tokens), n_bytes + text_bytes
+                    bar.update(file_bytes)
+                    bar.set_postfix_str(f"{n_stories:,} stories", refresh=False)
+            meta[split] = {"stories": n_stories, "tokens": n_tokens, "text_bytes": n_bytes,
+                           "tokens_per_story": round(n_tokens / n_stories, 1),
+                           "bytes_per_token": round(n_bytes / (n_tokens - n_stories), 3)}
     with atomic_open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     if not quiet:
@@ -341,13 +482,18 @@ if __name__ == "__main__":
     parser.add_argument("--data_dir", type=str, default=DATA_DIR)
     parser.add_argument("--num_workers", type=int, default=None, help="processes for pretokenize (default: all cores)")
     parser.add_argument("--force", action="store_true", help="pretokenize even if up to date")
+    parser.add_argument("--chunk_mb", type=float, default=CHUNK_BYTES / 2**20, help="MiB of text download and pretokenize read at a time")
     args = parser.parse_args()
+    chunk_bytes = max(1, int(args.chunk_mb * 2**20))
     with one_line_errors():
+        if args.chunk_mb <= 0:
+            raise DataError(f"--chunk_mb must be positive, not {args.chunk_mb}")
         if args.stage == "download":
-            download(args.data_dir, args.source)
+            download(args.data_dir, args.source, chunk_bytes)
         elif args.stage == "train_vocab":
             if args.vocab_size <= 0:
                 raise DataError("train_vocab needs --vocab_size=N, e.g. 512 or 4096")
             train_vocab(args.vocab_size, args.data_dir)
         else:
-            pretokenize(args.vocab_size, args.data_dir, args.tokenizer, args.force, args.num_workers)
+            pretokenize(args.vocab_size, args.data_dir, args.tokenizer, args.force, args.num_workers,
+                        chunk_bytes=chunk_bytes)

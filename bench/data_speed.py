@@ -28,7 +28,7 @@ args = parser.parse_args()
 model = tinystories.resolve_tokenizer(args.data_dir, args.vocab_size)
 with tempfile.TemporaryDirectory() as tmp:
     data = {s: tinystories.load_text(args.data_dir, s) * args.repeat for s in tinystories.SPLITS}
-    tinystories.write_text(data, tmp, "bench")
+    tinystories.write_text({s: [(stories, 0)] for s, stories in data.items()}, tmp, "bench")
     mb = sum(len(s.encode()) for split in data.values() for s in split) / 1e6
     workers = sorted({1, os.cpu_count()})
     seconds = {w: [] for w in workers}

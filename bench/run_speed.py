@@ -1,15 +1,19 @@
 """
-Generation speed of the C engine: ./run (the runomp build) on random-weight models of
-llama2.c's sizes, fp32 (version 1) and int8 (Q8_0, version 2), at 1 and 2 threads. Reports
-the median tok/s of a few runs of 256 tokens, the achieved GFLOP/s, and the GB/s of weights
-read, as a JSON blob and a markdown table.
+Generation speed of the C engine: ./run (the runomp build for --arch) on random-weight models of
+llama2.c's sizes, fp32 (version 1) and Q8_0 (version 2), beside the same models in llama2.c's
+run.c and runq.c (--llama2c=DIR, its source) and llama.cpp's llama-bench (--llama_cpp=DIR, a
+build with llama-bench, llama-quantize and llama-convert-llama2c-to-ggml in DIR/bin), engines
+alternating within each round. Each speed is also given as a share of the machine's read-bandwidth
+roofline: the tok/s at which a plain OpenMP read loop (bench/bandwidth.c, same flags and threads)
+reads that model's weights once per token. Reports medians as a JSON blob and a markdown table.
 
     python bench/run_speed.py
-    python bench/run_speed.py --shapes=15M,15M-GQA-4096 --runs=1 --threads=2
+    python bench/run_speed.py --shapes=15M,42M --threads=2 --llama2c=../llama2.c --llama_cpp=../llama.cpp/build
+    python bench/run_speed.py --arch=x86-64-v3 ...   # the AVX2 path (and AVX2 builds of the anchors)
 
-Generation is greedy (-t 0): with random weights the next-token distribution is flat, so
-top-p sampling would sort the whole vocabulary every step, which no real model makes it do.
-Token 1 (BOS, which stops generation) gets the same embedding as token 0, so its logit ties
+Generation is greedy (-t 0, 256 tokens from BOS): with random weights the next-token distribution
+is flat, so top-p sampling would sort the whole vocabulary every step, which no real model makes
+it do. Token 1 (BOS, which stops generation) gets the same embedding as token 0, so its logit ties
 with token 0's and greedy decoding, which keeps the first maximum, never picks it.
 """
 import argparse
@@ -35,6 +39,7 @@ SHAPES = {
     "110M": Config(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, seq_len=1024),
 }
 STEPS = 256
+FORMATS = ["fp32", "q8_0"]
 
 
 def group_size(c):
@@ -50,22 +55,88 @@ def matmul_params(c):
     return c.n_layers * (2 * c.dim * c.dim + 2 * c.dim * kv_dim + 3 * c.dim * c.hidden_dim) + c.vocab_size * c.dim
 
 
-def flops_per_token(c, steps):
-    """2 per multiply-add: the matmuls, and attention's q.k and att.v over the average context."""
-    attention = c.n_layers * 2 * 2 * c.dim * (steps + 1) / 2
-    return 2 * matmul_params(c) + attention
-
-
-def weight_bytes_per_token(c, quantised):
+def weight_bytes_per_token(c, fmt):
     params = matmul_params(c)
-    return params * (1 + 4 / group_size(c)) if quantised else params * 4
+    return params * (1 + 4 / group_size(c)) if fmt == "q8_0" else params * 4
+
+
+def sh(*cmd, env=None):
+    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=True, env=env, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------
+# the engines: each prepares its files for a model once, then times one generation
+
+def achieved_tok_s(cmd, threads):
+    r = sh(*cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return float(re.search(r"achieved tok/s: ([0-9.]+)", r.stderr).group(1))
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, tmp, arch):
+        self.bin = os.path.join(tmp, "run")
+        sh("make", "-s", "-B", "runomp", f"ARCH={arch}", f"BIN={self.bin}")
+        self.kernels = None  # read from run's stderr
+
+    def prepare(self, models, tokenizer):
+        self.models, self.tokenizer = models, tokenizer
+
+    def tok_s(self, fmt, threads):
+        cmd = [self.bin, self.models[fmt], "-z", self.tokenizer, "-t", "0", "-n", STEPS]
+        r = sh(*cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        self.kernels = re.search(r"kernels: ([\w-]+)", r.stderr).group(1)
+        return float(re.search(r"achieved tok/s: ([0-9.]+)", r.stderr).group(1))
+
+
+class Llama2c:
+    """run.c (fp32, version 0 files) and runq.c (Q8_0, version 2) from llama2.c's source, built as
+    its `make runomp` does, with -march=ARCH."""
+    name = "llama2.c"
+
+    def __init__(self, tmp, arch, source):
+        self.bins = {}
+        for fmt, src in [("fp32", "run.c"), ("q8_0", "runq.c")]:
+            self.bins[fmt] = os.path.join(tmp, f"llama2c-{fmt}")
+            sh(os.environ.get("CC", "cc"), "-Ofast", "-fopenmp", f"-march={arch}" if arch != "portable" else "-O3",
+               os.path.join(source, src), "-lm", "-o", self.bins[fmt])
+
+    def prepare(self, models, tokenizer):
+        self.models, self.tokenizer = models, tokenizer
+
+    def tok_s(self, fmt, threads):
+        model = self.models["fp32_v0" if fmt == "fp32" else fmt]
+        return achieved_tok_s([self.bins[fmt], model, "-z", self.tokenizer, "-t", "0", "-n", STEPS], threads)
+
+
+class LlamaCpp:
+    """llama-bench's text generation (tg256) on GGUF files made by llama.cpp's own tools: the
+    version 0 file through llama-convert-llama2c-to-ggml (f32), then llama-quantize (Q8_0)."""
+    name = "llama.cpp"
+
+    def __init__(self, tmp, build):
+        self.tmp, self.bin = tmp, os.path.join(build, "bin")
+
+    def prepare(self, models, tokenizer):
+        f32 = models["fp32_v0"] + ".gguf"
+        sh(os.path.join(self.bin, "llama-convert-llama2c-to-ggml"), "--copy-vocab-from-model", tokenizer,
+           "--llama2c-model", models["fp32_v0"], "--llama2c-output-model", f32)
+        q8 = models["fp32_v0"] + ".q8_0.gguf"
+        sh(os.path.join(self.bin, "llama-quantize"), f32, q8, "Q8_0")
+        self.models = {"fp32": f32, "q8_0": q8}
+
+    def tok_s(self, fmt, threads):
+        r = sh(os.path.join(self.bin, "llama-bench"), "-m", self.models[fmt], "-p", 0, "-n", STEPS, "-t", threads,
+               "-r", 1, "-o", "json", env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        return json.loads(r.stdout)[0]["avg_ts"]
 
 
 def write_models(name, c, tmp):
     w = formats.random_weights(c, shared=True, seed=0)
     w["token_embedding_table"][1] = w["token_embedding_table"][0]  # BOS never wins greedy decoding
     paths = {}
-    for fmt, version in [("fp32", 1), ("int8", 2)]:
+    for fmt, version in [("fp32", 1), ("q8_0", 2), ("fp32_v0", 0)]:
         paths[fmt] = os.path.join(tmp, f"{name}-{fmt}.bin")
         formats.write_checkpoint(paths[fmt], c, w, version, group_size(c))
     tokenizer = os.path.join(tmp, f"tok{c.vocab_size}.bin")
@@ -73,40 +144,13 @@ def write_models(name, c, tmp):
     return paths, tokenizer
 
 
-def tok_per_s(model, tokenizer, threads):
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    r = subprocess.run([os.path.join(ROOT, "run"), model, "-z", tokenizer, "-t", "0", "-n", str(STEPS)],
-                       capture_output=True, text=True, env=env, check=True)
-    return float(re.search(r"achieved tok/s: ([0-9.]+)", r.stderr).group(1))
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
-    parser.add_argument("--threads", default="1,2", help="comma-separated OMP_NUM_THREADS values")
-    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (the median is reported)")
-    args = parser.parse_args()
-    subprocess.run(["make", "-s", "runomp"], cwd=ROOT, check=True)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.shapes.split(","):
-            c = SHAPES[name]
-            paths, tokenizer = write_models(name, c, tmp)
-            for fmt, path in paths.items():
-                for threads in map(int, args.threads.split(",")):
-                    speeds = [tok_per_s(path, tokenizer, threads) for _ in range(args.runs)]
-                    tps = statistics.median(speeds)
-                    results.append(dict(
-                        model=name, format=fmt, threads=threads, tok_s=round(tps, 1),
-                        gflop_s=round(tps * flops_per_token(c, STEPS) / 1e9, 1),
-                        weights_gb_s=round(tps * weight_bytes_per_token(c, fmt == "int8") / 1e9, 1),
-                        runs=[round(s, 1) for s in speeds]))
-                    print(f"{name:>13} {fmt} {threads} threads: {tps:8.1f} tok/s", file=sys.stderr)
-    print(json.dumps(dict(steps=STEPS, cpu=cpu_name(), results=results), indent=1))
-    print("\n| model | format | threads | tok/s | GFLOP/s | weights GB/s |")
-    print("|---|---|---|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['model']} | {r['format']} | {r['threads']} | {r['tok_s']:.1f} | {r['gflop_s']:.1f} | {r['weights_gb_s']:.1f} |")
+def bandwidth(tmp, arch, nbytes, threads):
+    """GB/s of the best pass of bench/bandwidth.c over nbytes with `threads` threads."""
+    exe = os.path.join(tmp, "bandwidth")
+    if not os.path.exists(exe):
+        sh(os.environ.get("CC", "cc"), "-Ofast", "-fopenmp", f"-march={arch}" if arch != "portable" else "-O3",
+           os.path.join(ROOT, "bench", "bandwidth.c"), "-o", exe)
+    return float(sh(exe, int(nbytes), 1.0, env={**os.environ, "OMP_NUM_THREADS": str(threads)}).stdout)
 
 
 def cpu_name():
@@ -114,6 +158,64 @@ def cpu_name():
         return re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
     except (OSError, AttributeError):
         return "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated, from: " + ", ".join(SHAPES))
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--threads", default="1,2", help="comma-separated OMP_NUM_THREADS values")
+    parser.add_argument("--runs", type=int, default=3, help="rounds per measurement (the median is reported)")
+    parser.add_argument("--arch", default="native", help="make's ARCH for our build and -march for the anchors")
+    parser.add_argument("--llama2c", help="llama2.c's source directory (run.c, runq.c)")
+    parser.add_argument("--llama_cpp", help="a llama.cpp build directory (bin/llama-bench, ...)")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = [Ours(tmp, args.arch)]
+        if args.llama2c:
+            engines.append(Llama2c(tmp, args.arch, args.llama2c))
+        if args.llama_cpp:
+            engines.append(LlamaCpp(tmp, args.llama_cpp))
+        threads = list(map(int, args.threads.split(",")))
+        peaks = {t: {size: bandwidth(tmp, args.arch, size, t) for size in (16e6, 1e9)} for t in threads}
+        for name in args.shapes.split(","):
+            c = SHAPES[name]
+            paths, tokenizer = write_models(name, c, tmp)
+            for e in engines:
+                e.prepare(paths, tokenizer)
+            for fmt in args.formats.split(","):
+                nbytes = weight_bytes_per_token(c, fmt)
+                for t in threads:
+                    speeds = {e.name: [] for e in engines}
+                    for _ in range(args.runs):  # one run of each engine a round: drift hits all alike
+                        for e in engines:
+                            speeds[e.name].append(e.tok_s(fmt, t))
+                    roof_gb_s = bandwidth(tmp, args.arch, nbytes, t)
+                    row = dict(model=name, format=fmt, threads=t, weights_mb=round(nbytes / 1e6, 1),
+                               roofline_gb_s=roof_gb_s, roofline_tok_s=round(roof_gb_s * 1e9 / nbytes, 1))
+                    for e in engines:
+                        row[e.name] = round(statistics.median(speeds[e.name]), 1)
+                        row[e.name + "_runs"] = [round(s, 1) for s in speeds[e.name]]
+                    row["ours_share_of_roofline"] = round(row["ours"] / row["roofline_tok_s"], 3)
+                    for anchor in ("llama2.c", "llama.cpp"):
+                        if anchor in row:
+                            row["ours_vs_" + anchor] = round(row["ours"] / row[anchor], 2)
+                    results.append(row)
+                    print(" ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_runs")), file=sys.stderr)
+    report = dict(steps=STEPS, cpu=cpu_name(), arch=args.arch, kernels=engines[0].kernels,
+                  bandwidth_gb_s={t: {"16MB": p[16e6], "1GB": p[1e9]} for t, p in peaks.items()}, results=results)
+    print(json.dumps(report, indent=1))
+    print(f"\n{report['cpu']}, ARCH={args.arch} (kernels: {report['kernels']}); read bandwidth, GB/s: "
+          + "; ".join(f"{t} threads {p[16e6]:.0f} (16 MB) / {p[1e9]:.0f} (1 GB)" for t, p in peaks.items()))
+    anchors = [e.name for e in engines[1:]]
+    print("\n| model | format | threads | ours tok/s | " + " | ".join(f"{a} tok/s" for a in anchors)
+          + " | " + " | ".join(f"ours / {a}" for a in anchors) + " | roofline tok/s | ours / roofline |")
+    print("|---|---|---|" + "---:|" * (1 + 2 * len(anchors) + 2))
+    for r in results:
+        cells = [r["model"], r["format"], r["threads"], r["ours"], *(r[a] for a in anchors),
+                 *(f"{r['ours_vs_' + a]:.2f}x" for a in anchors), r["roofline_tok_s"], f"{r['ours_share_of_roofline']:.0%}"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

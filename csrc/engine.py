@@ -1,6 +1,6 @@
 """
-The C engine from Python: cffi in ABI mode over csrc/libengine.so, built with `make lib` when
-missing or older than its sources.
+The C engine from Python: cffi in ABI mode over csrc/libengine.so, which `make lib` builds
+(importing this module builds nothing; a missing library is a one-line error naming the command).
 
     from csrc import engine
     model = engine.Model("stories260K.bin")
@@ -9,14 +9,14 @@ missing or older than its sources.
     ids = engine.generate(model, tokenizer, steps=64, temperature=0.0, text="Once upon a time")
     print(tokenizer.decode(ids))
 
-Every error of the engine (a bad file, an id out of range) raises ValueError with its one-line
-message; a failed build raises RuntimeError.
+Model and Tokenizer take lib=engine.load(path) to use another build of the library, such as
+the one of another kernel path (tests/test_kernels.py). Every error of the engine (a bad file, an
+id out of range) raises ValueError with its one-line message.
 """
-import fcntl
 import glob
 import os
 import re
-import subprocess
+import sys
 
 import numpy as np
 from cffi import FFI
@@ -25,51 +25,50 @@ from csrc.formats import Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_PATH = os.path.join(HERE, "libengine.so")
-HEADERS = ["checkpoint.h", "matmul.h", "sampler.h", "tokenizer.h", "transformer.h", "attention.h"]
+HEADERS = ["checkpoint.h", "matmul.h", "sampler.h", "tokenizer.h", "transformer.h"]
+ERR_LEN = int(re.search(r"#define ERR_LEN (\d+)", open(os.path.join(HERE, "error.h")).read()).group(1))
 
 
-def _build():
-    """Runs `make lib` if the library is missing or older than a source file; a lock keeps
-    concurrent test processes from building over each other."""
-    sources = glob.glob(os.path.join(HERE, "*.[ch]"))
-    def stale():
-        return not os.path.exists(LIB_PATH) or os.path.getmtime(LIB_PATH) < max(map(os.path.getmtime, sources))
-    if not stale():
-        return
-    lock = os.open(HERE, os.O_RDONLY)  # a lock on the directory leaves no file behind
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if stale():
-            r = subprocess.run(["make", "-s", "lib"], cwd=os.path.dirname(HERE), capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"make lib failed:\n{r.stdout}{r.stderr}")
-    finally:
-        os.close(lock)
-
-
-def _declarations():
-    """The C declarations, read from the headers themselves so they cannot drift: everything
-    but the preprocessor lines."""
-    err_len = re.search(r"#define ERR_LEN (\d+)", open(os.path.join(HERE, "error.h")).read()).group(1)
-    text = [f"#define ERR_LEN {err_len}"]
-    for h in HEADERS:
+def declarations(headers):
+    """The C declarations of csrc's headers, read from the headers themselves so they cannot
+    drift: everything but the preprocessor lines."""
+    text = [f"#define ERR_LEN {ERR_LEN}"]
+    for h in headers:
         text += [line for line in open(os.path.join(HERE, h)) if not line.startswith("#")]
     return "".join(text)
 
 
-_build()
+def dlopen(ffi, path):
+    """ffi.dlopen(path), or FileNotFoundError saying to run `make lib`; a note on stderr when
+    the library is older than a C source beside it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{os.path.relpath(path)} is missing: build it with `make lib`")
+    sources = glob.glob(os.path.join(HERE, "*.[ch]"))
+    if os.path.dirname(os.path.abspath(path)) == HERE and os.path.getmtime(path) < max(map(os.path.getmtime, sources)):
+        print(f"note: {os.path.relpath(path)} is older than csrc's sources: `make lib` rebuilds it", file=sys.stderr)
+    return ffi.dlopen(path)
+
+
 ffi = FFI()
-ffi.cdef(_declarations())
-lib = ffi.dlopen(LIB_PATH)
+ffi.cdef(declarations(HEADERS))
+_libs = {}
 
 
-def float_ptr(tensor):
-    """A float * to a contiguous fp32 torch tensor's data, for the attention kernels."""
-    return ffi.cast("float *", tensor.data_ptr())
+def load(path=LIB_PATH):
+    """The engine library at path, opened once."""
+    path = os.path.abspath(path)
+    if path not in _libs:
+        _libs[path] = dlopen(ffi, path)
+    return _libs[path]
+
+
+def kernels(lib=None):
+    """The name of the kernels the library was built with: avx512-vnni, avx2, neon, portable, ..."""
+    return ffi.string((lib or load()).matmul_kernels()).decode()
 
 
 def _error():
-    return ffi.new("char[]", lib.ERR_LEN)
+    return ffi.new("char[]", ERR_LEN)
 
 
 def _message(err):
@@ -79,7 +78,8 @@ def _message(err):
 class Model:
     """A checkpoint (llama2.c version 0, 1 or 2) with its KV cache."""
 
-    def __init__(self, path):
+    def __init__(self, path, lib=None):
+        self.lib = lib = lib or load()
         t = ffi.new("Transformer *")
         err = _error()
         if lib.transformer_open(t, os.fsencode(path), err) != 0:
@@ -92,7 +92,7 @@ class Model:
 
     def forward(self, token, pos):
         """Logits (vocab_size,) for `token` at `pos`; positions 0..pos-1 must have been run."""
-        logits = lib.transformer_forward(self._t, token, pos)
+        logits = self.lib.transformer_forward(self._t, token, pos)
         if logits == ffi.NULL:
             raise ValueError(f"token {token} or position {pos} out of range "
                              f"(vocab_size {self.config.vocab_size}, seq_len {self.config.seq_len})")
@@ -100,13 +100,24 @@ class Model:
 
     def reset(self):
         """Zeroes the KV cache."""
-        lib.transformer_reset(self._t)
+        self.lib.transformer_reset(self._t)
+
+    def kv_cache(self):
+        """Copies of the key and value caches, (n_layers, seq_len, kv_dim) each: row pos of a layer
+        holds what forward(token, pos) wrote."""
+        c = self.config
+        shape = (c.n_layers, c.seq_len, c.dim * c.n_kv_heads // c.n_heads)
+        size = 4 * int(np.prod(shape))
+        s = self._t.state
+        return tuple(np.frombuffer(ffi.buffer(p, size), dtype=np.float32).reshape(shape).copy()
+                     for p in (s.key_cache, s.value_cache))
 
 
 class Tokenizer:
     """llama2.c's BPE tokenizer from its .bin file, which must hold vocab_size tokens."""
 
-    def __init__(self, path, vocab_size):
+    def __init__(self, path, vocab_size, lib=None):
+        self.lib = lib = lib or load()
         t = ffi.new("Tokenizer *")
         err = _error()
         if lib.tokenizer_open(t, os.fsencode(path), vocab_size, err) != 0:
@@ -118,7 +129,7 @@ class Tokenizer:
         data = text.encode("utf-8")
         tokens = ffi.new("int[]", len(data) + 3)
         err = _error()
-        n = lib.tokenizer_encode(self._t, data, len(data), bos, eos, tokens, err)
+        n = self.lib.tokenizer_encode(self._t, data, len(data), bos, eos, tokens, err)
         if n < 0:
             raise ValueError(_message(err))
         return list(tokens[0:n])
@@ -128,7 +139,7 @@ class Tokenizer:
         sentencepiece); BOS and EOS decode to nothing."""
         pieces, prev, n = [], 1, ffi.new("size_t *")
         for token in ids:
-            piece = lib.tokenizer_decode(self._t, prev, token, n)
+            piece = self.lib.tokenizer_decode(self._t, prev, token, n)
             if piece == ffi.NULL:
                 raise ValueError(f"token {token} out of range [0, {self.vocab_size})")
             pieces.append(ffi.unpack(piece, n[0]))
@@ -141,6 +152,7 @@ def generate(model, prompt, steps=256, temperature=1.0, topp=0.9, seed=42, text=
     `text` after BOS. Runs until `steps` positions (0 = seq_len) or the model emits BOS, and
     returns the whole sequence of ids, prompt first."""
     ids = prompt.encode(text, bos=True) if isinstance(prompt, Tokenizer) else [int(i) for i in prompt]
+    lib = model.lib
     sampler = ffi.new("Sampler *")
     err = _error()
     if lib.sampler_init(sampler, model.config.vocab_size, temperature, topp, seed, err) != 0:

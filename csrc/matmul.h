@@ -22,4 +22,8 @@ void quantize_q8(QVector *xq, const float *x, int n, int group_size);
 void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
             int group_size);
 
+// The kernels this build uses: "avx512-vnni", "avx512", "avx2-vnni", "avx2", "neon-dotprod",
+// "neon" or "portable" (kernels.h).
+const char *matmul_kernels(void);
+
 #endif

@@ -1,20 +1,10 @@
 // The sampler, as in llama2.c's run.c. See sampler.h.
 #include "sampler.h"
 #include "error.h"
+#include "ops.h"
 
 #include <math.h>
 #include <stdlib.h>
-
-void softmax(float *x, int size) {
-    float max_val = x[0]; // subtracted for numerical stability
-    for (int i = 1; i < size; i++) max_val = x[i] > max_val ? x[i] : max_val;
-    float sum = 0.0f;
-    for (int i = 0; i < size; i++) {
-        x[i] = expf(x[i] - max_val);
-        sum += x[i];
-    }
-    for (int i = 0; i < size; i++) x[i] /= sum;
-}
 
 static int sample_argmax(const float *probabilities, int n) {
     int max_i = 0;

@@ -21,8 +21,6 @@ typedef struct {
 int sampler_init(Sampler *s, int vocab_size, float temperature, float topp,
                  unsigned long long seed, char *err);
 void sampler_free(Sampler *s);
-// x = exp(x) / sum(exp(x)), in place; also the attention softmax.
-void softmax(float *x, int size);
 // Samples a token id from logits (vocab_size,), which it overwrites with probabilities.
 int sampler_sample(Sampler *s, float *logits);
 

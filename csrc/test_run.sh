@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # C-side checks of ./run (make ctest): a greedy generation of stories260K against a recorded
 # expectation, and one clean line on stderr with exit status 1 for malformed inputs.
-# (tests/test_engine.py ties the recorded text to a numpy reference forward.)
+# (tests/test_engine.py ties the recorded text to a numpy reference forward.) RUN names the
+# binary (default ./run), with a runner in front if it needs one (qemu-aarch64 in make armtest).
 set -u
 cd "$(dirname "$0")/.."
 M=../shared/models/llama2c
-RUN=./run
+RUN=${RUN:-./run}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 passed=0
@@ -21,7 +22,7 @@ fffffffffffffisbiverynir Theydw doIchaneding friend”vedaninitt namZllZmamooles
 EOF
 )
 out=$($RUN $M/stories260K.bin -z $M/tok512.bin -t 0 -n 64 2>"$tmp/stderr")
-if [ "$out" = "$expected" ] && grep -q "^achieved tok/s: " "$tmp/stderr"; then
+if [ "$out" = "$expected" ] && grep -q "^achieved tok/s: " "$tmp/stderr" && grep -q "^kernels: " "$tmp/stderr"; then
     ok
 else
     ko "greedy stories260K: got '$out'"

@@ -1,6 +1,7 @@
 // The transformer forward pass and the generation loop. See transformer.h.
 #include "transformer.h"
 #include "error.h"
+#include "ops.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -91,67 +92,45 @@ static void embed(float *x, const Matrix *table, int token, int dim, int group_s
     for (int i = 0; i < dim; i++) x[i] = q[i] * s[i / group_size];
 }
 
-static void rmsnorm(float *o, const float *x, const float *weight, int size) {
-    float ss = 0.0f;
-    for (int j = 0; j < size; j++) ss += x[j] * x[j];
-    ss = 1.0f / sqrtf(ss / size + 1e-5f);
-    for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
-}
-
-// cos and sin for each pair (i, i+1) of a head at position pos: the same for every head and
-// layer, so computed once per token
-static void rope_table(float *rope, int pos, int head_size) {
-    for (int i = 0; i < head_size; i += 2) {
-        float freq = 1.0f / powf(10000.0f, i / (float)head_size);
-        float val = pos * freq;
-        rope[i] = cosf(val);
-        rope[i + 1] = sinf(val);
-    }
-}
-
-// RoPE: rotates the pairs (i, i+1) of every head of vec (n,)
-static void rope_rotate(float *vec, int n, const float *rope, int head_size) {
-    for (int h = 0; h < n; h += head_size) {
-        for (int i = 0; i < head_size; i += 2) {
-            float v0 = vec[h + i], v1 = vec[h + i + 1];
-            vec[h + i] = v0 * rope[i] - v1 * rope[i + 1];
-            vec[h + i + 1] = v0 * rope[i + 1] + v1 * rope[i];
-        }
-    }
-}
-
-// Multi-head attention of s->q over the cached keys and values of positions 0..pos of one
-// layer; writes the heads' outputs to s->xb (dim,).
-static void attention(RunState *s, const Config *p, size_t layer_offset, int pos) {
+// Attention of query head h of s->q over the cached keys and values of positions 0..pos of one
+// layer; writes the head's output to its part of s->xb.
+static void attention_head(RunState *s, const Config *p, size_t layer_offset, int pos, int h) {
     const int head_size = p->dim / p->n_heads;
     const int kv_dim = p->dim * p->n_kv_heads / p->n_heads;
     const int kv_mul = p->n_heads / p->n_kv_heads; // query heads per kv head (GQA)
     const float scale = 1.0f / sqrtf(head_size);
-#pragma omp parallel for schedule(static) if ((size_t)p->dim * (pos + 1) >= PARALLEL_MIN)
-    for (int h = 0; h < p->n_heads; h++) {
-        const float *q = s->q + h * head_size;
-        float *att = s->att + (size_t)h * p->seq_len;
-        const float *k = s->key_cache + layer_offset + (h / kv_mul) * head_size;
-        const float *v = s->value_cache + layer_offset + (h / kv_mul) * head_size;
-        for (int t = 0; t <= pos; t++) {
-            const float *kt = k + (size_t)t * kv_dim;
-            float score = 0.0f;
-            for (int i = 0; i < head_size; i++) score += q[i] * kt[i];
-            att[t] = score * scale;
-        }
-        softmax(att, pos + 1);
-        float *xb = s->xb + h * head_size;
-        memset(xb, 0, head_size * sizeof(float));
-        for (int t = 0; t <= pos; t++) {
-            const float *vt = v + (size_t)t * kv_dim;
-            const float a = att[t];
-            for (int i = 0; i < head_size; i++) xb[i] += a * vt[i];
-        }
+    const float *q = s->q + h * head_size;
+    float *att = s->att + (size_t)h * p->seq_len;
+    const float *k = s->key_cache + layer_offset + (h / kv_mul) * head_size;
+    const float *v = s->value_cache + layer_offset + (h / kv_mul) * head_size;
+    for (int t = 0; t <= pos; t++) {
+        const float *kt = k + (size_t)t * kv_dim;
+        float score = 0.0f;
+        for (int i = 0; i < head_size; i++) score += q[i] * kt[i];
+        att[t] = score * scale;
     }
+    softmax(att, pos + 1);
+    float *xb = s->xb + h * head_size;
+    memset(xb, 0, head_size * sizeof(float));
+    for (int t = 0; t <= pos; t++) {
+        const float *vt = v + (size_t)t * kv_dim;
+        const float a = att[t];
+        for (int i = 0; i < head_size; i++) xb[i] += a * vt[i];
+    }
+}
+
+static void residual(float *x, const float *delta, int size) {
+    for (int i = 0; i < size; i++) x[i] += delta[i];
 }
 
 // ----------------------------------------------------------------------------
 // forward
+//
+// One OpenMP parallel region for the whole token: the threads share out the rows of each matmul
+// (matmul.c's `omp for nowait`) and the attention heads, and meet at a barrier before whatever
+// reads the results; the small serial steps (norms, RoPE, quantising an activation) run on one
+// thread (`omp single`, which ends in a barrier). A region per matmul, as before, cost a fork
+// and a join each, about 30 a token.
 
 float *transformer_forward(Transformer *t, int token, int pos) {
     const Config *p = &t->ckpt.config;
@@ -166,61 +145,69 @@ float *transformer_forward(Transformer *t, int token, int pos) {
 
     embed(x, &w->tok_embeddings, token, dim, gs);
     rope_table(s->rope, pos, head_size);
+    rmsnorm(s->xb, x, w->layers[0].rms_att, dim);
+    if (gs) quantize_q8(xq, s->xb, dim, gs);
 
-    for (int l = 0; l < p->n_layers; l++) {
-        const Layer *L = &w->layers[l];
-        const size_t layer_offset = (size_t)l * p->seq_len * kv_dim;
-        // this position's key and value are written straight into the cache
-        float *k = s->key_cache + layer_offset + (size_t)pos * kv_dim;
-        float *v = s->value_cache + layer_offset + (size_t)pos * kv_dim;
+#pragma omp parallel if ((size_t)dim * hidden_dim >= PARALLEL_MIN)
+    {
+        for (int l = 0; l < p->n_layers; l++) {
+            const Layer *L = &w->layers[l];
+            const size_t layer_offset = (size_t)l * p->seq_len * kv_dim;
+            // this position's key and value are written straight into the cache
+            float *k = s->key_cache + layer_offset + (size_t)pos * kv_dim;
+            float *v = s->value_cache + layer_offset + (size_t)pos * kv_dim;
 
-        // attention
-        rmsnorm(s->xb, x, L->rms_att, dim);
-        if (gs) quantize_q8(xq, s->xb, dim, gs);
-#pragma omp parallel if ((size_t)dim * (dim + 2 * kv_dim) >= PARALLEL_MIN)
-        {
+            // attention (s->xb holds the normalised x, and xq its quantised form)
             matmul(s->q, &L->wq, s->xb, xq, dim, dim, gs);
             matmul(k, &L->wk, s->xb, xq, dim, kv_dim, gs);
             matmul(v, &L->wv, s->xb, xq, dim, kv_dim, gs);
-        }
-        rope_rotate(s->q, dim, s->rope, head_size);
-        rope_rotate(k, kv_dim, s->rope, head_size);
-        attention(s, p, layer_offset, pos);
-        if (gs) quantize_q8(xq, s->xb, dim, gs);
-#pragma omp parallel if ((size_t)dim * dim >= PARALLEL_MIN)
-        matmul(s->xb2, &L->wo, s->xb, xq, dim, dim, gs);
-        for (int i = 0; i < dim; i++) x[i] += s->xb2[i];
+#pragma omp barrier
+#pragma omp single
+            {
+                rope_rotate(s->q, dim, s->rope, head_size);
+                rope_rotate(k, kv_dim, s->rope, head_size);
+            }
+#pragma omp for schedule(static)
+            for (int h = 0; h < p->n_heads; h++) attention_head(s, p, layer_offset, pos, h);
+#pragma omp single
+            if (gs) quantize_q8(xq, s->xb, dim, gs);
+            matmul(s->xb2, &L->wo, s->xb, xq, dim, dim, gs);
+#pragma omp barrier
+#pragma omp single
+            {
+                residual(x, s->xb2, dim);
+                rmsnorm(s->xb, x, L->rms_ffn, dim);
+                if (gs) quantize_q8(xq, s->xb, dim, gs);
+            }
 
-        // ffn: w2(silu(w1(x)) * w3(x))
-        rmsnorm(s->xb, x, L->rms_ffn, dim);
-        if (gs) quantize_q8(xq, s->xb, dim, gs);
-#pragma omp parallel if ((size_t)2 * dim * hidden_dim >= PARALLEL_MIN)
-        {
+            // ffn: w2(silu(w1(x)) * w3(x))
             matmul(s->hb, &L->w1, s->xb, xq, dim, hidden_dim, gs);
             matmul(s->hb2, &L->w3, s->xb, xq, dim, hidden_dim, gs);
+#pragma omp barrier
+#pragma omp single
+            {
+                swiglu(s->hb, s->hb2, hidden_dim);
+                if (gs) quantize_q8(xq, s->hb, hidden_dim, gs);
+            }
+            matmul(s->xb, &L->w2, s->hb, xq, hidden_dim, dim, gs);
+#pragma omp barrier
+#pragma omp single
+            {
+                residual(x, s->xb, dim);
+                // the next layer's input, or the classifier's
+                rmsnorm(s->xb, x, l + 1 < p->n_layers ? w->layers[l + 1].rms_att : w->rms_final, dim);
+                if (gs) quantize_q8(xq, s->xb, dim, gs);
+            }
         }
-        for (int i = 0; i < hidden_dim; i++) {
-            float h = s->hb[i];
-            s->hb[i] = h / (1.0f + expf(-h)) * s->hb2[i]; // silu(x) = x * sigmoid(x)
-        }
-        if (gs) quantize_q8(xq, s->hb, hidden_dim, gs);
-#pragma omp parallel if ((size_t)dim * hidden_dim >= PARALLEL_MIN)
-        matmul(s->xb, &L->w2, s->hb, xq, hidden_dim, dim, gs);
-        for (int i = 0; i < dim; i++) x[i] += s->xb[i];
-    }
-
-    rmsnorm(x, x, w->rms_final, dim);
-    if (gs) quantize_q8(xq, x, dim, gs);
-#pragma omp parallel if ((size_t)dim * p->vocab_size >= PARALLEL_MIN)
-    matmul(s->logits, &w->wcls, x, xq, dim, p->vocab_size, gs);
+        matmul(s->logits, &w->wcls, s->xb, xq, dim, p->vocab_size, gs);
+    } // the region's end waits for every thread's rows of the logits
     return s->logits;
 }
 
 // ----------------------------------------------------------------------------
 // generation
 
-int transformer_generate(Transformer *t, Sampler *sampler, const int *prompt, int n_prompt,
-                         int steps, int *out, TokenCallback on_token, void *ctx, char *err) {
+int transformer_check_prompt(const Transformer *t, const int *prompt, int n_prompt, char *err) {
     const Config *p = &t->ckpt.config;
     if (n_prompt < 1) return fail(err, "empty prompt: need at least one token (BOS)");
     if (n_prompt > p->seq_len) {
@@ -233,6 +220,13 @@ int transformer_generate(Transformer *t, Sampler *sampler, const int *prompt, in
                         i, p->vocab_size);
         }
     }
+    return 0;
+}
+
+int transformer_generate(Transformer *t, Sampler *sampler, const int *prompt, int n_prompt,
+                         int steps, int *out, TokenCallback on_token, void *ctx, char *err) {
+    const Config *p = &t->ckpt.config;
+    if (transformer_check_prompt(t, prompt, n_prompt, err) != 0) return -1;
     if (sampler->vocab_size != p->vocab_size) {
         return fail(err, "sampler vocab_size %d does not match the model's %d",
                     sampler->vocab_size, p->vocab_size);

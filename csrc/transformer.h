@@ -39,6 +39,10 @@ void transformer_reset(Transformer *t);
 // logits (vocab_size,), valid until the next call; NULL if token or pos is out of range.
 float *transformer_forward(Transformer *t, int token, int pos);
 
+// 0 if prompt (n_prompt ids) can start a generation: at least one id, all in range, no longer
+// than the context; else -1 with a message in err.
+int transformer_check_prompt(const Transformer *t, const int *prompt, int n_prompt, char *err);
+
 // Called with each generated token and the one before it (to decode the pair).
 typedef void (*TokenCallback)(void *ctx, int prev, int token);
 
@@ -46,8 +50,7 @@ typedef void (*TokenCallback)(void *ctx, int prev, int token);
 // more than seq_len, means seq_len) or until the model emits BOS (1). Writes the sequence,
 // prompt first and without the final BOS, to out (room for seq_len + 1 ids, or NULL) and
 // calls on_token (may be NULL) for every id after the first. Returns the sequence length, or
-// -1 with a message in err if the prompt is empty, has an id out of range, or is longer
-// than the context.
+// -1 with a message in err if transformer_check_prompt refuses the prompt.
 int transformer_generate(Transformer *t, Sampler *sampler, const int *prompt, int n_prompt,
                          int steps, int *out, TokenCallback on_token, void *ctx, char *err);
 

@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+import platform
 import struct
 import subprocess
 import sys
@@ -45,6 +46,69 @@ def small_data(tmp_path_factory):
     tinystories.train_vocab(512, data_dir)
     tinystories.pretokenize(512, data_dir, quiet=True)
     return data_dir
+
+
+# ---------------------------------------------------------------------------
+# the C engine's kernel paths (csrc/kernels.h): each one this CPU can execute is built and tested
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (x86 'flags', ARM 'Features'); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def kernel_paths():
+    """(kernels name, ARCH for make) of every path this CPU executes: the portable C always, then
+    AVX2 and AVX-512, each with and without VNNI, or this ARM CPU's NEON."""
+    flags, machine = cpu_flags(), platform.machine()
+    paths = [("portable", "portable")]
+    avx2 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}  # x86-64-v3
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}  # x86-64-v4
+    for name, arch, needs in [("avx2", "x86-64-v3", avx2), ("avx2-vnni", "x86-64-v3 -mavxvnni", avx2 | {"avx_vnni"}),
+                              ("avx512", "x86-64-v4", avx512),
+                              ("avx512-vnni", "x86-64-v4 -mavx512vnni", avx512 | {"avx512_vnni"})]:
+        if needs <= flags:
+            paths.append((name, arch))
+    if machine in ("aarch64", "arm64"):
+        paths.append(("neon-dotprod" if "asimddp" in flags or machine == "arm64" else "neon", "native"))
+    return paths
+
+
+KERNEL_PATHS = kernel_paths()
+
+
+class KernelBuild:
+    """One kernel path built into its own directory: ./run (runomp), the engine and attention
+    libraries, and the kernel test (csrc/test_kernels.c)."""
+
+    def __init__(self, name, arch, directory):
+        self.name, self.arch, self.dir = name, arch, directory
+        for target, var in [("runomp", f"BIN={directory / 'run'}"), (directory / "libengine.so", f"LIB={directory / 'libengine.so'}"),
+                            (directory / "libattention.so", f"ATTENTION_LIB={directory / 'libattention.so'}"),
+                            (directory / "test_kernels", f"KTEST={directory / 'test_kernels'}")]:
+            r = subprocess.run(["make", "-s", "-B", f"ARCH={arch}", var, str(target)], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0 and "warning" not in r.stderr, f"make {target} ARCH={arch}:\n{r.stderr}"
+        self.run, self.test_kernels = directory / "run", directory / "test_kernels"
+
+    def engine_lib(self):
+        from csrc import engine
+        return engine.load(self.dir / "libengine.so")
+
+    def attention_lib(self):
+        from csrc import attention
+        return attention.ffi.dlopen(str(self.dir / "libattention.so"))
+
+
+@pytest.fixture(scope="session", params=KERNEL_PATHS, ids=[name for name, _ in KERNEL_PATHS])
+def kernel_build(request, tmp_path_factory):
+    name, arch = request.param
+    return KernelBuild(name, arch, tmp_path_factory.mktemp(f"kernels-{name}"))
 
 
 @pytest.fixture(scope="session")

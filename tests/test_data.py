@@ -1,8 +1,11 @@
 """The data path: sources -> internal text -> tokenizer -> token files -> batches."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -33,17 +36,62 @@ def write_all_formats(tmp_path, train, val):
 def test_every_source_format_loads_the_same_stories_and_keeps_the_split(tmp_path):
     dirs = write_all_formats(tmp_path, STORIES[:8], STORIES[8:])
     for fmt, d in dirs.items():
-        data = tinystories.load_local(d)
-        assert data["train"] == STORIES[:8], fmt
-        assert data["val"] == STORIES[8:], fmt
+        tinystories.download(tmp_path / f"data_{fmt}", d)
+        assert tinystories.load_text(tmp_path / f"data_{fmt}", "train") == STORIES[:8], fmt
+        assert tinystories.load_text(tmp_path / f"data_{fmt}", "val") == STORIES[8:], fmt
 
 
 def test_unnamed_shards_make_the_first_one_validation_as_llama2c(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
     for i, chunk in enumerate((STORIES[:3], STORIES[3:7], STORIES[7:])):
-        (tmp_path / f"data{i:02d}.json").write_text(json.dumps([{"story": s} for s in chunk]))
-    data = tinystories.load_local(tmp_path)
-    assert data["val"] == STORIES[:3]
-    assert data["train"] == STORIES[3:]
+        (source / f"data{i:02d}.json").write_text(json.dumps([{"story": s} for s in chunk]))
+    tinystories.download(tmp_path / "data", source)
+    assert tinystories.load_text(tmp_path / "data", "val") == STORIES[:3]
+    assert tinystories.load_text(tmp_path / "data", "train") == STORIES[3:]
+
+
+def files_of(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_download_in_small_chunks_writes_the_same_bytes_as_in_one(tmp_path, monkeypatch):
+    # chunks of 1 byte cut every character, escape, story and line; 3 stories a file cut the chunks
+    odd = 'Caf\u00e9 \U0001f600 "quoted" \\ back\r\nslash,\ttab  and  \u00fcn\u00efc\u00f6d\u00e9'
+    dirs = write_all_formats(tmp_path, STORIES[:4] + [odd, "", "  "] + STORIES[4:8], STORIES[8:])
+    monkeypatch.setattr(tinystories, "STORIES_PER_SHARD", 3)
+    for fmt, d in dirs.items():
+        for chunk_bytes in (1, 1000, 2**30):
+            tinystories.download(tmp_path / f"{fmt}{chunk_bytes}", d, chunk_bytes=chunk_bytes)
+        whole = files_of(tmp_path / f"{fmt}{2**30}")
+        assert len(whole) == 6, fmt  # manifest, train-000..002, val-000..001
+        assert files_of(tmp_path / f"{fmt}1") == whole, fmt
+        assert files_of(tmp_path / f"{fmt}1000") == whole, fmt
+
+
+def test_a_broken_json_array_is_an_error_wherever_the_chunks_fall(tmp_path):
+    good = json.dumps([{"story": s} for s in STORIES[:3]])
+    for bad, words in ((good[:-1], "ends inside the JSON array"), (good[:-30], "Unterminated string"),
+                       (good.replace('"story": ', '"story" ', 2), r"Expecting ':' delimiter \(character \d+\)"),
+                       (good.replace("}, {", "} {"), "expected ',' or ']' at character"),
+                       (good + " []", "expected the end of the file")):
+        (tmp_path / "train.json").write_text(bad)
+        for chunk_bytes in (1, 64, 2**20):
+            with pytest.raises(tinystories.DataError, match=words):
+                list(tinystories.read_file(tmp_path / "train.json", chunk_bytes))
+
+
+def test_pretokenize_in_small_chunks_writes_the_same_bytes_as_in_one(small_data, tmp_path):
+    shutil.copytree(os.path.join(small_data, "TinyStories"), tmp_path / "TinyStories")
+    model = tinystories.tokenizer_path(small_data, 512)
+    out = {}
+    for chunk_bytes, workers in ((2**30, 1), (100, 1), (100, 2), (5000, 2)):
+        tinystories.pretokenize(512, tmp_path, tokenizer=model, force=True, num_workers=workers,
+                                chunk_bytes=chunk_bytes, quiet=True)
+        out[chunk_bytes, workers] = files_of(tmp_path / "tok512")
+    whole = out[2**30, 1]
+    assert set(whole) == {Path("train.bin"), Path("val.bin"), Path("meta.json")}
+    assert all(o == whole for o in out.values())
 
 
 def test_download_writes_the_internal_form_with_both_splits(small_data):
@@ -90,6 +138,47 @@ def test_single_and_multi_process_pretokenize_write_the_same_bytes(small_data, t
     two = tinystories.pretokenize(512, small_data, force=True, num_workers=2, quiet=True)
     assert a == open(os.path.join(small_data, "tok512", "val.bin"), "rb").read()
     assert one["val"] == two["val"]
+
+
+def test_download_and_pretokenize_hold_a_bounded_amount_of_text(small_data, tmp_path):
+    # 2.1 MB of text in chunks of 8 KB: neither step holds more than a third of it at once
+    # (the Python heap, traced; before streaming, each held the whole text and more)
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(SHARED / "tinystories" / "train-000.txt", source)
+    (source / "valid-000.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES))
+    text_bytes = sum(p.stat().st_size for p in source.iterdir())
+    tracemalloc.start()
+    try:
+        tinystories.download(tmp_path, source, chunk_bytes=2**13)
+        download_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        meta = tinystories.pretokenize(512, tmp_path, tokenizer=tinystories.tokenizer_path(small_data, 512),
+                                       num_workers=2, chunk_bytes=2**13, quiet=True)
+        pretokenize_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert meta["train"]["text_bytes"] > 2_000_000
+    assert download_peak < text_bytes / 3, download_peak
+    assert pretokenize_peak < text_bytes / 3, pretokenize_peak
+
+
+def test_the_hub_is_read_in_batches_into_the_same_internal_form(tmp_path, monkeypatch):
+    import datasets
+    train = STORIES[:4] + [" padded\r\nstory ", ""] + STORIES[4:8]
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                                "validation": datasets.Dataset.from_dict({"text": STORIES[8:]})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: hub)
+    monkeypatch.setattr(tinystories, "SHARED_DIR", tmp_path / "nowhere")
+    monkeypatch.delenv("TINYSTORIES_DIR", raising=False)
+    tinystories.download(tmp_path / "hub", chunk_bytes=1000)  # a few stories a batch
+    tinystories.download(tmp_path / "local", write_all_formats(tmp_path, train, STORIES[8:])["parquet"])
+    from_hub, local = files_of(tmp_path / "hub" / "TinyStories"), files_of(tmp_path / "local" / "TinyStories")
+    manifest = json.loads(from_hub.pop(Path("manifest.json")))
+    assert manifest["source"] == "hub:roneneldan/TinyStories"
+    assert manifest["splits"] == json.loads(local.pop(Path("manifest.json")))["splits"]
+    assert from_hub == local
+    assert tinystories.load_text(tmp_path / "hub", "train")[4] == "padded\nstory"
 
 
 def batches(small_data, **kw):

@@ -40,59 +40,83 @@ def quantize_activation(x, group_size):
     return (np.rint(x * inv[:, None]) * scale[:, None]).reshape(-1).astype(np.float64)
 
 
-def reference_logits(c, w, tokens, group_size=0):
-    """Logits (len(tokens), vocab) of running tokens from position 0. With group_size, the
-    weights are Q8_0 (as written to a v2 file) and every matmul input is quantised."""
-    L, dim, hs = c.n_layers, c.dim, c.dim // c.n_heads
-    kv_heads, kv_mul = c.n_kv_heads, c.n_heads // c.n_kv_heads
-    wcls = w["token_embedding_table"] if w["wcls"] is None else w["wcls"]
-    if group_size:
-        def q8(a):
-            return formats.dequantize_q80(*formats.quantize_q80(a, group_size), a.shape)
-        w = {k: (q8(v) if k in formats.MATRICES or k == "token_embedding_table" else v) for k, v in w.items()}
-        wcls = q8(wcls)
-    w = {k: (None if v is None else np.asarray(v, dtype=np.float64)) for k, v in w.items()}
-    wcls = np.asarray(wcls, dtype=np.float64)
+class Reference:
+    """A plain float64 transformer in numpy, run one position at a time with its own KV cache.
+    With group_size, the weights are Q8_0 (as written to a v2 file) and every matmul input is
+    quantised as the engine does it."""
 
-    def matmul(m, x):
-        return m @ (quantize_activation(x, group_size) if group_size else x)
+    def __init__(self, c, w, group_size=0):
+        self.c, self.group_size = c, group_size
+        wcls = w["token_embedding_table"] if w["wcls"] is None else w["wcls"]
+        if group_size:
+            def q8(a):
+                return formats.dequantize_q80(*formats.quantize_q80(a, group_size), a.shape)
+            w = {k: (q8(v) if k in formats.MATRICES or k == "token_embedding_table" else v) for k, v in w.items()}
+            wcls = q8(wcls)
+        self.w = {k: (None if v is None else np.asarray(v, dtype=np.float64)) for k, v in w.items()}
+        self.wcls = np.asarray(wcls, dtype=np.float64)
+        hs = c.dim // c.n_heads
+        # RoPE angles in float32, as llama2.c and PyTorch compute them
+        self.freq = np.float32(1.0) / np.power(np.float32(10000.0), np.arange(0, hs, 2, dtype=np.float32) / np.float32(hs))
+        self.keys = np.zeros((c.n_layers, c.seq_len, c.n_kv_heads, hs))
+        self.values = np.zeros_like(self.keys)
 
-    def rmsnorm(x, g):
-        return g * x / np.sqrt(np.mean(x * x) + 1e-5)
+    def matmul(self, m, x):
+        return m @ (quantize_activation(x, self.group_size) if self.group_size else x)
 
-    # RoPE angles in float32, as llama2.c and PyTorch compute them
-    freq = np.float32(1.0) / np.power(np.float32(10000.0), np.arange(0, hs, 2, dtype=np.float32) / np.float32(hs))
-
-    def rope(v, pos):  # (heads, hs): rotate the pairs (2i, 2i+1)
-        angle = (np.float32(pos) * freq).astype(np.float64)
+    def rope(self, v, pos):  # (heads, hs): rotate the pairs (2i, 2i+1)
+        angle = (np.float32(pos) * self.freq).astype(np.float64)
         cos, sin = np.cos(angle), np.sin(angle)
         out = np.empty_like(v)
         out[:, 0::2] = v[:, 0::2] * cos - v[:, 1::2] * sin
         out[:, 1::2] = v[:, 0::2] * sin + v[:, 1::2] * cos
         return out
 
-    T = len(tokens)
-    keys, values = np.zeros((L, T, kv_heads, hs)), np.zeros((L, T, kv_heads, hs))
-    out = []
-    for pos, token in enumerate(tokens):
+    def forward(self, token, pos):
+        """Logits (vocab,) at pos; the cache must hold positions 0..pos-1."""
+        c, w = self.c, self.w
+        hs, kv_mul = c.dim // c.n_heads, c.n_heads // c.n_kv_heads
+
+        def rmsnorm(x, g):
+            return g * x / np.sqrt(np.mean(x * x) + 1e-5)
+
         x = w["token_embedding_table"][token].copy()
-        for l in range(L):
+        for l in range(c.n_layers):
             xb = rmsnorm(x, w["rms_att_weight"][l])
-            q = rope(matmul(w["wq"][l], xb).reshape(c.n_heads, hs), pos)
-            keys[l, pos] = rope(matmul(w["wk"][l], xb).reshape(kv_heads, hs), pos)
-            values[l, pos] = matmul(w["wv"][l], xb).reshape(kv_heads, hs)
+            q = self.rope(self.matmul(w["wq"][l], xb).reshape(c.n_heads, hs), pos)
+            self.keys[l, pos] = self.rope(self.matmul(w["wk"][l], xb).reshape(c.n_kv_heads, hs), pos)
+            self.values[l, pos] = self.matmul(w["wv"][l], xb).reshape(c.n_kv_heads, hs)
             # GQA: query head h reads kv head h // kv_mul
-            k = np.repeat(keys[l, :pos + 1], kv_mul, axis=1)  # (t, n_heads, hs)
-            v = np.repeat(values[l, :pos + 1], kv_mul, axis=1)
+            k = np.repeat(self.keys[l, :pos + 1], kv_mul, axis=1)  # (t, n_heads, hs)
+            v = np.repeat(self.values[l, :pos + 1], kv_mul, axis=1)
             att = np.einsum("hd,thd->ht", q, k) / np.sqrt(hs)
             att = np.exp(att - att.max(axis=1, keepdims=True))
             att /= att.sum(axis=1, keepdims=True)
-            x = x + matmul(w["wo"][l], np.einsum("ht,thd->hd", att, v).reshape(dim))
+            x = x + self.matmul(w["wo"][l], np.einsum("ht,thd->hd", att, v).reshape(c.dim))
             xb = rmsnorm(x, w["rms_ffn_weight"][l])
-            h1, h3 = matmul(w["w1"][l], xb), matmul(w["w3"][l], xb)
-            x = x + matmul(w["w2"][l], h1 / (1.0 + np.exp(-h1)) * h3)
-        out.append(matmul(wcls, rmsnorm(x, w["rms_final_weight"])))
-    return np.array(out)
+            h1, h3 = self.matmul(w["w1"][l], xb), self.matmul(w["w3"][l], xb)
+            x = x + self.matmul(w["w2"][l], h1 / (1.0 + np.exp(-h1)) * h3)
+        return self.matmul(self.wcls, rmsnorm(x, w["rms_final_weight"]))
+
+
+def reference_logits(c, w, tokens, group_size=0):
+    """Logits (len(tokens), vocab) of running tokens from position 0."""
+    ref = Reference(c, w, group_size)
+    return np.array([ref.forward(t, pos) for pos, t in enumerate(tokens)])
+
+
+def logit_errors_on_engine_cache(model, c, w, tokens, group_size=0):
+    """max |engine - reference| at each position, the reference fed the engine's own KV cache for
+    the positions before: each position is compared on its own, so that a rounding difference
+    (an int8 activation one quantum apart, or fp32 noise) does not carry into the positions after
+    it through the cache. Exact by construction up to float rounding at every position."""
+    ref = Reference(c, w, group_size)
+    kv_shape = (c.n_layers, c.seq_len, c.n_kv_heads, c.dim // c.n_heads)
+    errors = []
+    for pos, token in enumerate(tokens):
+        ref.keys, ref.values = (a.reshape(kv_shape).astype(np.float64) for a in model.kv_cache())
+        errors.append(np.abs(model.forward(token, pos) - ref.forward(token, pos)).max())
+    return np.array(errors)
 
 
 def engine_logits(model, tokens):
@@ -112,16 +136,23 @@ def test_stories260k_loads_with_its_config():
     assert model.version == 0 and model.group_size == 0
 
 
-def test_fp32_forward_matches_numpy_reference_at_every_position(stories260k):
-    # fp32 rounding noise grows along the sequence: this model amplifies it (a one-ulp change
-    # of the weights moves logits 2e-5), and the -O0 and AVX-512 builds of the engine differ
-    # from each other by 1.5e-4 at 300 positions. So: 1e-4 over the first 64, 1e-3 over all 512
+def test_fp32_forward_matches_numpy_reference_at_every_position(stories260k, kernel_build):
+    c, w = stories260k
+    model = engine.Model(STORIES260K, lib=kernel_build.engine_lib())
+    tokens = random_ids(128, c.vocab_size)
+    err = logit_errors_on_engine_cache(model, c, w, tokens)
+    print(f"stories260K fp32, {kernel_build.name} kernels vs float64 numpy: max |logit diff| {err.max():.2e}")
+    assert err.max() <= 1e-4
+
+
+def test_fp32_rounding_noise_over_the_whole_context_stays_small(stories260k):
+    # run freely, the engine's fp32 noise grows along the sequence (this model amplifies it: a
+    # one-ulp change of the weights moves logits 2e-5); the -O0 and AVX-512 builds differ from
+    # each other by 1.5e-4 at 300 positions
     c, w = stories260k
     model = engine.Model(STORIES260K)
     tokens = random_ids(c.seq_len, c.vocab_size)
     diff = np.abs(engine_logits(model, tokens) - reference_logits(c, w, tokens)).max(axis=1)
-    print(f"stories260K fp32 vs float64 numpy: max |logit diff| {diff[:64].max():.2e} (positions < 64), "
-          f"{diff.max():.2e} (all 512)")
     assert diff[:64].max() <= 1e-4 and diff.max() <= 1e-3
 
 
@@ -154,23 +185,24 @@ Q8_SHAPES = [(96, 160, 32), (96, 160, 4), (128, 256, 64), (128, 256, 128), (96, 
 
 
 @pytest.mark.parametrize("dim,hidden_dim,group_size", Q8_SHAPES)
-def test_q8_forward_matches_numpy_reference_with_quantised_activations(tmp_path, dim, hidden_dim, group_size):
+def test_q8_forward_matches_numpy_reference_with_quantised_activations(tmp_path, dim, hidden_dim, group_size,
+                                                                       kernel_build):
     c = Config(dim=dim, hidden_dim=hidden_dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=32)
     w = formats.random_weights(c, shared=False, seed=group_size, std=0.1)
-    model = engine.Model(rewrite(tmp_path, "q8.bin", c, w, 2, group_size))
+    model = engine.Model(rewrite(tmp_path, "q8.bin", c, w, 2, group_size), lib=kernel_build.engine_lib())
     tokens = random_ids(32, c.vocab_size)
-    ref = reference_logits(c, w, tokens, group_size)
-    diff = np.abs(engine_logits(model, tokens) - ref).max(axis=1)
-    # fp32 noise can move an activation across a rounding boundary, one quantum apart, and
-    # later positions amplify that: exact at position 0, at most a few positions off
-    assert diff[0] <= 1e-5 and np.median(diff) <= 1e-5 and diff.max() <= 0.02 * np.abs(ref).max(), diff
+    err = logit_errors_on_engine_cache(model, c, w, tokens, group_size)
+    # the engine's fp32 sums may still round one of a position's ~1,300 activations a quantum away
+    # from the float64 one (not seen here on any path); that position alone would differ, by
+    # about 1e-2, where a wrong kernel is off by the logits' own size (about 4)
+    assert np.median(err) <= 1e-5 and np.mean(err > 1e-5) <= 0.1 and err.max() < 0.1, err
 
 
 @pytest.mark.parametrize("version", [0, 1])
-def test_fp32_random_model_with_own_classifier_and_mqa_matches_reference(tmp_path, version):
+def test_fp32_random_model_with_own_classifier_and_mqa_matches_reference(tmp_path, version, kernel_build):
     c = Config(dim=48, hidden_dim=100, n_layers=3, n_heads=6, n_kv_heads=1, vocab_size=70, seq_len=40)
     w = formats.random_weights(c, shared=False, seed=version, std=0.2)
-    model = engine.Model(rewrite(tmp_path, "m.bin", c, w, version))
+    model = engine.Model(rewrite(tmp_path, "m.bin", c, w, version), lib=kernel_build.engine_lib())
     tokens = random_ids(40, c.vocab_size)
     ref = reference_logits(c, w, tokens)
     assert np.abs(engine_logits(model, tokens) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
@@ -332,16 +364,18 @@ def test_run_prints_the_same_greedy_text_as_the_binding(run_binary):
     model, tok = engine.Model(STORIES260K), engine.Tokenizer(TOK512, 512)
     ids = engine.generate(model, tok, steps=80, temperature=0.0, text="Once upon a time")
     r = subprocess.run([run_binary, str(STORIES260K), "-z", str(TOK512), "-t", "0", "-n", "80",
-                        "-i", "Once upon a time"], capture_output=True)
+                        "-i", "Once upon a time"], capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "3"})
     assert r.returncode == 0
     # run skips lone control bytes, as llama2.c's safe_printf
     text = "".join(c for c in tok.decode(ids) if c.isprintable() or c.isspace())
     assert r.stdout.decode("utf-8", errors="replace").rstrip("\n") == text
-    assert r.stderr.decode().startswith("achieved tok/s: ")
+    kernels, speed = r.stderr.decode().splitlines()
+    assert kernels == f"kernels: {engine.kernels()}, 3 threads"  # the build this machine gets from make
+    assert speed.startswith("achieved tok/s: ")
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_run_output_does_not_depend_on_the_thread_count(tmp_path, run_binary, version):
+def test_run_output_does_not_depend_on_the_thread_count(tmp_path, kernel_build, version):
     # big enough for parallel matmuls; each output row is computed whole by one thread
     c = Config(dim=128, hidden_dim=384, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, seq_len=128)
     path = rewrite(tmp_path, "m.bin", c, formats.random_weights(c, std=0.1), version)
@@ -349,7 +383,7 @@ def test_run_output_does_not_depend_on_the_thread_count(tmp_path, run_binary, ve
     for threads in ["1", "2"]:
         # passive: sleeping rather than spinning threads keep this quick on a busy machine
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "passive"}
-        r = subprocess.run([run_binary, str(path), "-z", str(TOK512), "-t", "0.9", "-s", "3", "-n", "128"],
+        r = subprocess.run([kernel_build.run, str(path), "-z", str(TOK512), "-t", "0.9", "-s", "3", "-n", "128"],
                            capture_output=True, env=env)
         assert r.returncode == 0
         outputs.add(r.stdout)
@@ -474,9 +508,3 @@ def test_cli_rejects_bad_numbers_with_one_line(run_binary):
         for value in ("nan", "-inf", "infinity"):
             assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, flag, value], f"{flag} expects a number, got '{value}'")
     assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, "-n", "12x"], "-n expects an integer")
-
-
-def test_engine_builds_without_warnings(tmp_path):
-    lib = tmp_path / "libengine.so"
-    r = subprocess.run(["make", "-s", "-B", f"LIB={lib}", str(lib)], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr

@@ -107,15 +107,16 @@ def test_attention_equals_per_head_reference_with_run_c_rope(n_kv_heads):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 17, 8), (3, 2, 40, 16), (1, 1, 1, 8), (1, 2, 130, 4)])
-def test_c_attention_kernel_equals_causal_sdpa_and_its_gradients(shape):
-    """csrc/attention.c (the CPU path at small head sizes) against PyTorch in float64."""
+def test_c_attention_kernel_equals_causal_sdpa_and_its_gradients(shape, kernel_build):
+    """csrc/attention.c (the CPU path at small head sizes), built for each kernel path, against
+    PyTorch in float64."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     grad = torch.randn(shape, generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    out = CausalAttentionCPU.apply(q32, k32, v32)
+    out = CausalAttentionCPU.apply(q32, k32, v32, kernel_build.attention_lib())
     grads = torch.autograd.grad(out, (q32, k32, v32), grad.float())
     for ours, theirs in zip((out, *grads), (ref, *ref_grads)):
         assert ours.dtype == torch.float32 and (ours.double() - theirs).abs().max() < 1e-5

@@ -1,0 +1,58 @@
+// The engine's inner loops, one file per instruction set, private to matmul.c and ops.c.
+// Which SIMD file compiles to code is decided by the compiler's target macros (-march):
+//   kernels_avx512.c  AVX-512 F+BW (x86-64-v4), int8 dot products with VNNI when present
+//   kernels_avx2.c    AVX2+FMA (x86-64-v3), with AVX-VNNI when present
+//   kernels_neon.c    AArch64 NEON, with the dot-product extension when present
+// kernels_scalar.c always compiles: it is the reference the others are tested against
+// (csrc/test_kernels.c), and the fallback for what a SIMD file does not cover.
+// -DPORTABLE_KERNELS (make run, ARCH=portable) keeps every SIMD file empty.
+#ifndef KERNELS_H
+#define KERNELS_H
+
+#include "matmul.h"
+
+#if !defined(PORTABLE_KERNELS) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define KERNELS_AVX512 1
+#define Q8_CHUNK 64 // int8 values per SIMD step of rows_q8
+#elif !defined(PORTABLE_KERNELS) && defined(__AVX2__) && defined(__FMA__)
+#define KERNELS_AVX2 1
+#define Q8_CHUNK 32
+#elif !defined(PORTABLE_KERNELS) && defined(__aarch64__) && defined(__ARM_NEON)
+#define KERNELS_NEON 1
+#define Q8_CHUNK 16
+#endif
+
+#define ROWS 4 // output rows per call: each load of x serves ROWS rows of W
+
+// out[r] = w[r] . x for r < ROWS, over n columns
+void rows_f32_scalar(float *out, const float *const w[ROWS], const float *x, int n);
+// out[r] = sum over groups g of (wq[r] . xq->q within g) * ws[r][g] * xq->s[g]; any group size
+void rows_q8_scalar(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
+                    const QVector *xq, int n, int gs);
+// out[r] += the same sum over the groups of columns j..n-1 (j a multiple of gs): the SIMD
+// kernels' tail
+void rows_q8_tail(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
+                  const QVector *xq, int j, int n, int gs);
+
+// The SIMD versions, for group sizes that divide Q8_CHUNK or are multiples of it (chunks of
+// Q8_CHUNK values then hold whole groups or lie inside one). lane_group[l]: the group, relative
+// to the chunk's first, of the 4 values of int32 lane l; zeros when gs >= Q8_CHUNK.
+#if defined(KERNELS_AVX512)
+void rows_f32_avx512(float *out, const float *const w[ROWS], const float *x, int n);
+void rows_q8_avx512(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
+                    const QVector *xq, int n, int gs, const int *lane_group);
+#elif defined(KERNELS_AVX2)
+void rows_f32_avx2(float *out, const float *const w[ROWS], const float *x, int n);
+void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
+                  const QVector *xq, int n, int gs, const int *lane_group);
+#elif defined(KERNELS_NEON)
+void rows_f32_neon(float *out, const float *const w[ROWS], const float *x, int n);
+void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
+                  const QVector *xq, int n, int gs, const int *lane_group);
+#endif
+
+// Software prefetch distance of the SIMD kernels, in rows (two blocks ahead): the hardware
+// prefetcher alone leaves large matrices streaming from DRAM latency-bound (+70% for int8).
+#define PREFETCH 8
+
+#endif

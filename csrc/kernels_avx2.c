@@ -1,0 +1,99 @@
+// AVX2+FMA kernels (x86-64-v3: Haswell and later, AMD Zen); int8 dot products through
+// maddubs/madd, or AVX-VNNI's dpbusd where the target has it (Alder Lake and later). See kernels.h.
+#include "kernels.h"
+
+#ifdef KERNELS_AVX2
+#include <immintrin.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// lanes 0..k-1 set, for masked loads of the last k < 8 values
+static inline __m256i first_lanes(int k) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+void rows_f32_avx2(float *out, const float *const w[ROWS], const float *x, int n) {
+    // two sums per row: eight FMA chains in flight hide the FMA latency
+    __m256 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+        for (int r = 0; r < ROWS; r++) {
+            _mm_prefetch((const char *)(w[r] + j + PREFETCH * n), _MM_HINT_T0);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + j), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + j + 8), x1, acc[r][1]);
+        }
+    }
+    for (; j < n; j += 8) {
+        __m256i m = first_lanes(n - j);
+        __m256 xv = _mm256_maskload_ps(x + j, m);
+        for (int r = 0; r < ROWS; r++) {
+            acc[r][0] = _mm256_fmadd_ps(_mm256_maskload_ps(w[r] + j, m), xv, acc[r][0]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+// acc + per 32-bit lane, the sum of 4 products of unsigned a and signed b bytes
+static inline __m256i dot4(__m256i acc, __m256i a, __m256i b) {
+#ifdef __AVXVNNI__
+    return _mm256_dpbusd_avx_epi32(acc, a, b);
+#else
+    // pairs of |x| * w are at most 2 * 128 * 127: no int16 saturation
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
+                  const QVector *xq, int n, int gs, const int *lane_group) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    int j = 0;
+    if (gs >= 32) {
+        // a group is gs / 32 chunks: their int8 dot products add up in int32 lanes, converted and
+        // scaled once a group (|sum| <= gs * 128 * 127 < 2^31)
+        for (int g = 0; g < n / gs; g++) {
+            __m256i dot[ROWS];
+            for (int r = 0; r < ROWS; r++) dot[r] = _mm256_setzero_si256();
+            for (; j < (g + 1) * gs; j += 32) {
+                // maddubs and dpbusd want one unsigned operand: use |x| and move x's sign onto w
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + j));
+                __m256i xabs = _mm256_abs_epi8(xv);
+                for (int r = 0; r < ROWS; r++) {
+                    _mm_prefetch((const char *)(wq[r] + j) + PREFETCH * n, _MM_HINT_T0);
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(wq[r] + j));
+                    dot[r] = dot4(dot[r], xabs, _mm256_sign_epi8(wv, xv));
+                }
+            }
+            __m256 sx = _mm256_broadcast_ss(xq->s + g);
+            for (int r = 0; r < ROWS; r++) {
+                __m256 scale = _mm256_mul_ps(_mm256_broadcast_ss(ws[r] + g), sx);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), scale, acc[r]);
+            }
+        }
+    } else {
+        // a chunk holds 32 / gs whole groups: lane l's 4 values are in group g0 + lane_group[l]
+        const __m256i idx = _mm256_loadu_si256((const __m256i *)lane_group);
+        const __m256i loaded = first_lanes(32 / gs); // the chunk's scales
+        for (int g0 = 0; j + 32 <= n; j += 32, g0 += 32 / gs) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq->q + j));
+            __m256i xabs = _mm256_abs_epi8(xv);
+            __m256 sx = _mm256_permutevar8x32_ps(_mm256_maskload_ps(xq->s + g0, loaded), idx);
+            for (int r = 0; r < ROWS; r++) {
+                _mm_prefetch((const char *)(wq[r] + j) + PREFETCH * n, _MM_HINT_T0);
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wq[r] + j));
+                __m256i dot = dot4(_mm256_setzero_si256(), xabs, _mm256_sign_epi8(wv, xv));
+                __m256 sw = _mm256_permutevar8x32_ps(_mm256_maskload_ps(ws[r] + g0, loaded), idx);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, sx), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = hsum(acc[r]);
+    if (j < n) rows_q8_tail(out, wq, ws, xq, j, n, gs); // < 32 values left: whole groups
+}
+#endif

@@ -1,0 +1,134 @@
+// The matmul kernels this build selected (kernels.h, by -march) against a float64 reference on
+// random data, through matmul.c's driver: fp32 at every width up to 70 and the model widths, Q8_0
+// at every group size the engine accepts (the SIMD ones and those that fall back to portable C),
+// with tails of columns and of rows; quantize_q8 against its definition. Prints the kernels'
+// name and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
+// tests/test_kernels.py runs it for every path the CPU can execute, and under qemu-aarch64.)
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "matmul.h"
+
+static int passed = 0, failed = 0;
+static unsigned long long rng = 42;
+
+static float uniform(void) { // in [-1, 1)
+    rng ^= rng >> 12, rng ^= rng << 25, rng ^= rng >> 27;
+    return (float)((rng * 0x2545F4914F6CDD1Dull) >> 40) / (float)(1 << 23) - 1.0f;
+}
+
+// |got - want| within a few float roundings of each of the n terms whose magnitudes sum to mag
+static void check(const char *what, int n, int d, int gs, const float *got, const double *want,
+                  const double *mag) {
+    for (int i = 0; i < d; i++) {
+        if (!(fabs(got[i] - want[i]) <= 4e-7 * (n + 8) * mag[i] + 1e-30)) {
+            failed++;
+            printf("FAIL %s n=%d d=%d gs=%d row %d: got %.9g, want %.9g\n", what, n, d, gs, i,
+                   got[i], want[i]);
+            return;
+        }
+    }
+    passed++;
+}
+
+static void test_f32(int n, int d) {
+    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * d);
+    double *want = calloc(d, sizeof(double)), *mag = calloc(d, sizeof(double));
+    for (int i = 0; i < n * d; i++) w[i] = uniform();
+    for (int j = 0; j < n; j++) x[j] = uniform();
+    for (int i = 0; i < d; i++) {
+        for (int j = 0; j < n; j++) {
+            want[i] += (double)w[i * n + j] * x[j];
+            mag[i] += fabs((double)w[i * n + j] * x[j]);
+        }
+    }
+    Matrix m = {w, NULL, NULL};
+#pragma omp parallel
+    matmul(out, &m, x, NULL, n, d, 0);
+    check("fp32", n, d, 0, out, want, mag);
+    free(w), free(x), free(out), free(want), free(mag);
+}
+
+static void test_q8(int n, int d, int gs) {
+    int8_t *wq = malloc(n * d), *xq = malloc(n);
+    float *ws = malloc(sizeof(float) * d * (n / gs)), *xs = malloc(sizeof(float) * (n / gs));
+    float *out = malloc(sizeof(float) * d);
+    double *want = calloc(d, sizeof(double)), *mag = calloc(d, sizeof(double));
+    // the full int8 range the kernels must handle: weights -127..127 (a file may hold -128 too),
+    // activations -127..127 as quantize_q8 makes them
+    for (int i = 0; i < n * d; i++) wq[i] = (int8_t)lrintf(uniform() * 127.0f);
+    for (int j = 0; j < n; j++) xq[j] = (int8_t)lrintf(uniform() * 127.0f);
+    wq[0] = 127, xq[0] = -127, wq[n - 1] = -128, xq[n - 1] = 127;
+    for (int i = 0; i < d * (n / gs); i++) ws[i] = 0.01f * (1.5f + uniform());
+    for (int g = 0; g < n / gs; g++) xs[g] = 0.02f * (1.5f + uniform());
+    for (int i = 0; i < d; i++) {
+        for (int g = 0; g < n / gs; g++) {
+            long long dot = 0, absdot = 0; // the kernels may split a group's sum across lanes
+            for (int k = g * gs; k < (g + 1) * gs; k++) {
+                dot += (long long)wq[i * n + k] * xq[k];
+                absdot += llabs((long long)wq[i * n + k] * xq[k]);
+            }
+            double scale = (double)ws[i * (n / gs) + g] * xs[g];
+            want[i] += dot * scale;
+            mag[i] += absdot * scale;
+        }
+    }
+    Matrix m = {NULL, wq, ws};
+    QVector x = {xq, xs};
+#pragma omp parallel
+    matmul(out, &m, NULL, &x, n, d, gs);
+    check("q8", n, d, gs, out, want, mag);
+    free(wq), free(xq), free(ws), free(xs), free(out), free(want), free(mag);
+}
+
+static void test_quantize(int n, int gs) {
+    float *x = malloc(sizeof(float) * n);
+    int8_t *q = malloc(n);
+    float *s = malloc(sizeof(float) * (n / gs));
+    for (int j = 0; j < n; j++) x[j] = 3.0f * uniform();
+    for (int j = 0; j < gs; j++) x[j] = 0.0f; // an all-zero group
+    QVector xq = {q, s};
+    quantize_q8(&xq, x, n, gs);
+    int ok = 1;
+    for (int g = 0; g < n / gs; g++) {
+        float wmax = 0.0f;
+        for (int k = g * gs; k < (g + 1) * gs; k++) wmax = fmaxf(wmax, fabsf(x[k]));
+        ok &= s[g] == wmax / 127.0f;
+        for (int k = g * gs; k < (g + 1) * gs; k++) {
+            // q * s is x to within half a quantum, and |q| <= 127
+            ok &= abs(q[k]) <= 127 && fabsf(q[k] * s[g] - x[k]) <= 0.5f * s[g] * (1 + 1e-5f);
+        }
+    }
+    if (ok) {
+        passed++;
+    } else {
+        failed++;
+        printf("FAIL quantize_q8 n=%d gs=%d\n", n, gs);
+    }
+    free(x), free(q), free(s);
+}
+
+int main(void) {
+    printf("kernels: %s\n", matmul_kernels());
+    const int widths[] = {64, 96, 172, 288, 512, 768, 1376};
+    const int rows[] = {1, 3, 4, 5, 9, 34};
+    for (int n = 1; n <= 70; n++) test_f32(n, 7);
+    for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) {
+        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f32(widths[i], rows[r]);
+    }
+    // SIMD group sizes (4 to 128), and 2, 12, 48, 96, which fall back to portable C
+    const int group_sizes[] = {2, 4, 8, 12, 16, 32, 48, 64, 96, 128};
+    for (size_t g = 0; g < sizeof(group_sizes) / sizeof(group_sizes[0]); g++) {
+        int gs = group_sizes[g];
+        for (int k = 1; k <= 13; k++) { // tails of every length short of the widest chunk (64)
+            for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_q8(gs * k, rows[r], gs);
+        }
+        test_quantize(gs * 12, gs);
+    }
+    for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4);
+    test_q8(172, 5, 4), test_q8(288, 6, 32), test_q8(768, 6, 32), test_q8(1376, 5, 32), test_q8(2048, 5, 64);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
