@@ -3,6 +3,7 @@ The preferences: a transparent synthetic judge of TinyStories and the preference
 which reward_model.py (a Bradley-Terry reward model) and dpo.py (DPO) both learn from.
 
     python prefs.py --checkpoint=out/ckpt.pt --num_pairs=1000   # -> data/prefs_{train,eval}.jsonl
+    python prefs.py --label=length --target_len=170 --pairs=data/prefs_len_train.jsonl --eval_pairs=data/prefs_len_eval.jsonl
 
 Two samples of the pretrained model continue the same real story beginning, and the one the judge
 scores higher is "chosen". The judge is not a person: it checks that a story ends, does not loop,
@@ -42,6 +43,8 @@ temperature = 1.0  # 1.0 and no top-k/top-p: the model's own distribution, what 
 top_k = 0  # 0 = off
 top_p = 1.0  # 1.0 = off
 keyword = ""  # a word the judge wants in the story; empty = that component is off
+label = "judge"  # who prefers: 'judge', or 'length' (the RL stages' length reward at target_len: DPO on the length task)
+target_len = 200  # label=length: the target response length in tokens; a response cut off at the cap pays 1, as there
 gen_batch_size = 64  # sequences per generate() call
 # -----------------------------------------------------------------------------
 config = {k: v for k, v in globals().items()  # the lower-case names: END is a constant, not config
@@ -158,8 +161,16 @@ def sample_responses(model, tok, prompts, cfg, generator):
     return out
 
 
+def length_score(tok, response_ids, target_len):
+    """The RL stages' length reward of a response (new token ids): -|story tokens - target_len| / target_len,
+    minus 1 (the missing-EOS penalty) if it was cut off instead of ending its story."""
+    ended = bool(response_ids) and response_ids[-1] in (tok.bos_id, tok.eos_id)
+    return -abs(len(response_ids) - ended - target_len) / target_len - (not ended)
+
+
 def make_pairs(model, tok, prompts, n, cfg, generator, desc):
-    """Up to n pairs, one per prompt: the judge's best and worst of samples_per_prompt samples."""
+    """Up to n pairs, one per prompt: the best and worst of samples_per_prompt samples by the label
+    (the judge's score or the length reward), their scores kept as chosen_score and rejected_score."""
     k, pairs, ties = cfg["samples_per_prompt"], [], 0
     step = max(1, cfg["gen_batch_size"] // k)  # prompts per round
     bar = tqdm(total=n, desc=desc, unit="pair")
@@ -169,7 +180,8 @@ def make_pairs(model, tok, prompts, n, cfg, generator, desc):
         for j in range(0, len(rows), k):
             prompt = tok.decode(rows[j][1:])
             texts = [response_text(tok, rows[j], r) for r in responses[j:j + k]]
-            scores = [judge(prompt, t, cfg["keyword"]) for t in texts]
+            scores = ([judge(prompt, t, cfg["keyword"]) for t in texts] if cfg["label"] == "judge" else
+                      [length_score(tok, r, cfg["target_len"]) for r in responses[j:j + k]])
             best, worst = max(range(k), key=scores.__getitem__), min(range(k), key=scores.__getitem__)
             if len(pairs) == n:
                 break
@@ -177,7 +189,7 @@ def make_pairs(model, tok, prompts, n, cfg, generator, desc):
                 ties += 1
                 continue
             pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst],
-                          "chosen_judge": round(scores[best], 4), "rejected_judge": round(scores[worst], 4)})
+                          "chosen_score": round(scores[best], 4), "rejected_score": round(scores[worst], 4)})
             bar.update(1)
         if len(pairs) == n:
             break
@@ -251,6 +263,8 @@ def main(cfg):
         model, tok = load_policy(cfg["checkpoint"], device)
         if cfg["samples_per_prompt"] < 2:
             raise DataError(f"--samples_per_prompt must be at least 2, not {cfg['samples_per_prompt']}")
+        if cfg["label"] not in ("judge", "length"):
+            raise DataError(f"--label must be judge or length, not {cfg['label']!r}")
         if cfg["start_len"] >= model.params.max_seq_len:
             raise DataError(f"--start_len={cfg['start_len']} leaves no room in the model's context of {model.params.max_seq_len}")
         # training prompts from the start of the train split, held-out ones from the end of the validation split
@@ -265,8 +279,8 @@ def main(cfg):
     for name, path, prompts, n in jobs:
         got = make_pairs(model, tok, prompts, n, cfg, generator, desc=f"{name} pairs")
         write_pairs(got, path)
-        margin = sum(p["chosen_judge"] - p["rejected_judge"] for p in got) / max(1, len(got))
-        print(f"wrote {len(got)} pairs to {path} (mean judge margin {margin:.3f})")
+        margin = sum(p["chosen_score"] - p["rejected_score"] for p in got) / max(1, len(got))
+        print(f"wrote {len(got)} pairs to {path} (mean {cfg['label']} margin {margin:.3f})")
 
 
 if __name__ == "__main__":
