@@ -105,12 +105,9 @@ def step(run, rng):
 
 def check(run):
     """GRPO's own set-up checks."""
-    cfg = run.cfg
-    if cfg["loss_type"] not in LOSS_TYPES:
-        raise DataError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, not {cfg['loss_type']!r}")
-    if cfg["group_size"] < 2 or (cfg["num_mini_batches"] * cfg["batch_size"]) % cfg["group_size"]:
-        raise DataError(f"--group_size={cfg['group_size']} must be at least 2 and divide the "
-                           f"{cfg['num_mini_batches'] * cfg['batch_size']} rollouts of an iteration (num_mini_batches x batch_size)")
+    if run.cfg["loss_type"] not in LOSS_TYPES:
+        raise DataError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, not {run.cfg['loss_type']!r}")
+    rl.check_group_size(run)
 
 
 def main(argv):

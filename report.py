@@ -5,6 +5,7 @@ every RL method (ppo, grpo, rloo, dpo), as markdown and a PNG.
     python report.py --checkpoint=out/grpo_ckpt.pt                     # -> reports/grpo.md and .png
     python report.py --checkpoint=out/ppo_ckpt.pt --rm_path=out/rm.pt --report_path=reports/ppo_rlhf.md
     python report.py --checkpoint=out/dpo_ckpt.pt --before=out/ckpt.pt
+    python report.py --compare=a/ppo_log.jsonl,b/grpo_log.jsonl --labels=PPO,GRPO --report_path=reports/runs.png
 
 "Before" is the starting model stored in the RL checkpoint (or --before). Both models answer the same
 report_prompts validation prompts from the same seed, with the run's own sampling settings and
@@ -12,6 +13,7 @@ reward. The table: the score the run trained on (and, with --rm_path, a reward m
 ending, the judge of prefs.py (held out: no method trains on it), KL to the starting model, the
 fluency measures (the NLL ratio and the share of known words, rl.evaluate), distinct-n, and the
 validation perplexity. Then the run's timing from its log, and three stories side by side.
+--compare plots the held-out evaluations of several runs' logs against rollouts instead, one line a run.
 """
 import os
 
@@ -35,6 +37,8 @@ report_path = ""  # empty = reports/{method}.md; the figure goes beside it, .png
 report_prompts = 200  # validation prompts (the first stories of the split), one sample each per model
 val_windows = 128  # windows of the context of val.bin for the perplexity
 num_show = 3  # stories shown side by side
+compare = ""  # comma-separated {method}_log.jsonl files: plot their held-out curves together to report_path (a .png)
+labels = ""  # comma-separated names of the compared runs; empty = the log files' directories
 seed = 1337
 data_dir = ""  # empty = the run's
 device = "auto"
@@ -99,14 +103,14 @@ def main(cfg):
     metrics["before"]["nll_ratio"] = 1.0
 
     rows = read_jsonl(log_path) if os.path.exists(log_path) else []
-    minutes = sum(r.get("time/total", 0.0) for r in rows) / 60
+    minutes, cpu_minutes = (sum(r.get(k, 0.0) for r in rows) / 60 for k in ("time/total", "time/cpu"))
     episodes = rows[-1]["episode"] if rows else "?"
     kl_note = (f"KL {run['init_kl_coef']} ({run['kl_estimator']}, in the {run['kl_in']}, {run['kl_reduction']} over a response"
                f"{', adaptive toward ' + str(run['target_kl']) if run['adap_kl_ctrl'] else ''})") if "init_kl_coef" in run else \
         f"beta {run['beta']}, rpo_alpha {run['rpo_alpha']}, pairs `{run['pairs']}`"
     md = [f"# {method.upper()}: the starting model and the trained one\n",
           f"- `{cfg['checkpoint']}`: {ckpt['iter_num']} iterations, {episodes} {'pairs' if method == 'dpo' else 'rollouts'}, "
-          f"{minutes:.1f} minutes of training (from `{log_path}`); learning rate {run['learning_rate']}, {kl_note}"
+          f"{minutes:.1f} minutes of training, {cpu_minutes:.1f} of CPU time (evaluations left out; from `{log_path}`); learning rate {run['learning_rate']}, {kl_note}"
           + (f", ptx_coef {run['ptx_coef']}" if run["ptx_coef"] else ""),
           f"- reward `{run['reward']}`" + (f", target {run['target_len']} response tokens" if "length" in weights else "")
           + f", missing-EOS penalty {run['missing_eos_penalty']}",
@@ -163,5 +167,44 @@ def plot(samples, metrics, run, tok, png_path):
     save_figure(fig, png_path)
 
 
+CURVES = (("eval/score", "score (the reward trained on)"), ("eval/within_10pct", "within ±10% of the target"),
+          ("eval/judge", "judge (held out)"), ("eval/kl", "KL to the start (nats/response)"),
+          ("eval/nll_ratio", "NLL ratio (1 = as fluent as the start)"), ("eval/val_ppl", "validation perplexity"))
+
+
+def compare_runs(cfg):
+    """The held-out evaluations of several runs against episodes (rollouts; DPO: pairs), one panel a metric
+    that any of the logs holds, one line a run."""
+    with one_line_errors():
+        paths = cfg["compare"].split(",")
+        labels = cfg["labels"].split(",") if cfg["labels"] else [os.path.basename(os.path.dirname(p)) or p for p in paths]
+        if len(labels) != len(paths):
+            raise DataError(f"--labels names {len(labels)} runs, --compare {len(paths)}")
+        if not cfg["report_path"].endswith(".png"):
+            raise DataError(f"--compare writes a figure: --report_path must end in .png, not {cfg['report_path']!r}")
+        for p in paths:
+            if not os.path.isfile(p):
+                raise DataError(f"no log file {p}")
+        runs = [[r for r in read_jsonl(p) if "eval/kl" in r] for p in paths]
+    panels = [(k, title) for k, title in CURVES if any(k in r for rows in runs for r in rows)]
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for rows, label in zip(runs, labels):
+            points = [(r["episode"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), "o-", ms=2.5, lw=1.2, label=label)
+        ax.set_xlabel("episodes (rollouts; DPO: pairs)", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    os.makedirs(os.path.dirname(cfg["report_path"]) or ".", exist_ok=True)
+    save_figure(fig, cfg["report_path"])
+    print(f"wrote {cfg['report_path']}")
+
+
 if __name__ == "__main__":
-    main(configurator.configure(config))
+    cfg = configurator.configure(config)
+    if cfg["compare"]:
+        compare_runs(cfg)
+    else:
+        main(cfg)

@@ -697,12 +697,12 @@ def train(cfg, method, make_policy, step, prepare=None):
             log({"iter": 0, "episode": 0, **start, "eval/nll_ratio": 1.0})
     bar = tqdm(total=cfg["max_iters"], initial=run.iter_num, disable=not run.master, unit="it", dynamic_ncols=True)
     while run.iter_num < cfg["max_iters"]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU seconds: a shared machine inflates only the wall
         lr = get_lr(run.iter_num, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         stats, data = step(run, np.random.default_rng([cfg["seed"], run.rank, run.iter_num]))
-        stats = {**stats, "time/total": time.perf_counter() - t0, "learning_rate": lr}
+        stats = {**stats, "time/total": time.perf_counter() - t0, "time/cpu": time.process_time() - c0, "learning_rate": lr}
         if run.kl_ctl:
             stats["objective/kl_coef"] = run.kl_ctl.value
         if run.ddp:  # the mean over ranks, so that the controller and the log see every rank's data
@@ -717,7 +717,9 @@ def train(cfg, method, make_policy, step, prepare=None):
         if "fluency/nll" in row:
             row["fluency/nll_ratio"] = row["fluency/nll"] / run.ref_nll
         if run.iter_num % cfg["eval_interval"] == 0 or run.iter_num == cfg["max_iters"]:
+            t0, c0 = time.perf_counter(), time.process_time()
             row.update(evaluate_run(run, run.policy.model, run.ref_nll))
+            row.update({"time/eval": time.perf_counter() - t0, "time/eval_cpu": time.process_time() - c0})
         log(row)
         if "eval/kl" in row:
             save(run)

@@ -281,6 +281,7 @@ def test_each_method_trains_logs_its_stats_and_resumes_exactly(method, small_dat
         assert [r.get(key) for r in a[1:]] == pytest.approx([r.get(key) for r in b[1:]], abs=1e-6), key
         values = [r[key] for r in a[1:] if key in r]
         assert values and all(math.isfinite(v) for v in values), key
+    assert all(r["time/cpu"] > 0 for r in a[1:]) and "time/eval_cpu" in a[-1]  # CPU seconds: a shared machine's fair cost
     ckpt = load_checkpoint(str(part / f"{method}_ckpt.pt"))
     assert ckpt["iter_num"] == 3 and ckpt["method"] == method and ckpt["heads"] == {}
     assert a[-1]["episode"] == 3 * (4 if method == "dpo" else 8)  # rollouts (DPO: pairs) so far
