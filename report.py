@@ -169,7 +169,8 @@ def plot(samples, metrics, run, tok, png_path):
 
 CURVES = (("eval/score", "score (the reward trained on)"), ("eval/within_10pct", "within ±10% of the target"),
           ("eval/judge", "judge (held out)"), ("eval/kl", "KL to the start (nats/response)"),
-          ("eval/nll_ratio", "NLL ratio (1 = as fluent as the start)"), ("eval/val_ppl", "validation perplexity"))
+          ("eval/nll_ratio", "NLL ratio (1 = as fluent as the start)"),
+          ("eval/word_share", "share of words found in the training text"), ("eval/val_ppl", "validation perplexity"))
 
 
 def compare_runs(cfg):
@@ -187,8 +188,11 @@ def compare_runs(cfg):
                 raise DataError(f"no log file {p}")
         runs = [[r for r in read_jsonl(p) if "eval/kl" in r] for p in paths]
     panels = [(k, title) for k, title in CURVES if any(k in r for rows in runs for r in rows)]
-    fig, axes = pyplot().subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    fig, axes = pyplot().subplots(-(-len(panels) // cols), cols, figsize=(3.8 * cols, 3.4 * -(-len(panels) // cols)), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, title) in zip(axes.flat, panels):
         for rows, label in zip(runs, labels):
             points = [(r["episode"], r[key]) for r in rows if key in r]
             if points:
