@@ -32,8 +32,8 @@ demo: setup
 	OMP_NUM_THREADS=1 ./run out/model.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
 	OMP_NUM_THREADS=1 ./run out/model_q80.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
 	rm -f out/ppo_ckpt.pt out/ppo_log.jsonl
-	$(PY) train.py --init_from=resume --ppo=True $(DEMO_PPO)
-	$(PY) ppo.py --report=True --report_path=out/ppo_length.md --report_prompts=100
+	$(PY) train.py --rl=ppo $(DEMO_PPO)
+	$(PY) report.py --checkpoint=out/ppo_ckpt.pt --report_path=out/ppo_length.md --report_prompts=100
 	$(PY) export.py out/ppo_model.bin --checkpoint=out/ppo_ckpt.pt
 	OMP_NUM_THREADS=1 ./run out/ppo_model.bin -z data/tok512.bin -t 1.0 -n 256 -i "Once upon a time"
 

@@ -21,21 +21,22 @@ temperature = 1.0  # 0.0 = greedy
 top_k = 0  # 0 = no top-k filtering
 top_p = 0.9  # 1.0 = no nucleus filtering
 seed = 1337
-device = "cpu"
+device = "auto"  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', ...
 # -----------------------------------------------------------------------------
 
 
 def main(cfg):
-    device = resolve_device_dtype(cfg["device"], "float32")[0]
-    ckpt = load_checkpoint(cfg["checkpoint"])
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    tok = Tokenizer(cfg["tokenizer"] or ckpt["tokenizer"]["tokenizer"])
-    if tok.n_words != model.params.vocab_size:
-        raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}")
-    ids = tok.encode(cfg["prompt"], bos=True) if cfg["prompt"] else [tok.bos_id]
-    room = model.params.max_seq_len - len(ids)
-    if room <= 0:
-        raise DataError(f"the prompt is {len(ids)} tokens, longer than the model's context of {model.params.max_seq_len}")
+    with one_line_errors():
+        device = resolve_device_dtype(cfg["device"], "float32")[0]
+        ckpt = load_checkpoint(cfg["checkpoint"])
+        model = model_from_checkpoint(ckpt).to(device).eval()
+        tok = Tokenizer(cfg["tokenizer"] or ckpt["tokenizer"]["tokenizer"])
+        if tok.n_words != model.params.vocab_size:
+            raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}")
+        ids = tok.encode(cfg["prompt"], bos=True) if cfg["prompt"] else [tok.bos_id]
+        room = model.params.max_seq_len - len(ids)
+        if room <= 0:
+            raise DataError(f"the prompt is {len(ids)} tokens, longer than the model's context of {model.params.max_seq_len}")
     generator = torch.Generator(device).manual_seed(cfg["seed"])
     outs = model.generate([ids] * cfg["num_samples"], min(cfg["max_new_tokens"], room), temperature=cfg["temperature"],
                           top_k=cfg["top_k"] or None, top_p=cfg["top_p"], generator=generator,
@@ -47,8 +48,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    config = configurator.configure({k: v for k, v in globals().items() if k in (
+    main(configurator.configure({k: v for k, v in globals().items() if k in (
         "checkpoint", "tokenizer", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
-        "seed", "device")})
-    with one_line_errors():
-        main(config)
+        "seed", "device")}))

@@ -5,9 +5,12 @@ Pretrain a Llama-style model on TinyStories. Runs on one CPU, one GPU, or many w
     python train.py --preset=15M --vocab_size=4096    # llama2.c's 15M shape
     python train.py --batch_size=32 --compile=False   # any config key below, --key=value
     torchrun --standalone --nproc_per_node=4 train.py # DDP (NCCL on GPUs, gloo on CPU)
+    python train.py --rl=grpo                         # an RL stage from out/ckpt.pt: ppo, grpo, rloo or dpo (rl.py)
 
-Config keys and meanings are llama2.c's, so llama2.c training command lines run unchanged.
+Config keys and meanings are llama2.c's, so llama2.c training command lines run unchanged (and the
+llama2.c PPO fork's --ppo=True, which means --rl=ppo).
 """
+import importlib
 import json
 import os
 import sys
@@ -72,9 +75,23 @@ wandb_log = False
 wandb_project = "tinystories-rl"
 wandb_run_name = ""  # empty: wandb names the run
 # -----------------------------------------------------------------------------
+RL_METHODS = ("ppo", "grpo", "rloo", "dpo")  # --rl=NAME runs NAME.py's stage from out_dir's checkpoint
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 config = {k: globals()[k] for k in config_keys}  # what the command line may set, and what checkpoints record
 # -----------------------------------------------------------------------------
+
+
+def rl_method(argv):
+    """The RL method that --rl=ppo|grpo|rloo|dpo (or the llama2.c PPO fork's --ppo=True) asks for, or None."""
+    flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    method = flags.get("rl", "")
+    if flags.get("ppo") == "True":
+        if method not in ("", "ppo"):
+            sys.exit(f"error: --ppo=True means --rl=ppo, not --rl={method}")
+        method = "ppo"
+    if method and method not in RL_METHODS:
+        sys.exit(f"error: unknown --rl={method}; choose from {', '.join(RL_METHODS)}")
+    return method or None
 
 
 def plot_losses(log_path, png_path):
@@ -94,9 +111,9 @@ def plot_losses(log_path, png_path):
 
 
 if __name__ == "__main__":
-    if "--ppo=True" in sys.argv[1:]:  # the PPO stage: the same keys plus PPO's, in ppo.py
-        import ppo
-        ppo.main(sys.argv[1:])
+    method = rl_method(sys.argv[1:])
+    if method:  # an RL stage, from out_dir's checkpoint: the same keys plus the method's, in {method}.py
+        importlib.import_module(method).main(sys.argv[1:])
         sys.exit(0)
     config = configurator.configure(config, presets={name: {k: v for k, v in p.items() if k in config} for name, p in PRESETS.items()})
     globals().update(config)

@@ -21,6 +21,16 @@ def first_stories(path, n):
     return tinystories.read_stories(path)[:n]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: more threads than free cores is 100x slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """A prepared data dir from a slice of the real shared TinyStories: 300 train and 80
@@ -99,6 +109,121 @@ class KernelBuild:
 def kernel_build(request, tmp_path_factory):
     name, arch = request.param
     return KernelBuild(name, arch, tmp_path_factory.mktemp(f"kernels-{name}"))
+
+
+@pytest.fixture(scope="session")
+def pretrained(small_data, tmp_path_factory):
+    """A directory holding a 260K-shaped ckpt.pt as train.py writes it (random weights): where the RL
+    stages start."""
+    import torch
+
+    from common import save_atomic
+    from model import PRESETS, ModelArgs, Transformer
+    out = tmp_path_factory.mktemp("stories260K")
+    torch.manual_seed(0)
+    args = {**PRESETS["260K"], "dropout": 0.0}
+    meta = json.load(open(os.path.join(small_data, "tok512", "meta.json")))
+    save_atomic({"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args, "iter_num": 100,
+                 "best_val_loss": 3.0, "config": {}, "tokenizer": {k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_id")}},
+                str(out / "ckpt.pt"))
+    return out
+
+
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=8, max_seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(small_data, tmp_path_factory):
+    """A tiny model trained for a few seconds on small_data, saved as train.py saves: it writes
+    words, unlike a random one."""
+    import torch
+
+    from common import save_atomic
+    from model import ModelArgs, Transformer
+    from tinystories import iter_batches
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**TINY))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stream = iter_batches(os.path.join(small_data, "tok512", "train.bin"), 16, 64)
+    for _ in range(60):
+        _, loss = model(*next(stream))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+    save_atomic({"model": model.state_dict(), "model_args": TINY,
+                 "tokenizer": {"tokenizer": os.path.join(small_data, "tok512.model"), "vocab_size": 512, "bos_id": 1}}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# the RL methods' tests: tiny models, prompts and a training loop through a method's own iteration()
+
+STOP = (1, 2)  # BOS and EOS, as in the tokenizers
+
+
+def tiny_model(seed=0, vocab_size=64, std=None):
+    import torch
+
+    from model import ModelArgs, Transformer
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=8, max_seq_len=64))
+    if std:  # a random model far from uniform, so that policies differ visibly
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, std)
+    return model.eval()
+
+
+def bos_prompts(n, length=1, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.ones(n, 1, dtype=torch.long), torch.randint(3, 64, (n, length - 1), generator=g)], 1)
+
+
+def learn(iteration, policy, reference, score_fn, iters, cfg, prompts_per_iter, stop=STOP):
+    """iters calls of a method's real iteration(), with the optimizer and KL controller of rl.setup, on
+    BOS-only prompts. Returns each iteration's mean score and statistics."""
+    import torch
+
+    import rl
+    optimizer, kl_ctl, history = rl.make_optimizer(policy, cfg, "cpu"), rl.kl_controller(cfg), []
+    for it in range(iters):
+        generator = torch.Generator().manual_seed(it)
+        batch, stats = iteration(policy, reference, optimizer, bos_prompts(prompts_per_iter), score_fn, kl_ctl.value, cfg,
+                                 generator, torch.Generator().manual_seed(1000 + it), stop)
+        kl_ctl.update(rl.rollout_stats(batch)["objective/kl"], len(batch["tokens"]))
+        history.append((batch["scores"].mean().item(), stats))
+    return history
+
+
+def learn_short_stories(module, **overrides):
+    """30 iterations of a method (its iteration() and config) on a tiny fresh model, rewarded for ending
+    its stories at 4 tokens (12 at most), 32 rollouts an iteration. Returns the mean score of the first
+    and of the last three iterations, and the history."""
+    import copy
+
+    import rl
+    policy = rl.Policy(tiny_model())
+    reference = rl.Policy(copy.deepcopy(policy.model)).requires_grad_(False)
+    cfg = {**module.config, "batch_size": 16, "num_mini_batches": 2, "max_new_tokens": 12, "learning_rate": 3e-3,
+           "init_kl_coef": 0.01, **overrides}
+    history = learn(module.iteration, policy, reference, length_score(4), 30, cfg, 32 // cfg.get("group_size", 1))
+    before, after = (sum(s for s, _ in h) / 3 for h in (history[:3], history[-3:]))
+    return before, after, history
+
+
+def length_score(target_len):
+    """The length reward at target_len (BOS prompts of one token), as the RL stages score it."""
+    import rl
+
+    def score_fn(tokens, mask, ended):
+        return rl.score_rollouts(tokens, mask, ended, 1, {"length": 1.0}, target_len=target_len, missing_eos_penalty=1.0)
+    return score_fn
 
 
 @pytest.fixture(scope="session")

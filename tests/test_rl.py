@@ -1,0 +1,346 @@
+"""rl.py, what the RL methods share: log-probabilities and masked statistics, the KL estimators,
+penalties and controller, rewards, PPO-ptx, dropout off, the fluency metrics; and the training loop of
+every method from the command line (train.py --rl=..., the fork's --ppo=True, resume, DDP, errors)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dpo
+import grpo
+import ppo
+import rl
+import rloo
+import train
+from conftest import ROOT, STOP, bos_prompts, tiny_model, wandb_history
+from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
+from prefs import END, write_pairs
+from test_prefs import real_story_parts
+from tinystories import load_text
+from tokenizer import Tokenizer
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
+
+
+# ---------------------------------------------------------------------------
+# the math
+
+def test_log_probs_and_entropy_of_the_tempered_distribution():
+    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(7, (2, 3), generator=torch.Generator().manual_seed(1))
+    for temperature in (1.0, 0.7):
+        p = (logits / temperature).softmax(-1)
+        taken = rl.logprobs_from_logits(logits, tokens, temperature)
+        assert torch.allclose(taken, p.gather(-1, tokens[..., None]).squeeze(-1).log(), atol=1e-6)
+        entropy = rl.entropy_from_logprobs(rl.log_softmax(logits, temperature))
+        assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-6)
+    assert torch.allclose(rl.entropy_from_logprobs(rl.log_softmax(torch.zeros(1, 7), 1.0)), torch.tensor([math.log(7)]))
+
+
+def test_whitening_gives_mean_0_and_std_1_over_the_masked_entries_only():
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(0)) * 3 + 5
+    mask = (torch.arange(10) < torch.tensor([[10], [7], [3], [1]])).float()
+    w = rl.masked_whiten(x, mask)
+    kept = w[mask.bool()]
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6) and kept.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[~mask.bool()] == 0).all()
+    kept = rl.masked_whiten(x, mask, shift_mean=False)[mask.bool()]
+    assert kept.mean().item() == pytest.approx(x[mask.bool()].mean().item(), abs=1e-5)
+    assert kept.std().item() == pytest.approx(1.0, abs=1e-4)
+    scores = torch.tensor([1.0, 3.0, 5.0])  # reward normalisation: mean 3, std 2
+    assert rl.whiten_scores(scores).tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+
+
+def test_kl_estimators_on_a_hand_example_and_unbiased_on_samples():
+    logprobs, ref = torch.tensor([[math.log(0.5), math.log(0.2)]]), torch.tensor([[math.log(0.25), math.log(0.4)]])
+    # k1 = log p/q; k3 = q/p - 1 - log(q/p): token 0 has q/p = 0.5, token 1 has q/p = 2
+    assert rl.kl_estimate(logprobs, ref, "k1")[0].tolist() == pytest.approx([math.log(2), -math.log(2)])
+    assert rl.kl_estimate(logprobs, ref, "k3")[0].tolist() == pytest.approx([-0.5 + math.log(2), 1 - math.log(2)])
+    # both estimate KL(p || q) without bias from samples of p; k3 is never negative and varies less
+    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.5, 0.3])
+    kl = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    k1, k3 = (rl.kl_estimate(p.log()[x], q.log()[x], e) for e in ("k1", "k3"))
+    assert k1.mean().item() == pytest.approx(kl, abs=0.01) and k3.mean().item() == pytest.approx(kl, abs=0.01)
+    assert (k3 >= 0).all() and (k1 < 0).any() and k3.var() < k1.var()
+
+
+def test_kl_penalty_summed_or_per_token_and_the_kl_loss():
+    kl = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert rl.kl_penalty(kl, mask, "sum").sum(1).tolist() == [6.0, 4.0]  # a response's KL: the sum over its tokens
+    assert rl.kl_penalty(kl, mask, "mean").sum(1).tolist() == [2.0, 4.0]  # the mean per token: length does not count
+    logprobs = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.9], [0.5, 0.9, 0.9, 0.9]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.25, 0.25, 0.1], [0.25, 0.1, 0.1, 0.1]]))
+    cfg = {"kl_estimator": "k1", "kl_reduction": "sum"}
+    assert rl.kl_loss(logprobs, ref, mask, cfg).item() == pytest.approx((3 + 1) * math.log(2) / 2)  # two responses
+    assert rl.kl_loss(logprobs, ref, mask, {**cfg, "kl_reduction": "mean"}).item() == pytest.approx(math.log(2))
+    assert rl.kl_loss(ref, ref, mask, {**cfg, "kl_estimator": "k3"}).item() == 0.0
+
+
+def test_adaptive_kl_controller_raises_the_coefficient_above_target_and_lowers_it_below():
+    ctl = rl.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(12.0, n_steps=400)  # error +1, clipped to +0.2
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.2 * 400 / 10000))
+    up = ctl.value
+    ctl.update(4.5, n_steps=400)  # error -0.25, clipped to -0.2
+    assert ctl.value == pytest.approx(up * (1 - 0.2 * 400 / 10000)) and ctl.value < up
+    ctl.update(6.0, n_steps=400)  # on target: unchanged
+    assert ctl.value == pytest.approx(up * (1 - 0.2 * 400 / 10000))
+    fixed = rl.kl_controller({**ppo.config, "adap_kl_ctrl": False, "init_kl_coef": 0.0})
+    fixed.update(100.0, n_steps=400)
+    assert fixed.value == 0.0
+
+
+# ---------------------------------------------------------------------------
+# rewards
+
+def test_length_reward_peaks_at_the_target_and_a_cut_off_response_pays_the_missing_eos_penalty():
+    lengths = torch.arange(0, 401).float()
+    r = rl.length_reward(lengths, 200)
+    assert r.argmax().item() == 200 and r[200] == 0
+    assert (r[1:201] > r[:200]).all() and (r[201:] < r[200:400]).all()  # strictly better toward the target
+    # two responses of 6 story tokens: one ended (its stop token is the 7th), one cut off at the cap of 6
+    tokens, mask, ended = rl.collate(bos_prompts(2), [[5, 6, 7, 8, 9, 10, 1], [5, 6, 7, 8, 9, 10]], STOP)
+    assert ended.tolist() == [True, False]
+    score = rl.score_rollouts(tokens, mask, ended, 1, {"length": 1.0}, target_len=6, missing_eos_penalty=0.7)
+    assert score.tolist() == pytest.approx([0.0, -0.7])
+
+
+def test_reward_specs_and_the_reward_model_wiring():
+    assert rl.parse_reward("length") == {"length": 1.0}
+    assert rl.parse_reward("length:1.0,rm:0.5") == {"length": 1.0, "rm": 0.5}
+    for bad in ("lenght", "length:x", "rm:1,judge:2"):
+        with pytest.raises(ValueError, match="--reward="):
+            rl.parse_reward(bad)
+
+    class StandInRewardModel:  # reward_model.load_reward_model's interface: score(tokens, lengths) -> (B,)
+        def score(self, tokens, lengths):
+            assert (tokens[:, 0] == 1).all()  # BOS first
+            return torch.tensor([float(tokens[i, :n].sum()) for i, n in enumerate(lengths)])
+
+    prompts = torch.tensor([[1, 40, 41], [1, 50, 51]])
+    tokens, mask, ended = rl.collate(prompts, [[5, 1], [6, 7, 8, 9]], STOP)
+    score = rl.score_rollouts(tokens, mask, ended, 3, {"rm": 2.0, "length": 0.0}, 4, 0.0, StandInRewardModel(), chunk=1)
+    # the reward model sees prompt + response up to and with the stop token, never the padding
+    assert score.tolist() == [2.0 * (1 + 40 + 41 + 5 + 1), 2.0 * (1 + 50 + 51 + 6 + 7 + 8 + 9)]
+
+
+# ---------------------------------------------------------------------------
+# PPO-ptx and dropout
+
+def test_ptx_adds_its_coefficient_times_the_pretraining_gradient_to_the_step():
+    policy = rl.Policy(tiny_model(std=0.3))
+    X = torch.randint(3, 64, (4, 9), generator=torch.Generator().manual_seed(0))
+    batches = iter([(X[:, :-1], X[:, 1:])] * 2)
+
+    def rl_loss():
+        logits, _ = policy(X, 3)
+        return logits.square().mean(), {}
+
+    def grads(ptx_coef):
+        policy.zero_grad()
+        sgd = torch.optim.SGD(policy.parameters(), lr=0.0)
+        stats = rl.optimizer_step(policy, sgd, rl_loss, {"ptx_coef": ptx_coef, "grad_clip": 0.0},
+                                  torch.amp.GradScaler(enabled=False), batches if ptx_coef else None)
+        return [p.grad.clone() for p in policy.parameters()], stats
+    (with_ptx, stats), (alone, _) = grads(0.5), grads(0.0)
+    _, ce = policy.model(X[:, :-1], X[:, 1:])  # the pretraining loss, by the model's own forward
+    expected = torch.autograd.grad(ce, list(policy.parameters()))
+    assert stats["ptx/loss"] == pytest.approx(ce.item(), rel=1e-5)
+    for a, b, e in zip(with_ptx, alone, expected):
+        torch.testing.assert_close(a, b + 0.5 * e, atol=1e-6, rtol=1e-4)
+
+
+def test_dropout_is_off_in_every_rl_stage(small_data, pretrained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(pretrained, out)
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    torch.save({**ckpt, "model_args": {**ckpt["model_args"], "dropout": 0.3}}, out / "ckpt.pt")  # trained with dropout
+    run = rl.setup({**grpo.config, "out_dir": str(out), "data_dir": small_data, "device": "cpu"}, "grpo", rl.Policy)
+    assert run.model_args["dropout"] == 0.0
+    model = run.policy.model.train()  # even in training mode: nothing to drop
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    x = torch.randint(3, 512, (2, 16))
+    assert torch.equal(model(x)[0], model(x)[0])
+
+
+# ---------------------------------------------------------------------------
+# evaluation and the fluency metrics
+
+def test_word_share_counts_letter_words_found_in_the_training_text():
+    assert rl.letter_words("Lily's 2 big-dogs, ÉTÉ!") == ["lily", "s", "big", "dogs", "été"]
+    vocabulary = {"the", "cat", "sat"}
+    assert rl.word_share(["The cat sat.", "the ca7t zq"], vocabulary) == pytest.approx(4 / 7)  # the cat sat the | ca t zq
+    assert rl.word_share([""], vocabulary) == 0.0
+
+
+def test_the_starting_models_own_samples_are_the_fluency_baseline_and_byte_soup_falls_short(small_data, tiny_ckpt):
+    trained = model_from_checkpoint(load_checkpoint(tiny_ckpt)).eval()
+    tok = Tokenizer(os.path.join(small_data, "tok512.model"))
+    data, starts = rl.story_starts(os.path.join(small_data, "tok512", "val.bin"), tok.bos_id, 16)
+    prompts = rl.prompts_at(data, starts[:16], 16, "cpu")
+    vocabulary = rl.training_words(small_data)
+    cfg = {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 16, "target_len": 20}
+    start, _ = rl.evaluate(trained, trained, prompts, cfg, tok, 0, vocabulary)
+    assert start["kl"] == 0.0 and start["nll"] > 0
+    soup = Transformer(ModelArgs(**trained.params.__dict__))  # a random model: nearly uniform over tokens, byte soup
+    after, samples = rl.evaluate(soup, trained, prompts, cfg, tok, 0, vocabulary, ref_nll=start["nll"])
+    assert after["nll_ratio"] > 1.3 and after["kl"] > 20  # measured: 1.75 and 90 nats
+    assert after["word_share"] < 0.5 < 0.9 < rl.word_share(load_text(small_data, "val"), vocabulary)  # real stories: nearly all
+    assert len(samples["texts"]) == 16 and 0 <= after["within_10pct"] <= 1 and 0 <= after["judge"] <= 1
+
+
+# ---------------------------------------------------------------------------
+# the training loop of every method, from the command line
+
+FORK = ["--out_dir={out}", "--batch_size=50", "--max_seq_len=512", "--gradient_accumulation_steps=1", "--vocab_source=custom",
+        "--vocab_size=512", "--dim=64", "--n_layers=5", "--n_heads=8", "--n_kv_heads=4", "--multiple_of=4", "--learning_rate=1e-4",
+        "--dropout=0.00", "--weight_decay=0.01", "--beta2=0.99", "--warmup_iters=1000", "--eval_interval=20", "--eval_iters=5",
+        "--compile=False", "--eval_only=False", "--init_from=resume", "--ppo=True", "--decay_lr=False",
+        "--always_save_checkpoint=True", "--start_len=30", "--init_kl_coef=0.0"]  # the llama2.c PPO fork's line, on a CPU
+SMALL = ["--batch_size=4", "--num_mini_batches=2", "--max_new_tokens=8", "--target_len=4", "--device=cpu", "--dtype=float32",
+         "--eval_interval=2", "--eval_prompts=4"]
+METHODS = {"ppo": ppo, "grpo": grpo, "rloo": rloo, "dpo": dpo}
+FLAGS = {"ppo": ["--ppo_epochs=2"], "grpo": ["--group_size=4"], "rloo": ["--group_size=2", "--ptx_coef=0.5"],
+         "dpo": ["--batch_size=4", "--device=cpu", "--dtype=float32", "--eval_interval=2", "--eval_prompts=4", "--max_new_tokens=8",
+                 "--target_len=4"]}
+STATS = {"ppo": ("ppo/loss/total", "ppo/policy/clipfrac", "ppo/val/vpred"), "grpo": ("loss", "kl", "clip_ratio/region_mean", "reward_std"),
+         "rloo": ("loss/policy_avg", "objective/rlhf_reward", "ptx/loss"), "dpo": ("loss", "rewards/accuracies", "rewards/margins")}
+
+
+def run_dir(pretrained, tmp_path, name):
+    out = tmp_path / name
+    shutil.copytree(pretrained, out)
+    return out
+
+
+def method_argv(method, small_data, out, pairs=None):
+    common = [f"--out_dir={out}", f"--data_dir={small_data}", f"--rl={method}"]
+    if method == "dpo":
+        return common + FLAGS["dpo"] + [f"--pairs={pairs}"]
+    return common + SMALL + FLAGS[method]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("pairs") / "prefs.jsonl")
+    write_pairs([{"prompt": p, "chosen": r[:80] + END, "rejected": r[:40]} for p, r in real_story_parts(12)], path)
+    return path
+
+
+def log_rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def train_py(*argv, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *argv], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_the_forks_command_line_runs_and_a_second_run_resumes_where_the_first_stopped(small_data, pretrained, tmp_path, capsys):
+    whole, part = run_dir(pretrained, tmp_path, "whole"), run_dir(pretrained, tmp_path, "part")
+    argv = lambda out, n: [f.format(out=out) for f in FORK] + [f"--data_dir={small_data}", *SMALL, f"--max_iters={n}"]  # noqa: E731
+    p = train_py(*argv(whole, 3))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "PPO from" in p.stdout and "ckpt.pt at iteration 0" in p.stdout
+    ppo.main(argv(part, 2))
+    ppo.main(argv(part, 3))
+    assert "ppo_ckpt.pt at iteration 2" in capsys.readouterr().out
+    a, b = log_rows(whole / "ppo_log.jsonl"), log_rows(part / "ppo_log.jsonl")
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 1, 2, 3]
+    for key in ("env/reward_mean", "objective/kl", "ppo/loss/total", "tokens/responses_len_mean", "eval/kl", "eval/nll_ratio"):
+        assert [r.get(key) for r in a] == pytest.approx([r.get(key) for r in b], abs=1e-6), key
+    ckpt = load_checkpoint(str(part / "ppo_ckpt.pt"))
+    assert ckpt["iter_num"] == 3 and ckpt["kl_coef"] == 0.0 and ckpt["config"]["batch_size"] == 4 and ckpt["method"] == "ppo"
+    assert ckpt["config"]["weight_decay"] == 0.01 and ckpt["config"]["beta2"] == 0.99  # the fork's optimizer keys are read
+    assert {"model", "model_args", "tokenizer", "optimizer", "heads", "reference"} <= ckpt.keys() and "value_head" in ckpt["heads"]
+    assert os.path.exists(part / "ppo_log.png")
+    start = torch.load(pretrained / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, start[k]) for k, v in ckpt["reference"].items())  # the reference is the starting model
+    assert not torch.equal(model_from_checkpoint(ckpt).output.weight, start["output.weight"])  # loads like any checkpoint
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "dpo"])
+def test_each_method_trains_logs_its_stats_and_resumes_exactly(method, small_data, pretrained, pairs_file, tmp_path, capsys):
+    whole, part = run_dir(pretrained, tmp_path, "whole"), run_dir(pretrained, tmp_path, "part")
+    for out, iters in ((whole, [3]), (part, [2, 3])):
+        for n in iters:
+            METHODS[method].main(method_argv(method, small_data, out, pairs_file) + [f"--max_iters={n}"])
+    assert f"{method}_ckpt.pt at iteration 2" in capsys.readouterr().out
+    a, b = log_rows(whole / f"{method}_log.jsonl"), log_rows(part / f"{method}_log.jsonl")
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 1, 2, 3]
+    assert a[0]["eval/kl"] == 0.0 and a[0]["eval/nll_ratio"] == 1.0 and a[-1]["eval/kl"] != 0.0  # the start, then a move
+    for key in STATS[method] + ("eval/kl", "eval/word_share", "eval/val_ppl", "learning_rate"):
+        assert [r.get(key) for r in a[1:]] == pytest.approx([r.get(key) for r in b[1:]], abs=1e-6), key
+        values = [r[key] for r in a[1:] if key in r]
+        assert values and all(math.isfinite(v) for v in values), key
+    ckpt = load_checkpoint(str(part / f"{method}_ckpt.pt"))
+    assert ckpt["iter_num"] == 3 and ckpt["method"] == method and ckpt["heads"] == {}
+    assert a[-1]["episode"] == 3 * (4 if method == "dpo" else 8)  # rollouts (DPO: pairs) so far
+
+
+def test_two_process_gloo_ddp_keeps_the_ranks_in_sync_on_different_data(small_data, pretrained, pairs_file, tmp_path):
+    for method in ("grpo", "dpo"):
+        out = run_dir(pretrained, tmp_path, method)
+        p = train_py(*method_argv(method, small_data, out, pairs_file), "--max_iters=2", "--ptx_coef=0.5",  # ptx: its own backward
+                     launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+        assert p.returncode == 0, p.stderr[-2000:]
+        rows = log_rows(out / f"{method}_log.jsonl")[1:]
+        assert [r["iter"] for r in rows] == [1, 2] and rows[-1]["episode"] == 2 * 2 * (4 if method == "dpo" else 8)
+        for r in rows:
+            assert r["ddp/param_sum"][0] == r["ddp/param_sum"][1] and r["ptx/loss"] > 0
+            assert r["ddp/batch_sum"][0] != r["ddp/batch_sum"][1]
+        assert rows[0]["ddp/param_sum"][0] != rows[1]["ddp/param_sum"][0]
+
+
+def test_wandb_offline_receives_every_row_of_the_log(small_data, pretrained, tmp_path):
+    out = run_dir(pretrained, tmp_path, "wandb")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *method_argv("rloo", small_data, out), "--max_iters=2",
+                        "--wandb_log=True"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = log_rows(out / "rloo_log.jsonl")
+    assert len(rows) == 3 and wandb_history(out) == rows
+
+
+def test_ppo_as_typed_in_the_usage_line_starts_from_out_dirs_checkpoint(small_data, pretrained, tmp_path):
+    out = run_dir(pretrained, tmp_path, "typed")
+    p = train_py("--ppo=True", f"--out_dir={out}", f"--data_dir={small_data}", *SMALL, "--max_iters=1")  # no --init_from
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert load_checkpoint(str(out / "ppo_ckpt.pt"))["iter_num"] == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rl=ppo", "--reward=lenght"], "error: --reward=lenght: unknown reward 'lenght'"),
+    (["--rl=ppo", "--init_from=scratch"], "error: RL starts from a trained model"),
+    (["--rl=grpo", "--no_such_key=1"], "error: unknown config key --no_such_key"),
+    (["--rl=ppo", "--max_new_tokens=8", "--target_len=8"], "error: --target_len=8 is not below the response cap of 8 tokens"),
+    (["--rl=rloo", "--out_dir=/nonexistent/run"], "error: no checkpoint at /nonexistent/run/ckpt.pt"),
+    (["--rl=grpo", "--batch_size=4", "--num_mini_batches=2", "--group_size=3"], "error: --group_size=3 must be at least 2 and divide the 8 rollouts"),
+    (["--rl=grpo", "--loss_type=bnpo"], "error: --loss_type must be one of grpo, dapo, dr_grpo, not 'bnpo'"),
+    (["--rl=ppo", "--kl_estimator=k2"], "error: --kl_estimator must be one of k1, k3, not 'k2'"),
+    (["--rl=dpo", "--pairs=/nonexistent.jsonl"], "error: no pairs file /nonexistent.jsonl"),
+    (["--rl=dpo", "--start_len=1", "--num_mini_batches=2"], "error: unknown config key --num_mini_batches"),
+    (["--rl=a2c"], "error: unknown --rl=a2c; choose from ppo, grpo, rloo, dpo"),
+    (["--ppo=True", "--rl=dpo"], "error: --ppo=True means --rl=ppo, not --rl=dpo"),
+])
+def test_bad_input_is_a_one_line_error(small_data, pretrained, flags, message):
+    argv = [f"--out_dir={pretrained}", f"--data_dir={small_data}", "--device=cpu", "--max_iters=1", *flags]
+    with pytest.raises(SystemExit) as e:
+        METHODS[train.rl_method(argv)].main(argv)  # what `python train.py ...` runs
+    assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code), e.value.code
+
+
+def test_train_py_imports_no_rl_module_until_asked():
+    """The pretraining script stands alone: the RL stages hang off it, not the other way round."""
+    code = "import sys, train; print(sorted(m for m in ('rl', 'ppo', 'grpo', 'rloo', 'dpo', 'report') if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr
+
