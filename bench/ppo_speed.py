@@ -15,7 +15,7 @@ Random weights, prompts of BOS + 29 random tokens (the fork's start_len=30), and
 rollout runs to its full length, the worst case (a trained model ends most stories earlier). --epochs
 overrides the workload's update epochs for every method (GRPO's and RLOO's own default is 1, which
 cuts their optimisation time by about 4x at (a)). --dtype is the autocast dtype of the forward passes
-and the optimisation ('auto': bf16 on CPUs with AMX or AVX512-BF16), --gen_dtype that of generation
+and the optimisation ('auto': bf16 on CPUs with AMX), --gen_dtype that of generation
 (float32, as the RL stages on a CPU). Prints a JSON line and a markdown table; --repeats > 1 reports
 the fastest repeat after one warm-up.
 """

@@ -12,7 +12,7 @@ from csrc import engine
 LIB_PATH = os.path.join(engine.HERE, "libattention.so")
 ffi = FFI()
 ffi.cdef(engine.declarations(["attention.h"]))
-lib = engine.dlopen(ffi, LIB_PATH)
+lib = engine.dlopen(ffi, LIB_PATH, ["attention.c", "attention.h"])
 
 
 def float_ptr(tensor):

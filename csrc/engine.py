@@ -26,6 +26,9 @@ from csrc.formats import Config
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_PATH = os.path.join(HERE, "libengine.so")
 HEADERS = ["checkpoint.h", "matmul.h", "sampler.h", "tokenizer.h", "transformer.h"]
+# the library's sources: every C file and header here but attention's, the tests' and the fuzzers'
+SOURCES = [os.path.basename(p) for p in glob.glob(os.path.join(HERE, "*.[ch]"))
+           if not os.path.basename(p).startswith(("attention.", "test_", "fuzz_"))]
 ERR_LEN = int(re.search(r"#define ERR_LEN (\d+)", open(os.path.join(HERE, "error.h")).read()).group(1))
 
 
@@ -38,14 +41,14 @@ def declarations(headers):
     return "".join(text)
 
 
-def dlopen(ffi, path):
+def dlopen(ffi, path, sources):
     """ffi.dlopen(path), or FileNotFoundError saying to run `make lib`; a note on stderr when
-    the library is older than a C source beside it."""
+    the library in csrc/ is older than one of its sources (names in csrc/)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{os.path.relpath(path)} is missing: build it with `make lib`")
-    sources = glob.glob(os.path.join(HERE, "*.[ch]"))
-    if os.path.dirname(os.path.abspath(path)) == HERE and os.path.getmtime(path) < max(map(os.path.getmtime, sources)):
-        print(f"note: {os.path.relpath(path)} is older than csrc's sources: `make lib` rebuilds it", file=sys.stderr)
+    newest = max(os.path.getmtime(os.path.join(HERE, name)) for name in sources)
+    if os.path.dirname(os.path.abspath(path)) == HERE and os.path.getmtime(path) < newest:
+        print(f"note: {os.path.relpath(path)} is older than its sources: `make lib` rebuilds it", file=sys.stderr)
     return ffi.dlopen(path)
 
 
@@ -58,7 +61,7 @@ def load(path=LIB_PATH):
     """The engine library at path, opened once."""
     path = os.path.abspath(path)
     if path not in _libs:
-        _libs[path] = dlopen(ffi, path)
+        _libs[path] = dlopen(ffi, path, SOURCES)
     return _libs[path]
 
 

@@ -13,13 +13,12 @@
 
 #if !defined(PORTABLE_KERNELS) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define KERNELS_AVX512 1
-#define Q8_CHUNK 64 // int8 values per SIMD step of rows_q8
-#elif !defined(PORTABLE_KERNELS) && defined(__AVX2__) && defined(__FMA__)
-#define KERNELS_AVX2 1
-#define Q8_CHUNK 32
-#elif !defined(PORTABLE_KERNELS) && defined(__aarch64__) && defined(__ARM_NEON)
+#endif
+#if !defined(PORTABLE_KERNELS) && defined(__AVX2__) && defined(__FMA__)
+#define KERNELS_AVX2 1 // AVX-512 builds too: their driver takes the AVX2 kernels where faster
+#endif
+#if !defined(PORTABLE_KERNELS) && defined(__aarch64__) && defined(__ARM_NEON)
 #define KERNELS_NEON 1
-#define Q8_CHUNK 16
 #endif
 
 #define ROWS 4 // output rows per call: each load of x serves ROWS rows of W
@@ -27,25 +26,28 @@
 // out[r] = w[r] . x for r < ROWS, over n columns
 void rows_f32_scalar(float *out, const float *const w[ROWS], const float *x, int n);
 // out[r] = sum over groups g of (wq[r] . xq->q within g) * ws[r][g] * xq->s[g]; any group size
+// (lane_group: unused, the signature of the SIMD kernels below)
 void rows_q8_scalar(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
-                    const QVector *xq, int n, int gs);
+                    const QVector *xq, int n, int gs, const int *lane_group);
 // out[r] += the same sum over the groups of columns j..n-1 (j a multiple of gs): the SIMD
 // kernels' tail
 void rows_q8_tail(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int j, int n, int gs);
 
-// The SIMD versions, for group sizes that divide Q8_CHUNK or are multiples of it (chunks of
-// Q8_CHUNK values then hold whole groups or lie inside one). lane_group[l]: the group, relative
-// to the chunk's first, of the 4 values of int32 lane l; zeros when gs >= Q8_CHUNK.
+// The SIMD versions, for group sizes that divide their chunk (64, 32 and 16 int8 values) or are
+// multiples of it: a chunk then holds whole groups or lies inside one. lane_group[l]: the group,
+// relative to the chunk's first, of the 4 values of int32 lane l; zeros when gs >= the chunk.
 #if defined(KERNELS_AVX512)
 void rows_f32_avx512(float *out, const float *const w[ROWS], const float *x, int n);
 void rows_q8_avx512(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                     const QVector *xq, int n, int gs, const int *lane_group);
-#elif defined(KERNELS_AVX2)
+#endif
+#if defined(KERNELS_AVX2)
 void rows_f32_avx2(float *out, const float *const w[ROWS], const float *x, int n);
 void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int n, int gs, const int *lane_group);
-#elif defined(KERNELS_NEON)
+#endif
+#if defined(KERNELS_NEON)
 void rows_f32_neon(float *out, const float *const w[ROWS], const float *x, int n);
 void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int n, int gs, const int *lane_group);
@@ -53,6 +55,8 @@ void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const w
 
 // Software prefetch distance of the SIMD kernels, in rows (two blocks ahead): the hardware
 // prefetcher alone leaves large matrices streaming from DRAM latency-bound (+70% for int8).
+#ifndef PREFETCH
 #define PREFETCH 8
+#endif
 
 #endif

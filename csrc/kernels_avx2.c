@@ -5,10 +5,12 @@
 #ifdef KERNELS_AVX2
 #include <immintrin.h>
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+_Static_assert(ROWS == 4, "hsum4 reduces four rows at once");
+
+// out[r] = the sum of the 8 lanes of a[r], for the 4 rows together
+static inline void hsum4(float *out, const __m256 a[ROWS]) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
 }
 
 // lanes 0..k-1 set, for masked loads of the last k < 8 values
@@ -36,12 +38,16 @@ void rows_f32_avx2(float *out, const float *const w[ROWS], const float *x, int n
             acc[r][0] = _mm256_fmadd_ps(_mm256_maskload_ps(w[r] + j, m), xv, acc[r][0]);
         }
     }
-    for (int r = 0; r < ROWS; r++) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+    __m256 sum[ROWS];
+    for (int r = 0; r < ROWS; r++) sum[r] = _mm256_add_ps(acc[r][0], acc[r][1]);
+    hsum4(out, sum);
 }
 
 // acc + per 32-bit lane, the sum of 4 products of unsigned a and signed b bytes
 static inline __m256i dot4(__m256i acc, __m256i a, __m256i b) {
-#ifdef __AVXVNNI__
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(acc, a, b);
 #else
     // pairs of |x| * w are at most 2 * 128 * 127: no int16 saturation
@@ -54,10 +60,36 @@ void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const w
     __m256 acc[ROWS];
     for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
     int j = 0;
-    if (gs >= 32) {
+    if (gs == 32) {
+        // four groups at a time: their int32 dot vectors reduce to one with two levels of hadd
+        // (lane l of each half sums group l % 4), then one conversion and one FMA with the four
+        // groups' scales: a third fewer multiply-port operations than a conversion a group
+        for (int g = 0; j + 128 <= n; j += 128, g += 4) {
+            __m256i xv[4], xabs[4];
+            for (int k = 0; k < 4; k++) {
+                xv[k] = _mm256_loadu_si256((const __m256i *)(xq->q + j + 32 * k));
+                xabs[k] = _mm256_abs_epi8(xv[k]);
+            }
+            __m256 sx = _mm256_broadcast_ps((const __m128 *)(xq->s + g));
+            for (int r = 0; r < ROWS; r++) {
+                const int8_t *w = wq[r] + j;
+                _mm_prefetch((const char *)w + PREFETCH * n, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + 64 + PREFETCH * n, _MM_HINT_T0);
+                __m256i dot[4];
+                for (int k = 0; k < 4; k++) {
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 32 * k));
+                    dot[k] = dot4(_mm256_setzero_si256(), xabs[k], _mm256_sign_epi8(wv, xv[k]));
+                }
+                __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(dot[0], dot[1]), _mm256_hadd_epi32(dot[2], dot[3]));
+                __m256 scale = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)(ws[r] + g)), sx);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+            }
+        }
+    }
+    if (gs >= 32) { // (after the loop above, for gs == 32: the last 0 to 3 groups)
         // a group is gs / 32 chunks: their int8 dot products add up in int32 lanes, converted and
         // scaled once a group (|sum| <= gs * 128 * 127 < 2^31)
-        for (int g = 0; g < n / gs; g++) {
+        for (int g = j / gs; g < n / gs; g++) {
             __m256i dot[ROWS];
             for (int r = 0; r < ROWS; r++) dot[r] = _mm256_setzero_si256();
             for (; j < (g + 1) * gs; j += 32) {
@@ -93,7 +125,7 @@ void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const w
             }
         }
     }
-    for (int r = 0; r < ROWS; r++) out[r] = hsum(acc[r]);
+    hsum4(out, acc);
     if (j < n) rows_q8_tail(out, wq, ws, xq, j, n, gs); // < 32 values left: whole groups
 }
 #endif

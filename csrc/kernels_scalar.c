@@ -23,7 +23,8 @@ void rows_q8_tail(float *out, const int8_t *const wq[ROWS], const float *const w
 }
 
 void rows_q8_scalar(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
-                    const QVector *xq, int n, int gs) {
+                    const QVector *xq, int n, int gs, const int *lane_group) {
+    (void)lane_group; // the SIMD kernels' signature
     for (int r = 0; r < ROWS; r++) out[r] = 0.0f;
     rows_q8_tail(out, wq, ws, xq, 0, n, gs);
 }

@@ -7,9 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Below this many multiply-adds a parallel region costs more than it saves.
-#define PARALLEL_MIN 65536
-
 // ----------------------------------------------------------------------------
 // run state
 
@@ -130,7 +127,8 @@ static void residual(float *x, const float *delta, int size) {
 // (matmul.c's `omp for nowait`) and the attention heads, and meet at a barrier before whatever
 // reads the results; the small serial steps (norms, RoPE, quantising an activation) run on one
 // thread (`omp single`, which ends in a barrier). A region per matmul, as before, cost a fork
-// and a join each, about 30 a token.
+// and a join each, about 30 a token, and kept the threads off models below 15M; with barriers
+// instead, threads pay at every size (bench/run_speed.py).
 
 float *transformer_forward(Transformer *t, int token, int pos) {
     const Config *p = &t->ckpt.config;
@@ -148,7 +146,7 @@ float *transformer_forward(Transformer *t, int token, int pos) {
     rmsnorm(s->xb, x, w->layers[0].rms_att, dim);
     if (gs) quantize_q8(xq, s->xb, dim, gs);
 
-#pragma omp parallel if ((size_t)dim * hidden_dim >= PARALLEL_MIN)
+#pragma omp parallel
     {
         for (int l = 0; l < p->n_layers; l++) {
             const Layer *L = &w->layers[l];
