@@ -189,7 +189,8 @@ def compare_runs(cfg):
         runs = [[r for r in read_jsonl(p) if "eval/kl" in r] for p in paths]
     panels = [(k, title) for k, title in CURVES if any(k in r for rows in runs for r in rows)]
     cols = min(4, len(panels))
-    fig, axes = pyplot().subplots(-(-len(panels) // cols), cols, figsize=(3.8 * cols, 3.4 * -(-len(panels) // cols)), squeeze=False)
+    grid_rows = -(-len(panels) // cols)  # ceil
+    fig, axes = pyplot().subplots(grid_rows, cols, figsize=(3.8 * cols, 3.4 * grid_rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (key, title) in zip(axes.flat, panels):
