@@ -6,10 +6,27 @@
 #include <math.h>
 #include <stdlib.h>
 
+// The first index of the largest value. The maximum of each block of 64 is a loop the compiler
+// vectorises (-Ofast); only the first block holding the overall maximum is searched. A scan that
+// compares each value with the best so far is a chain of dependent loads: at vocab 32000 it took
+// longer than a 15M model's attention.
 static int sample_argmax(const float *probabilities, int n) {
-    int max_i = 0;
-    for (int i = 1; i < n; i++) max_i = probabilities[i] > probabilities[max_i] ? i : max_i;
-    return max_i;
+    enum { BLOCK = 64 };
+    float best = probabilities[0];
+    int best_block = 0;
+    for (int b = 0; b < n; b += BLOCK) {
+        const int end = b + BLOCK < n ? b + BLOCK : n;
+        float m = probabilities[b];
+        for (int i = b + 1; i < end; i++) m = probabilities[i] > m ? probabilities[i] : m;
+        if (m > best) {
+            best = m;
+            best_block = b;
+        }
+    }
+    for (int i = best_block; i < n; i++) {
+        if (probabilities[i] == best) return i;
+    }
+    return 0; // NaN everywhere
 }
 
 // coin in [0, 1), probabilities sum to 1
