@@ -2,6 +2,7 @@
 // place where the instruction set's kernels are chosen.
 #include "matmul.h"
 #include "kernels.h"
+#include "ops.h"
 
 #include <math.h>
 #include <stddef.h>
@@ -84,8 +85,9 @@ void quantize_q8(QVector *xq, const float *x, int n, int group_size) {
     }
 }
 
-void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
-            int group_size) {
+// matmul_rope's loop; rope NULL: no rotation
+static void matmul_rows(float *out, const Matrix *w, const float *x, const QVector *xq, int n,
+                        int d, int group_size, const float *rope, int head_size) {
     const int gs = group_size, groups = gs ? n / gs : 0; // scales per row
     int chunk = 0, lane_group[16] = {0};
     RowsQ8 *rows_q8 = gs ? q8_kernel(gs, &chunk) : NULL;
@@ -112,6 +114,18 @@ void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int 
             }
             rows_q8(res, wq, ws, xq, n, gs, lane_group);
         }
+        // (ROWS is even and so are d and head_size when rope is given: the pairs are whole)
+        if (rope) rope_rotate(res, r0, nr, rope, head_size);
         for (int r = 0; r < nr; r++) out[r0 + r] = res[r];
     }
+}
+
+void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
+            int group_size) {
+    matmul_rows(out, w, x, xq, n, d, group_size, NULL, 0);
+}
+
+void matmul_rope(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
+                 int group_size, const float *rope, int head_size) {
+    matmul_rows(out, w, x, xq, n, d, group_size, rope, head_size);
 }

@@ -21,6 +21,10 @@ void quantize_q8(QVector *xq, const float *x, int n, int group_size);
 // that one region can run several independent matmuls; runs serially outside a region.
 void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
             int group_size);
+// matmul, then RoPE on out as ops.h's rope_rotate does it with the table rope (head_size,): each
+// thread rotates the pairs of rows it computed, so nothing waits between the two
+void matmul_rope(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
+                 int group_size, const float *rope, int head_size);
 
 // The kernels this build uses: "avx512-vnni", "avx512", "avx2-vnni", "avx2", "neon-dotprod",
 // "neon" or "portable" (kernels.h).

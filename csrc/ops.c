@@ -31,13 +31,12 @@ void rope_table(float *rope, int pos, int head_size) {
     }
 }
 
-void rope_rotate(float *vec, int n, const float *rope, int head_size) {
-    for (int h = 0; h < n; h += head_size) {
-        for (int i = 0; i < head_size; i += 2) {
-            float v0 = vec[h + i], v1 = vec[h + i + 1];
-            vec[h + i] = v0 * rope[i] - v1 * rope[i + 1];
-            vec[h + i + 1] = v0 * rope[i + 1] + v1 * rope[i];
-        }
+void rope_rotate(float *vec, int first, int n, const float *rope, int head_size) {
+    for (int j = 0; j + 1 < n; j += 2) {
+        const int i = (first + j) % head_size;
+        float v0 = vec[j], v1 = vec[j + 1];
+        vec[j] = v0 * rope[i] - v1 * rope[i + 1];
+        vec[j + 1] = v0 * rope[i + 1] + v1 * rope[i];
     }
 }
 

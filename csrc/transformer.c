@@ -4,6 +4,12 @@
 #include "ops.h"
 
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else // make run and runfast: one thread
+static int omp_get_max_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,10 +17,16 @@
 // run state
 
 static void free_run_state(RunState *s) {
-    float *buffers[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->att, s->logits,
-                        s->rope, s->key_cache, s->value_cache, s->xq.s};
+    float *buffers[] = {s->xb, s->xb2, s->hb, s->hb2, s->q, s->att, s->logits, s->rope,
+                        s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
-    free(s->xq.q);
+    for (int i = 0; s->threads && i < s->n_threads; i++) {
+        free(s->threads[i].x);
+        free(s->threads[i].xb);
+        free(s->threads[i].xq.q);
+        free(s->threads[i].xq.s);
+    }
+    free(s->threads);
     memset(s, 0, sizeof(*s));
 }
 
@@ -23,7 +35,6 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size) {
     const size_t cache = (size_t)p->n_layers * p->seq_len * kv_dim;
     const size_t max_n = p->dim > p->hidden_dim ? p->dim : p->hidden_dim;
     memset(s, 0, sizeof(*s));
-    s->x = calloc(p->dim, sizeof(float));
     s->xb = calloc(p->dim, sizeof(float));
     s->xb2 = calloc(p->dim, sizeof(float));
     s->hb = calloc(p->hidden_dim, sizeof(float));
@@ -34,12 +45,20 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size) {
     s->rope = calloc(p->dim / p->n_heads, sizeof(float));
     s->key_cache = calloc(cache, sizeof(float));
     s->value_cache = calloc(cache, sizeof(float));
-    int ok = s->x && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->att && s->logits &&
-             s->rope && s->key_cache && s->value_cache;
-    if (group_size > 0) {
-        s->xq.q = calloc(max_n, sizeof(int8_t));
-        s->xq.s = calloc(max_n / group_size, sizeof(float));
-        ok = ok && s->xq.q && s->xq.s;
+    s->n_threads = omp_get_max_threads();
+    s->threads = calloc(s->n_threads, sizeof(ThreadState));
+    int ok = s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->att && s->logits && s->rope &&
+             s->key_cache && s->value_cache && s->threads;
+    for (int i = 0; ok && i < s->n_threads; i++) {
+        ThreadState *ts = &s->threads[i];
+        ts->x = calloc(p->dim, sizeof(float));
+        ts->xb = calloc(max_n, sizeof(float));
+        ok = ts->x && ts->xb;
+        if (group_size > 0) {
+            ts->xq.q = calloc(max_n, sizeof(int8_t));
+            ts->xq.s = calloc(max_n / group_size, sizeof(float));
+            ok = ok && ts->xq.q && ts->xq.s;
+        }
     }
     if (!ok) free_run_state(s);
     return ok ? 0 : -1;
@@ -116,8 +135,18 @@ static void attention_head(RunState *s, const Config *p, size_t layer_offset, in
     }
 }
 
-static void residual(float *x, const float *delta, int size) {
-    for (int i = 0; i < size; i++) x[i] += delta[i];
+// A matmul's input from x (n,): kept as is for fp32 weights, quantised for Q8_0 ones
+static void matmul_input(ThreadState *ts, const float *x, int n, int group_size) {
+    if (x != ts->xb) memcpy(ts->xb, x, n * sizeof(float));
+    if (group_size) quantize_q8(&ts->xq, ts->xb, n, group_size);
+}
+
+// The residual connection, then the next matmul's input: x += delta; xb = rmsnorm(x)
+static void residual_norm(ThreadState *ts, const float *delta, const float *weight, int dim,
+                          int group_size) {
+    for (int i = 0; i < dim; i++) ts->x[i] += delta[i];
+    rmsnorm(ts->xb, ts->x, weight, dim);
+    matmul_input(ts, ts->xb, dim, group_size);
 }
 
 // ----------------------------------------------------------------------------
@@ -125,29 +154,29 @@ static void residual(float *x, const float *delta, int size) {
 //
 // One OpenMP parallel region for the whole token: the threads share out the rows of each matmul
 // (matmul.c's `omp for nowait`) and the attention heads, and meet at a barrier before whatever
-// reads the results; the small serial steps (norms, RoPE, quantising an activation) run on one
-// thread (`omp single`, which ends in a barrier). A region per matmul, as before, cost a fork
-// and a join each, about 30 a token, and kept the threads off models below 15M; with barriers
-// instead, threads pay at every size (bench/run_speed.py).
+// reads the results: five barriers a layer. The small steps between matmuls (residual, RMSNorm,
+// SwiGLU, quantising) run on every thread, each into its own ThreadState, rather than on one
+// thread while the others wait at two more barriers; RoPE runs inside the q and k matmuls. A
+// region per matmul, as before, cost a fork and a join each, about 30 a token, and kept the
+// threads off models below 15M; with barriers instead, threads pay at every size.
 
 float *transformer_forward(Transformer *t, int token, int pos) {
     const Config *p = &t->ckpt.config;
     if (token < 0 || token >= p->vocab_size || pos < 0 || pos >= p->seq_len) return NULL;
     const Checkpoint *w = &t->ckpt;
     RunState *s = &t->state;
-    float *x = s->x;
     const int dim = p->dim, hidden_dim = p->hidden_dim, gs = w->group_size;
     const int head_size = dim / p->n_heads;
     const int kv_dim = dim * p->n_kv_heads / p->n_heads;
-    QVector *xq = &s->xq; // used by Q8_0 matmuls only (gs > 0)
-
-    embed(x, &w->tok_embeddings, token, dim, gs);
     rope_table(s->rope, pos, head_size);
-    rmsnorm(s->xb, x, w->layers[0].rms_att, dim);
-    if (gs) quantize_q8(xq, s->xb, dim, gs);
 
-#pragma omp parallel
+    // (no more threads than the state has room for; fewer if the caller has asked for fewer since)
+#pragma omp parallel num_threads(omp_get_max_threads() < s->n_threads ? omp_get_max_threads() : s->n_threads)
     {
+        ThreadState *ts = &s->threads[omp_get_thread_num()];
+        embed(ts->x, &w->tok_embeddings, token, dim, gs);
+        rmsnorm(ts->xb, ts->x, w->layers[0].rms_att, dim);
+        matmul_input(ts, ts->xb, dim, gs);
         for (int l = 0; l < p->n_layers; l++) {
             const Layer *L = &w->layers[l];
             const size_t layer_offset = (size_t)l * p->seq_len * kv_dim;
@@ -155,49 +184,32 @@ float *transformer_forward(Transformer *t, int token, int pos) {
             float *k = s->key_cache + layer_offset + (size_t)pos * kv_dim;
             float *v = s->value_cache + layer_offset + (size_t)pos * kv_dim;
 
-            // attention (s->xb holds the normalised x, and xq its quantised form)
-            matmul(s->q, &L->wq, s->xb, xq, dim, dim, gs);
-            matmul(k, &L->wk, s->xb, xq, dim, kv_dim, gs);
-            matmul(v, &L->wv, s->xb, xq, dim, kv_dim, gs);
+            // attention
+            matmul_rope(s->q, &L->wq, ts->xb, &ts->xq, dim, dim, gs, s->rope, head_size);
+            matmul_rope(k, &L->wk, ts->xb, &ts->xq, dim, kv_dim, gs, s->rope, head_size);
+            matmul(v, &L->wv, ts->xb, &ts->xq, dim, kv_dim, gs);
 #pragma omp barrier
-#pragma omp single
-            {
-                rope_rotate(s->q, dim, s->rope, head_size);
-                rope_rotate(k, kv_dim, s->rope, head_size);
-            }
 #pragma omp for schedule(static)
             for (int h = 0; h < p->n_heads; h++) attention_head(s, p, layer_offset, pos, h);
-#pragma omp single
-            if (gs) quantize_q8(xq, s->xb, dim, gs);
-            matmul(s->xb2, &L->wo, s->xb, xq, dim, dim, gs);
+            matmul_input(ts, s->xb, dim, gs);
+            matmul(s->xb2, &L->wo, ts->xb, &ts->xq, dim, dim, gs);
 #pragma omp barrier
-#pragma omp single
-            {
-                residual(x, s->xb2, dim);
-                rmsnorm(s->xb, x, L->rms_ffn, dim);
-                if (gs) quantize_q8(xq, s->xb, dim, gs);
-            }
+            residual_norm(ts, s->xb2, L->rms_ffn, dim, gs);
 
             // ffn: w2(silu(w1(x)) * w3(x))
-            matmul(s->hb, &L->w1, s->xb, xq, dim, hidden_dim, gs);
-            matmul(s->hb2, &L->w3, s->xb, xq, dim, hidden_dim, gs);
+            matmul(s->hb, &L->w1, ts->xb, &ts->xq, dim, hidden_dim, gs);
+            matmul(s->hb2, &L->w3, ts->xb, &ts->xq, dim, hidden_dim, gs);
 #pragma omp barrier
-#pragma omp single
-            {
-                swiglu(s->hb, s->hb2, hidden_dim);
-                if (gs) quantize_q8(xq, s->hb, hidden_dim, gs);
-            }
-            matmul(s->xb, &L->w2, s->hb, xq, hidden_dim, dim, gs);
+            memcpy(ts->xb, s->hb, hidden_dim * sizeof(float));
+            swiglu(ts->xb, s->hb2, hidden_dim);
+            matmul_input(ts, ts->xb, hidden_dim, gs);
+            matmul(s->xb2, &L->w2, ts->xb, &ts->xq, hidden_dim, dim, gs);
 #pragma omp barrier
-#pragma omp single
-            {
-                residual(x, s->xb, dim);
-                // the next layer's input, or the classifier's
-                rmsnorm(s->xb, x, l + 1 < p->n_layers ? w->layers[l + 1].rms_att : w->rms_final, dim);
-                if (gs) quantize_q8(xq, s->xb, dim, gs);
-            }
+            // the next layer's input, or the classifier's
+            residual_norm(ts, s->xb2, l + 1 < p->n_layers ? w->layers[l + 1].rms_att : w->rms_final,
+                          dim, gs);
         }
-        matmul(s->logits, &w->wcls, s->xb, xq, dim, p->vocab_size, gs);
+        matmul(s->logits, &w->wcls, ts->xb, &ts->xq, dim, p->vocab_size, gs);
     } // the region's end waits for every thread's rows of the logits
     return s->logits;
 }

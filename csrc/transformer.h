@@ -7,19 +7,28 @@
 #include "matmul.h"
 #include "sampler.h"
 
+// Each thread's own copy of the activation between matmuls: the small steps there (residual,
+// RMSNorm, SwiGLU, quantising) run on every thread at once, so a thread goes on to the next matmul
+// without waiting for another to do them.
 typedef struct {
-    float *x;           // (dim,) activation at the current position
-    float *xb;          // (dim,) same, inside a residual branch
-    float *xb2;         // (dim,) an additional buffer
-    float *hb;          // (hidden_dim,) ffn hidden activation
-    float *hb2;         // (hidden_dim,)
-    float *q;           // (dim,) query
-    float *att;         // (n_heads, seq_len) attention scores
-    float *logits;      // (vocab_size,) output
-    float *rope;        // (head_size,) cos, sin of each rotated pair at the current position
-    float *key_cache;   // (n_layers, seq_len, kv_dim)
-    float *value_cache; // (n_layers, seq_len, kv_dim)
-    QVector xq;         // (max(dim, hidden_dim),) the matmul input, quantised, for Q8_0 weights
+    float *x;   // (dim,) activation at the current position: the residual stream
+    float *xb;  // (max(dim, hidden_dim),) the next matmul's input: x normalised, or the gated ffn
+    QVector xq; // (max(dim, hidden_dim),) the same, quantised, for Q8_0 weights
+} ThreadState;
+
+typedef struct {
+    ThreadState *threads; // (n_threads,)
+    int n_threads;        // OpenMP's thread count when the state was made: the forward pass's
+    float *xb;            // (dim,) the attention heads' output
+    float *xb2;           // (dim,) the output of wo and of w2
+    float *hb;            // (hidden_dim,) ffn hidden activation
+    float *hb2;           // (hidden_dim,)
+    float *q;             // (dim,) query
+    float *att;           // (n_heads, seq_len) attention scores
+    float *logits;        // (vocab_size,) output
+    float *rope;          // (head_size,) cos, sin of each rotated pair at the current position
+    float *key_cache;     // (n_layers, seq_len, kv_dim)
+    float *value_cache;   // (n_layers, seq_len, kv_dim)
 } RunState;
 
 typedef struct {
