@@ -78,9 +78,12 @@ void quantize_q8(QVector *xq, const float *x, int n, int group_size) {
         float scale = wmax / 127.0f;
         float inv = scale > 0.0f ? 1.0f / scale : 0.0f; // an all-zero group stays zero
         xq->s[g] = scale;
+        int8_t *q = xq->q + (size_t)g * group_size;
         for (int i = 0; i < group_size; i++) {
-            // lrintf rounds half to even, like numpy; NaN gives an unspecified value, not UB
-            xq->q[(size_t)g * group_size + i] = (int8_t)lrintf(xg[i] * inv);
+            // nearbyintf rounds half to even, like numpy, and vectorises (lrintf does not); the
+            // clamp only keeps a NaN from being converted to int, which is undefined behaviour
+            float v = fminf(fmaxf(nearbyintf(xg[i] * inv), -127.0f), 127.0f);
+            q[i] = (int8_t)(int)v;
         }
     }
 }
