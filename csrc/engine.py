@@ -107,12 +107,14 @@ class Model:
 
     def kv_cache(self):
         """Copies of the key and value caches, (n_layers, seq_len, kv_dim) each: row pos of a layer
-        holds what forward(token, pos) wrote."""
+        holds what forward(token, pos) wrote. (The engine keeps each kv head's positions together.)"""
         c = self.config
-        shape = (c.n_layers, c.seq_len, c.dim * c.n_kv_heads // c.n_heads)
+        head_size = c.dim // c.n_heads
+        shape = (c.n_layers, c.n_kv_heads, c.seq_len, head_size)
         size = 4 * int(np.prod(shape))
         s = self._t.state
-        return tuple(np.frombuffer(ffi.buffer(p, size), dtype=np.float32).reshape(shape).copy()
+        return tuple(np.frombuffer(ffi.buffer(p, size), dtype=np.float32).reshape(shape)
+                     .transpose(0, 2, 1, 3).reshape(c.n_layers, c.seq_len, -1).copy()
                      for p in (s.key_cache, s.value_cache))
 
 

@@ -17,8 +17,8 @@ static int omp_get_thread_num(void) { return 0; }
 // run state
 
 static void free_run_state(RunState *s) {
-    float *buffers[] = {s->xb, s->xb2, s->hb, s->hb2, s->q, s->att, s->logits, s->rope,
-                        s->key_cache, s->value_cache};
+    float *buffers[] = {s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->logits,
+                        s->rope, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
     for (int i = 0; s->threads && i < s->n_threads; i++) {
         free(s->threads[i].x);
@@ -40,6 +40,8 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size) {
     s->hb = calloc(p->hidden_dim, sizeof(float));
     s->hb2 = calloc(p->hidden_dim, sizeof(float));
     s->q = calloc(p->dim, sizeof(float));
+    s->k = calloc(kv_dim, sizeof(float));
+    s->v = calloc(kv_dim, sizeof(float));
     s->att = calloc((size_t)p->n_heads * p->seq_len, sizeof(float));
     s->logits = calloc(p->vocab_size, sizeof(float));
     s->rope = calloc(p->dim / p->n_heads, sizeof(float));
@@ -47,8 +49,8 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size) {
     s->value_cache = calloc(cache, sizeof(float));
     s->n_threads = omp_get_max_threads();
     s->threads = calloc(s->n_threads, sizeof(ThreadState));
-    int ok = s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->att && s->logits && s->rope &&
-             s->key_cache && s->value_cache && s->threads;
+    int ok = s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->v && s->att && s->logits &&
+             s->rope && s->key_cache && s->value_cache && s->threads;
     for (int i = 0; ok && i < s->n_threads; i++) {
         ThreadState *ts = &s->threads[i];
         ts->x = calloc(p->dim, sizeof(float));
@@ -108,19 +110,21 @@ static void embed(float *x, const Matrix *table, int token, int dim, int group_s
     for (int i = 0; i < dim; i++) x[i] = q[i] * s[i / group_size];
 }
 
-// Attention of query head h of s->q over the cached keys and values of positions 0..pos of one
-// layer; writes the head's output to its part of s->xb.
-static void attention_head(RunState *s, const Config *p, size_t layer_offset, int pos, int h) {
+// Attention of query head h of s->q over positions 0..pos of layer l; writes the head's output to
+// its part of s->xb. Positions before pos come from the cache, pos itself from s->k and s->v,
+// which the first query head of each kv head then stores in the cache: the other heads read only
+// earlier positions there, so no thread waits for that write.
+static void attention_head(RunState *s, const Config *p, int l, int pos, int h) {
     const int head_size = p->dim / p->n_heads;
-    const int kv_dim = p->dim * p->n_kv_heads / p->n_heads;
-    const int kv_mul = p->n_heads / p->n_kv_heads; // query heads per kv head (GQA)
+    const int kv_head = h / (p->n_heads / p->n_kv_heads); // GQA: query heads share kv heads
     const float scale = 1.0f / sqrtf(head_size);
+    const size_t cache_offset = ((size_t)l * p->n_kv_heads + kv_head) * p->seq_len * head_size;
+    float *k = s->key_cache + cache_offset, *v = s->value_cache + cache_offset;
+    const float *k_pos = s->k + kv_head * head_size, *v_pos = s->v + kv_head * head_size;
     const float *q = s->q + h * head_size;
     float *att = s->att + (size_t)h * p->seq_len;
-    const float *k = s->key_cache + layer_offset + (h / kv_mul) * head_size;
-    const float *v = s->value_cache + layer_offset + (h / kv_mul) * head_size;
     for (int t = 0; t <= pos; t++) {
-        const float *kt = k + (size_t)t * kv_dim;
+        const float *kt = t < pos ? k + (size_t)t * head_size : k_pos;
         float score = 0.0f;
         for (int i = 0; i < head_size; i++) score += q[i] * kt[i];
         att[t] = score * scale;
@@ -129,9 +133,13 @@ static void attention_head(RunState *s, const Config *p, size_t layer_offset, in
     float *xb = s->xb + h * head_size;
     memset(xb, 0, head_size * sizeof(float));
     for (int t = 0; t <= pos; t++) {
-        const float *vt = v + (size_t)t * kv_dim;
+        const float *vt = t < pos ? v + (size_t)t * head_size : v_pos;
         const float a = att[t];
         for (int i = 0; i < head_size; i++) xb[i] += a * vt[i];
+    }
+    if (h == kv_head * (p->n_heads / p->n_kv_heads)) {
+        memcpy(k + (size_t)pos * head_size, k_pos, head_size * sizeof(float));
+        memcpy(v + (size_t)pos * head_size, v_pos, head_size * sizeof(float));
     }
 }
 
@@ -179,18 +187,14 @@ float *transformer_forward(Transformer *t, int token, int pos) {
         matmul_input(ts, ts->xb, dim, gs);
         for (int l = 0; l < p->n_layers; l++) {
             const Layer *L = &w->layers[l];
-            const size_t layer_offset = (size_t)l * p->seq_len * kv_dim;
-            // this position's key and value are written straight into the cache
-            float *k = s->key_cache + layer_offset + (size_t)pos * kv_dim;
-            float *v = s->value_cache + layer_offset + (size_t)pos * kv_dim;
 
             // attention
             matmul_rope(s->q, &L->wq, ts->xb, &ts->xq, dim, dim, gs, s->rope, head_size);
-            matmul_rope(k, &L->wk, ts->xb, &ts->xq, dim, kv_dim, gs, s->rope, head_size);
-            matmul(v, &L->wv, ts->xb, &ts->xq, dim, kv_dim, gs);
+            matmul_rope(s->k, &L->wk, ts->xb, &ts->xq, dim, kv_dim, gs, s->rope, head_size);
+            matmul(s->v, &L->wv, ts->xb, &ts->xq, dim, kv_dim, gs);
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (int h = 0; h < p->n_heads; h++) attention_head(s, p, layer_offset, pos, h);
+            for (int h = 0; h < p->n_heads; h++) attention_head(s, p, l, pos, h);
             matmul_input(ts, s->xb, dim, gs);
             matmul(s->xb2, &L->wo, ts->xb, &ts->xq, dim, dim, gs);
 #pragma omp barrier

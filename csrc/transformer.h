@@ -24,11 +24,13 @@ typedef struct {
     float *hb;            // (hidden_dim,) ffn hidden activation
     float *hb2;           // (hidden_dim,)
     float *q;             // (dim,) query
+    float *k;             // (kv_dim,) key at the current position, on its way to the cache
+    float *v;             // (kv_dim,) value, the same
     float *att;           // (n_heads, seq_len) attention scores
     float *logits;        // (vocab_size,) output
     float *rope;          // (head_size,) cos, sin of each rotated pair at the current position
-    float *key_cache;     // (n_layers, seq_len, kv_dim)
-    float *value_cache;   // (n_layers, seq_len, kv_dim)
+    float *key_cache;     // (n_layers, n_kv_heads, seq_len, head_size): a head's keys in one run
+    float *value_cache;   // (n_layers, n_kv_heads, seq_len, head_size)
 } RunState;
 
 typedef struct {

@@ -380,7 +380,7 @@ def test_run_output_does_not_depend_on_the_thread_count(tmp_path, kernel_build, 
     c = Config(dim=128, hidden_dim=384, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, seq_len=128)
     path = rewrite(tmp_path, "m.bin", c, formats.random_weights(c, std=0.1), version)
     outputs = set()
-    for threads in ["1", "2"]:
+    for threads in ["1", "2", "3"]:  # 3: uneven shares of rows and heads
         # passive: sleeping rather than spinning threads keep this quick on a busy machine
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "passive"}
         r = subprocess.run([kernel_build.run, str(path), "-z", str(TOK512), "-t", "0.9", "-s", "3", "-n", "128"],
