@@ -5,7 +5,9 @@ run.c and runq.c (--llama2c=DIR, its source) and llama.cpp's llama-bench (--llam
 build with llama-bench, llama-quantize and llama-convert-llama2c-to-ggml in DIR/bin), engines
 alternating within each round. Each speed is also given as a share of the machine's read-bandwidth
 roofline: the tok/s at which a plain OpenMP read loop (bench/bandwidth.c, same flags and threads)
-reads that model's weights once per token. Reports medians as a JSON blob and a markdown table.
+reads what a token must read: the model's weights once, and the keys and values of the positions
+before it at the run's mean position (fp32, as the engine caches them: 8% of a 42M Q8_0 token's bytes).
+Reports medians as a JSON blob and a markdown table.
 
     python bench/run_speed.py
     python bench/run_speed.py --shapes=15M,42M --threads=2 --llama2c=../llama2.c --llama_cpp=../llama.cpp/build
@@ -60,6 +62,12 @@ def weight_bytes_per_token(c, fmt):
     return params * (1 + 4 / group_size(c)) if fmt == "q8_0" else params * 4
 
 
+def kv_bytes_per_token(c):
+    """fp32 keys and values a token's attention reads, at the mean position of a STEPS-token run."""
+    kv_dim = c.dim * c.n_kv_heads // c.n_heads
+    return c.n_layers * 2 * kv_dim * 4 * (STEPS + 1) / 2
+
+
 def sh(*cmd, env=None):
     return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=True, env=env, cwd=ROOT)
 
@@ -67,9 +75,17 @@ def sh(*cmd, env=None):
 # ---------------------------------------------------------------------------
 # the engines: each prepares its files for a model once, then times one generation
 
-def achieved_tok_s(cmd, threads):
-    r = sh(*cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    return float(re.search(r"achieved tok/s: ([0-9.]+)", r.stderr).group(1))
+def generate(cmd, threads):
+    """run.c-style generation: the text goes to /dev/null, stderr (its tok/s) is returned. A pipe
+    read by this process would wake it at every token (run.c flushes each one) and take a core
+    from the engine: 7% of 15M's speed at 2 threads here, a cost llama-bench, which prints
+    nothing while it generates, does not pay."""
+    return subprocess.run(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, cwd=ROOT).stderr
+
+
+def achieved_tok_s(stderr):
+    return float(re.search(r"achieved tok/s: ([0-9.]+)", stderr).group(1))
 
 
 class Ours:
@@ -84,10 +100,9 @@ class Ours:
         self.models, self.tokenizer = models, tokenizer
 
     def tok_s(self, fmt, threads):
-        cmd = [self.bin, self.models[fmt], "-z", self.tokenizer, "-t", "0", "-n", STEPS]
-        r = sh(*cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        self.kernels = re.search(r"kernels: ([\w-]+)", r.stderr).group(1)
-        return float(re.search(r"achieved tok/s: ([0-9.]+)", r.stderr).group(1))
+        stderr = generate([self.bin, self.models[fmt], "-z", self.tokenizer, "-t", "0", "-n", STEPS], threads)
+        self.kernels = re.search(r"kernels: ([\w-]+)", stderr).group(1)
+        return achieved_tok_s(stderr)
 
 
 class Llama2c:
@@ -107,7 +122,7 @@ class Llama2c:
 
     def tok_s(self, fmt, threads):
         model = self.models["fp32_v0" if fmt == "fp32" else fmt]
-        return achieved_tok_s([self.bins[fmt], model, "-z", self.tokenizer, "-t", "0", "-n", STEPS], threads)
+        return achieved_tok_s(generate([self.bins[fmt], model, "-z", self.tokenizer, "-t", "0", "-n", STEPS], threads))
 
 
 class LlamaCpp:
@@ -185,14 +200,16 @@ def main():
             for e in engines:
                 e.prepare(paths, tokenizer)
             for fmt in args.formats.split(","):
-                nbytes = weight_bytes_per_token(c, fmt)
+                weight_bytes, kv_bytes = weight_bytes_per_token(c, fmt), kv_bytes_per_token(c)
+                nbytes = weight_bytes + kv_bytes
                 for t in threads:
                     speeds = {e.name: [] for e in engines}
                     for _ in range(args.runs):  # one run of each engine a round: drift hits all alike
                         for e in engines:
                             speeds[e.name].append(e.tok_s(fmt, t))
                     roof_gb_s = bandwidth(tmp, args.arch, nbytes, t)
-                    row = dict(model=name, format=fmt, threads=t, weights_mb=round(nbytes / 1e6, 1),
+                    row = dict(model=name, format=fmt, threads=t, weights_mb=round(weight_bytes / 1e6, 1),
+                               kv_mb=round(kv_bytes / 1e6, 1),
                                roofline_gb_s=roof_gb_s, roofline_tok_s=round(roof_gb_s * 1e9 / nbytes, 1))
                     for e in engines:
                         row[e.name] = round(statistics.median(speeds[e.name]), 1)
