@@ -3,21 +3,22 @@
 #include "error.h"
 #include "ops.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 
-// The first index of the largest value. The maximum of each block of 64 is a loop the compiler
-// vectorises (-Ofast); only the first block holding the overall maximum is searched. A scan that
-// compares each value with the best so far is a chain of dependent loads: at vocab 32000 it took
-// longer than a 15M model's attention.
+// The first index of the largest value (NaN never wins; 0 if nothing but NaN and -inf). The
+// maximum of each block of 64 is a loop the compiler vectorises (-Ofast); only the first block
+// holding the overall maximum is searched. A scan that compares each value with the best so far
+// is a chain of dependent loads: at vocab 32000 it took 6% of a 15M model's token.
 static int sample_argmax(const float *probabilities, int n) {
     enum { BLOCK = 64 };
-    float best = probabilities[0];
+    float best = -FLT_MAX;
     int best_block = 0;
     for (int b = 0; b < n; b += BLOCK) {
         const int end = b + BLOCK < n ? b + BLOCK : n;
-        float m = probabilities[b];
-        for (int i = b + 1; i < end; i++) m = probabilities[i] > m ? probabilities[i] : m;
+        float m = -FLT_MAX;
+        for (int i = b; i < end; i++) m = probabilities[i] > m ? probabilities[i] : m;
         if (m > best) {
             best = m;
             best_block = b;
@@ -26,7 +27,7 @@ static int sample_argmax(const float *probabilities, int n) {
     for (int i = best_block; i < n; i++) {
         if (probabilities[i] == best) return i;
     }
-    return 0; // NaN everywhere
+    return 0;
 }
 
 // coin in [0, 1), probabilities sum to 1

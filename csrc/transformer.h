@@ -9,16 +9,18 @@
 
 // Each thread's own copy of the activation between matmuls: the small steps there (residual,
 // RMSNorm, SwiGLU, quantising) run on every thread at once, so a thread goes on to the next matmul
-// without waiting for another to do them.
+// without waiting for another to do them. (The copies agree because every thread runs the same
+// code on the same inputs under the same floating-point settings.)
 typedef struct {
     float *x;   // (dim,) activation at the current position: the residual stream
-    float *xb;  // (max(dim, hidden_dim),) the next matmul's input: x normalised, or the gated ffn
+    float *xb;  // (max(dim, hidden_dim),) the next matmul's input: x normalised, the attention's
+                // output, or the gated ffn
     QVector xq; // (max(dim, hidden_dim),) the same, quantised, for Q8_0 weights
 } ThreadState;
 
 typedef struct {
     ThreadState *threads; // (n_threads,)
-    int n_threads;        // OpenMP's thread count when the state was made: the forward pass's
+    int n_threads;        // OpenMP's thread count when the state was made: the most a forward uses
     float *xb;            // (dim,) the attention heads' output
     float *xb2;           // (dim,) the output of wo and of w2
     float *hb;            // (hidden_dim,) ffn hidden activation

@@ -291,6 +291,27 @@ def test_top_p_sampling_matches_llama2c_sampler_in_numpy():
     assert ids == expected
 
 
+def test_greedy_sampling_returns_the_first_maximum():
+    # sample_argmax works by blocks of 64: ties across and inside blocks, a short last block,
+    # NaN (never wins, even at the start of a block), -inf
+    rng = np.random.default_rng(0)
+    err = engine.ffi.new("char[]", engine.ERR_LEN)
+    for n in [1, 63, 64, 65, 200, 4097]:
+        cases = [rng.standard_normal(n).astype(np.float32) for _ in range(20)]
+        for c in cases[:10]:
+            c[rng.integers(n, size=3)] = c.max() + 1  # up to three ties
+        for c in cases[10:15]:
+            c[::64] = np.nan  # the first value of every block
+        cases += [np.full(n, -np.inf, np.float32), np.full(n, np.nan, np.float32)]
+        s = engine.ffi.new("Sampler *")
+        assert engine.load().sampler_init(s, n, 0.0, 0.9, 1, err) == 0
+        for c in cases:
+            finite = np.where(np.isnan(c), -np.inf, c)
+            expected = int(np.argmax(finite))  # the first maximum; 0 if no value is above -inf
+            assert engine.load().sampler_sample(s, engine.ffi.from_buffer("float[]", c.copy())) == expected
+        engine.load().sampler_free(s)
+
+
 def test_sampling_is_deterministic_per_seed():
     model = engine.Model(STORIES260K)
     a = engine.generate(model, [1], steps=64, temperature=1.0, topp=0.9, seed=7)
