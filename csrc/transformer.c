@@ -116,7 +116,8 @@ static void embed(float *x, const Matrix *table, int token, int dim, int group_s
 // earlier positions there, so no thread waits for that write.
 static void attention_head(RunState *s, const Config *p, int l, int pos, int h) {
     const int head_size = p->dim / p->n_heads;
-    const int kv_head = h / (p->n_heads / p->n_kv_heads); // GQA: query heads share kv heads
+    const int kv_mul = p->n_heads / p->n_kv_heads; // query heads per kv head (GQA)
+    const int kv_head = h / kv_mul;
     const float scale = 1.0f / sqrtf(head_size);
     const size_t cache_offset = ((size_t)l * p->n_kv_heads + kv_head) * p->seq_len * head_size;
     float *k = s->key_cache + cache_offset, *v = s->value_cache + cache_offset;
@@ -137,13 +138,14 @@ static void attention_head(RunState *s, const Config *p, int l, int pos, int h) 
         const float a = att[t];
         for (int i = 0; i < head_size; i++) xb[i] += a * vt[i];
     }
-    if (h == kv_head * (p->n_heads / p->n_kv_heads)) {
+    if (h % kv_mul == 0) {
         memcpy(k + (size_t)pos * head_size, k_pos, head_size * sizeof(float));
         memcpy(v + (size_t)pos * head_size, v_pos, head_size * sizeof(float));
     }
 }
 
-// A matmul's input from x (n,): kept as is for fp32 weights, quantised for Q8_0 ones
+// The next matmul's input from x (n,): in ts->xb (which fp32 weights read) and, for Q8_0 weights,
+// quantised into ts->xq
 static void matmul_input(ThreadState *ts, const float *x, int n, int group_size) {
     if (x != ts->xb) memcpy(ts->xb, x, n * sizeof(float));
     if (group_size) quantize_q8(&ts->xq, ts->xb, n, group_size);
