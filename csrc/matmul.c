@@ -88,9 +88,8 @@ void quantize_q8(QVector *xq, const float *x, int n, int group_size) {
     }
 }
 
-// matmul_rope's loop; rope NULL: no rotation
-static void matmul_rows(float *out, const Matrix *w, const float *x, const QVector *xq, int n,
-                        int d, int group_size, const float *rope, int head_size) {
+void matmul_rope(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
+                 int group_size, const float *rope, int head_size) {
     const int gs = group_size, groups = gs ? n / gs : 0; // scales per row
     int chunk = 0, lane_group[16] = {0};
     RowsQ8 *rows_q8 = gs ? q8_kernel(gs, &chunk) : NULL;
@@ -125,10 +124,5 @@ static void matmul_rows(float *out, const Matrix *w, const float *x, const QVect
 
 void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
             int group_size) {
-    matmul_rows(out, w, x, xq, n, d, group_size, NULL, 0);
-}
-
-void matmul_rope(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
-                 int group_size, const float *rope, int head_size) {
-    matmul_rows(out, w, x, xq, n, d, group_size, rope, head_size);
+    matmul_rope(out, w, x, xq, n, d, group_size, NULL, 0);
 }

@@ -21,8 +21,8 @@ void quantize_q8(QVector *xq, const float *x, int n, int group_size);
 // that one region can run several independent matmuls; runs serially outside a region.
 void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
             int group_size);
-// matmul, then RoPE on out as ops.h's rope_rotate does it with the table rope (head_size,): each
-// thread rotates the pairs of rows it computed, so nothing waits between the two
+// matmul, then RoPE on out as ops.h's rope_rotate does it with the table rope (head_size,), or
+// none if rope is NULL: each thread rotates the pairs of rows it computed, so nothing waits between
 void matmul_rope(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
                  int group_size, const float *rope, int head_size);
 

@@ -40,6 +40,6 @@ void rope_rotate(float *vec, int first, int n, const float *rope, int head_size)
     }
 }
 
-void swiglu(float *h, const float *h2, int size) {
-    for (int i = 0; i < size; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
+void swiglu(float *out, const float *h, const float *h2, int size) {
+    for (int i = 0; i < size; i++) out[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
 }

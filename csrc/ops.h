@@ -12,7 +12,7 @@ void rope_table(float *rope, int pos, int head_size);
 // RoPE: rotates the pairs (i, i+1) of vec (n,) by the angles of rope_table, where vec holds the
 // values first..first+n-1 (first even) of a vector of heads of head_size
 void rope_rotate(float *vec, int first, int n, const float *rope, int head_size);
-// SwiGLU's gate: h = silu(h) * h2 = h * sigmoid(h) * h2
-void swiglu(float *h, const float *h2, int size);
+// SwiGLU's gate: out = silu(h) * h2 = h * sigmoid(h) * h2
+void swiglu(float *out, const float *h, const float *h2, int size);
 
 #endif

@@ -144,19 +144,13 @@ static void attention_head(RunState *s, const Config *p, int l, int pos, int h) 
     }
 }
 
-// The next matmul's input from x (n,): in ts->xb (which fp32 weights read) and, for Q8_0 weights,
-// quantised into ts->xq
-static void matmul_input(ThreadState *ts, const float *x, int n, int group_size) {
-    if (x != ts->xb) memcpy(ts->xb, x, n * sizeof(float));
-    if (group_size) quantize_q8(&ts->xq, ts->xb, n, group_size);
-}
-
-// The residual connection, then the next matmul's input: x += delta; xb = rmsnorm(x)
+// The residual connection, then the next matmul's input: x += delta; xb = rmsnorm(x), and xq
+// its quantised form for Q8_0 weights
 static void residual_norm(ThreadState *ts, const float *delta, const float *weight, int dim,
                           int group_size) {
     for (int i = 0; i < dim; i++) ts->x[i] += delta[i];
     rmsnorm(ts->xb, ts->x, weight, dim);
-    matmul_input(ts, ts->xb, dim, group_size);
+    if (group_size) quantize_q8(&ts->xq, ts->xb, dim, group_size);
 }
 
 // ----------------------------------------------------------------------------
@@ -186,7 +180,7 @@ float *transformer_forward(Transformer *t, int token, int pos) {
         ThreadState *ts = &s->threads[omp_get_thread_num()];
         embed(ts->x, &w->tok_embeddings, token, dim, gs);
         rmsnorm(ts->xb, ts->x, w->layers[0].rms_att, dim);
-        matmul_input(ts, ts->xb, dim, gs);
+        if (gs) quantize_q8(&ts->xq, ts->xb, dim, gs);
         for (int l = 0; l < p->n_layers; l++) {
             const Layer *L = &w->layers[l];
 
@@ -197,8 +191,8 @@ float *transformer_forward(Transformer *t, int token, int pos) {
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (int h = 0; h < p->n_heads; h++) attention_head(s, p, l, pos, h);
-            matmul_input(ts, s->xb, dim, gs);
-            matmul(s->xb2, &L->wo, ts->xb, &ts->xq, dim, dim, gs);
+            if (gs) quantize_q8(&ts->xq, s->xb, dim, gs);
+            matmul(s->xb2, &L->wo, s->xb, &ts->xq, dim, dim, gs);
 #pragma omp barrier
             residual_norm(ts, s->xb2, L->rms_ffn, dim, gs);
 
@@ -206,9 +200,8 @@ float *transformer_forward(Transformer *t, int token, int pos) {
             matmul(s->hb, &L->w1, ts->xb, &ts->xq, dim, hidden_dim, gs);
             matmul(s->hb2, &L->w3, ts->xb, &ts->xq, dim, hidden_dim, gs);
 #pragma omp barrier
-            memcpy(ts->xb, s->hb, hidden_dim * sizeof(float));
-            swiglu(ts->xb, s->hb2, hidden_dim);
-            matmul_input(ts, ts->xb, hidden_dim, gs);
+            swiglu(ts->xb, s->hb, s->hb2, hidden_dim);
+            if (gs) quantize_q8(&ts->xq, ts->xb, hidden_dim, gs);
             matmul(s->xb2, &L->w2, ts->xb, &ts->xq, hidden_dim, dim, gs);
 #pragma omp barrier
             // the next layer's input, or the classifier's

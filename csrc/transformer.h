@@ -13,9 +13,8 @@
 // code on the same inputs under the same floating-point settings.)
 typedef struct {
     float *x;   // (dim,) activation at the current position: the residual stream
-    float *xb;  // (max(dim, hidden_dim),) the next matmul's input: x normalised, the attention's
-                // output, or the gated ffn
-    QVector xq; // (max(dim, hidden_dim),) the same, quantised, for Q8_0 weights
+    float *xb;  // (max(dim, hidden_dim),) the next matmul's input: x normalised, or the gated ffn
+    QVector xq; // (max(dim, hidden_dim),) a matmul's input quantised, for Q8_0 weights
 } ThreadState;
 
 typedef struct {
