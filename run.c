@@ -46,14 +46,16 @@ static void print_piece(const Tokenizer *tokenizer, int prev, int token) {
     fflush(stdout);
 }
 
-// One line on stderr: the kernels this build runs (make runomp ARCH=...) and its threads.
-static void print_kernels(void) {
+// One line on stderr: the kernels this build runs (make runomp ARCH=...), its threads, and the
+// KV cache's type when it is not the default.
+static void print_kernels(const Transformer *transformer) {
 #ifdef _OPENMP
     int threads = omp_get_max_threads();
 #else
     int threads = 1;
 #endif
-    fprintf(stderr, "kernels: %s, %d thread%s\n", matmul_kernels(), threads, threads > 1 ? "s" : "");
+    fprintf(stderr, "kernels: %s, %d thread%s%s\n", matmul_kernels(), threads, threads > 1 ? "s" : "",
+            transformer->state.kv_type == KV_F16 ? ", fp16 KV cache" : "");
 }
 
 static int *encode_or_die(const Tokenizer *tokenizer, const char *text, int *n_tokens) {
@@ -88,7 +90,7 @@ static void generate(Transformer *transformer, const Tokenizer *tokenizer, Sampl
     Printer printer = {tokenizer, 0, 0.0};
     char err[ERR_LEN];
     if (transformer_check_prompt(transformer, prompt_tokens, n_prompt, err) != 0) die(err);
-    print_kernels();
+    print_kernels(transformer);
     if (transformer_generate(transformer, sampler, prompt_tokens, n_prompt, steps, NULL,
                              print_token, &printer, err) < 0) {
         die(err);
@@ -120,7 +122,7 @@ static void chat(Transformer *transformer, const Tokenizer *tokenizer, Sampler *
     char system_prompt[512] = "", user_prompt[512], rendered_prompt[1152];
     int *prompt_tokens = NULL;
     int n_prompt = 0, user_idx = 0, user_turn = 1, next = 0;
-    print_kernels();
+    print_kernels(transformer);
     for (int pos = 0; pos < steps; pos++) {
         if (user_turn) {
             if (pos == 0) {
@@ -177,6 +179,7 @@ static void error_usage(void) {
     fprintf(stderr, "  -z <string> optional path to custom tokenizer\n");
     fprintf(stderr, "  -m <string> mode: generate|chat, default: generate\n");
     fprintf(stderr, "  -y <string> (optional) system prompt in chat mode\n");
+    fprintf(stderr, "  -k <string> KV cache type: f32|f16, default f32 (f16: half the memory)\n");
     exit(EXIT_FAILURE);
 }
 
@@ -216,6 +219,7 @@ int main(int argc, char *argv[]) {
     unsigned long long rng_seed = 0;  // seed rng with time by default
     const char *mode = "generate";    // generate|chat
     const char *system_prompt = NULL; // the (optional) system prompt in chat mode
+    const char *kv_cache = "f32";     // f32|f16
 
     if (argc < 2) error_usage();
     checkpoint_path = argv[1];
@@ -236,6 +240,7 @@ int main(int argc, char *argv[]) {
         case 'z': tokenizer_path = value; break;
         case 'm': mode = value; break;
         case 'y': system_prompt = value; break;
+        case 'k': kv_cache = value; break;
         default: error_usage();
         }
     }
@@ -248,9 +253,14 @@ int main(int argc, char *argv[]) {
         error_usage();
     }
 
+    if (strcmp(kv_cache, "f32") != 0 && strcmp(kv_cache, "f16") != 0) {
+        bad_value("-k", "f32 or f16", kv_cache);
+    }
+
     char err[ERR_LEN];
     Transformer transformer;
-    if (transformer_open(&transformer, checkpoint_path, err) != 0) die(err);
+    KVType kv_type = strcmp(kv_cache, "f16") == 0 ? KV_F16 : KV_F32;
+    if (transformer_open(&transformer, checkpoint_path, kv_type, err) != 0) die(err);
     const int vocab_size = transformer.ckpt.config.vocab_size;
     Tokenizer tokenizer;
     if (tokenizer_open(&tokenizer, tokenizer_path, vocab_size, err) != 0) die(err);

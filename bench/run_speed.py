@@ -6,14 +6,16 @@ build with llama-bench, llama-quantize and llama-convert-llama2c-to-ggml in DIR/
 alternating within each round. Each speed is also given as a share of the machine's read-bandwidth
 roofline: the tok/s at which a plain OpenMP read loop (bench/bandwidth.c, same flags and threads)
 reads what a token must read: the model's weights once, and the keys and values of the positions
-before it at the run's mean position (fp32, as the engine caches them: 8% of a 42M Q8_0 token's bytes).
-Reports medians as a JSON blob and a markdown table.
+before it at the run's mean position (fp32, as the engine caches them by default: 8% of a 42M Q8_0
+token's bytes at 256 steps; --kv_cache=f16 runs ours with its fp16 cache, half those bytes, as
+llama.cpp caches them). Reports medians as a JSON blob and a markdown table.
 
     python bench/run_speed.py
     python bench/run_speed.py --shapes=15M,42M --threads=2 --llama2c=../llama2.c --llama_cpp=../llama.cpp/build
     python bench/run_speed.py --arch=x86-64-v3 ...   # the AVX2 path (and AVX2 builds of the anchors)
+    python bench/run_speed.py --shapes=110M --steps=1024 --kv_cache=f16   # the whole context
 
-Generation is greedy (-t 0, 256 tokens from BOS): with random weights the next-token distribution
+Generation is greedy (-t 0, 256 tokens from BOS by default, at most the model's seq_len): with random weights the next-token distribution
 is flat, so top-p sampling would sort the whole vocabulary every step, which no real model makes
 it do. Token 1 (BOS, which stops generation) gets the same embedding as token 0, so its logit ties
 with token 0's and greedy decoding, which keeps the first maximum, never picks it.
@@ -40,7 +42,6 @@ SHAPES = {
     "42M": Config(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, seq_len=1024),
     "110M": Config(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, seq_len=1024),
 }
-STEPS = 256
 FORMATS = ["fp32", "q8_0"]
 
 
@@ -62,10 +63,10 @@ def weight_bytes_per_token(c, fmt):
     return params * (1 + 4 / group_size(c)) if fmt == "q8_0" else params * 4
 
 
-def kv_bytes_per_token(c):
-    """fp32 keys and values a token's attention reads, at the mean position of a STEPS-token run."""
+def kv_bytes_per_token(c, steps, kv_cache):
+    """The keys and values a token's attention reads, at the mean position of a run of steps."""
     kv_dim = c.dim * c.n_kv_heads // c.n_heads
-    return c.n_layers * 2 * kv_dim * 4 * (STEPS + 1) / 2
+    return c.n_layers * 2 * kv_dim * (2 if kv_cache == "f16" else 4) * (steps + 1) / 2
 
 
 def sh(*cmd, env=None):
@@ -91,7 +92,8 @@ def achieved_tok_s(stderr):
 class Ours:
     name = "ours"
 
-    def __init__(self, tmp, arch):
+    def __init__(self, tmp, arch, kv_cache):
+        self.kv_cache = kv_cache
         self.bin = os.path.join(tmp, "run")
         sh("make", "-s", "-B", "runomp", f"ARCH={arch}", f"BIN={self.bin}")
         self.kernels = None  # read from run's stderr
@@ -99,8 +101,9 @@ class Ours:
     def prepare(self, models, tokenizer):
         self.models, self.tokenizer = models, tokenizer
 
-    def tok_s(self, fmt, threads):
-        stderr = generate([self.bin, self.models[fmt], "-z", self.tokenizer, "-t", "0", "-n", STEPS], threads)
+    def tok_s(self, fmt, threads, steps):
+        stderr = generate([self.bin, self.models[fmt], "-z", self.tokenizer, "-t", "0", "-n", steps,
+                           "-k", self.kv_cache], threads)
         self.kernels = re.search(r"kernels: ([\w-]+)", stderr).group(1)
         return achieved_tok_s(stderr)
 
@@ -120,9 +123,9 @@ class Llama2c:
     def prepare(self, models, tokenizer):
         self.models, self.tokenizer = models, tokenizer
 
-    def tok_s(self, fmt, threads):
+    def tok_s(self, fmt, threads, steps):
         model = self.models["fp32_v0" if fmt == "fp32" else fmt]
-        return achieved_tok_s(generate([self.bins[fmt], model, "-z", self.tokenizer, "-t", "0", "-n", STEPS], threads))
+        return achieved_tok_s(generate([self.bins[fmt], model, "-z", self.tokenizer, "-t", "0", "-n", steps], threads))
 
 
 class LlamaCpp:
@@ -141,8 +144,8 @@ class LlamaCpp:
         sh(os.path.join(self.bin, "llama-quantize"), f32, q8, "Q8_0")
         self.models = {"fp32": f32, "q8_0": q8}
 
-    def tok_s(self, fmt, threads):
-        r = sh(os.path.join(self.bin, "llama-bench"), "-m", self.models[fmt], "-p", 0, "-n", STEPS, "-t", threads,
+    def tok_s(self, fmt, threads, steps):
+        r = sh(os.path.join(self.bin, "llama-bench"), "-m", self.models[fmt], "-p", 0, "-n", steps, "-t", threads,
                "-r", 1, "-o", "json", env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         return json.loads(r.stdout)[0]["avg_ts"]
 
@@ -184,10 +187,12 @@ def main():
     parser.add_argument("--arch", default="native", help="make's ARCH for our build and -march for the anchors")
     parser.add_argument("--llama2c", help="llama2.c's source directory (run.c, runq.c)")
     parser.add_argument("--llama_cpp", help="a llama.cpp build directory (bin/llama-bench, ...)")
+    parser.add_argument("--steps", type=int, default=256, help="tokens generated (at most each model's seq_len)")
+    parser.add_argument("--kv_cache", default="f32", choices=["f32", "f16"], help="our engine's KV cache type")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        engines = [Ours(tmp, args.arch)]
+        engines = [Ours(tmp, args.arch, args.kv_cache)]
         if args.llama2c:
             engines.append(Llama2c(tmp, args.arch, args.llama2c))
         if args.llama_cpp:
@@ -196,19 +201,20 @@ def main():
         peaks = {t: {size: bandwidth(tmp, args.arch, size, t) for size in (16e6, 1e9)} for t in threads}
         for name in args.shapes.split(","):
             c = SHAPES[name]
+            steps = min(args.steps, c.seq_len)
             paths, tokenizer = write_models(name, c, tmp)
             for e in engines:
                 e.prepare(paths, tokenizer)
             for fmt in args.formats.split(","):
-                weight_bytes, kv_bytes = weight_bytes_per_token(c, fmt), kv_bytes_per_token(c)
+                weight_bytes, kv_bytes = weight_bytes_per_token(c, fmt), kv_bytes_per_token(c, steps, args.kv_cache)
                 nbytes = weight_bytes + kv_bytes
                 for t in threads:
                     speeds = {e.name: [] for e in engines}
                     for _ in range(args.runs):  # one run of each engine a round: drift hits all alike
                         for e in engines:
-                            speeds[e.name].append(e.tok_s(fmt, t))
+                            speeds[e.name].append(e.tok_s(fmt, t, steps))
                     roof_gb_s = bandwidth(tmp, args.arch, nbytes, t)
-                    row = dict(model=name, format=fmt, threads=t, weights_mb=round(weight_bytes / 1e6, 1),
+                    row = dict(model=name, format=fmt, threads=t, steps=steps, weights_mb=round(weight_bytes / 1e6, 1),
                                kv_mb=round(kv_bytes / 1e6, 1),
                                roofline_gb_s=roof_gb_s, roofline_tok_s=round(roof_gb_s * 1e9 / nbytes, 1))
                     for e in engines:
@@ -220,17 +226,19 @@ def main():
                             row["ours_vs_" + anchor] = round(row["ours"] / row[anchor], 2)
                     results.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_runs")), file=sys.stderr)
-    report = dict(steps=STEPS, cpu=cpu_name(), arch=args.arch, kernels=engines[0].kernels,
+    report = dict(kv_cache=args.kv_cache, cpu=cpu_name(), arch=args.arch, kernels=engines[0].kernels,
                   bandwidth_gb_s={t: {"16MB": p[16e6], "1GB": p[1e9]} for t, p in peaks.items()}, results=results)
     print(json.dumps(report, indent=1))
-    print(f"\n{report['cpu']}, ARCH={args.arch} (kernels: {report['kernels']}); read bandwidth, GB/s: "
+    print(f"\n{report['cpu']}, ARCH={args.arch} (kernels: {report['kernels']}, {args.kv_cache} KV cache); "
+          "read bandwidth, GB/s: "
           + "; ".join(f"{t} threads {p[16e6]:.0f} (16 MB) / {p[1e9]:.0f} (1 GB)" for t, p in peaks.items()))
     anchors = [e.name for e in engines[1:]]
-    print("\n| model | format | threads | ours tok/s | " + " | ".join(f"{a} tok/s" for a in anchors)
-          + " | " + " | ".join(f"ours / {a}" for a in anchors) + " | roofline tok/s | ours / roofline |")
-    print("|---|---|---|" + "---:|" * (1 + 2 * len(anchors) + 2))
+    header = ["model", "format", "threads", "steps", "ours tok/s", *(f"{a} tok/s" for a in anchors),
+              *(f"ours / {a}" for a in anchors), "roofline tok/s", "ours / roofline"]
+    print("\n| " + " | ".join(header) + " |")
+    print("|---|---|---|" + "---:|" * (len(header) - 3))
     for r in results:
-        cells = [r["model"], r["format"], r["threads"], r["ours"], *(r[a] for a in anchors),
+        cells = [r["model"], r["format"], r["threads"], r["steps"], r["ours"], *(r[a] for a in anchors),
                  *(f"{r['ours_vs_' + a]:.2f}x" for a in anchors), r["roofline_tok_s"], f"{r['ours_share_of_roofline']:.0%}"]
         print("| " + " | ".join(map(str, cells)) + " |")
 

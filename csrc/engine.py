@@ -3,7 +3,7 @@ The C engine from Python: cffi in ABI mode over csrc/libengine.so, which `make l
 (importing this module builds nothing; a missing library is a one-line error naming the command).
 
     from csrc import engine
-    model = engine.Model("stories260K.bin")
+    model = engine.Model("stories260K.bin")                   # kv_cache="f16": run's -k f16
     tokenizer = engine.Tokenizer("tok512.bin", model.config.vocab_size)
     logits = model.forward(token=1, pos=0)                    # numpy (vocab_size,)
     ids = engine.generate(model, tokenizer, steps=64, temperature=0.0, text="Once upon a time")
@@ -78,14 +78,19 @@ def _message(err):
     return ffi.string(err).decode("utf-8", errors="replace")
 
 
-class Model:
-    """A checkpoint (llama2.c version 0, 1 or 2) with its KV cache."""
+KV_TYPES = {"f32": "KV_F32", "f16": "KV_F16"}
 
-    def __init__(self, path, lib=None):
+
+class Model:
+    """A checkpoint (llama2.c version 0, 1 or 2) with its KV cache, fp32 or (kv_cache="f16") fp16."""
+
+    def __init__(self, path, lib=None, kv_cache="f32"):
         self.lib = lib = lib or load()
+        if kv_cache not in KV_TYPES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_TYPES)}, got {kv_cache!r}")
         t = ffi.new("Transformer *")
         err = _error()
-        if lib.transformer_open(t, os.fsencode(path), err) != 0:
+        if lib.transformer_open(t, os.fsencode(path), getattr(lib, KV_TYPES[kv_cache]), err) != 0:
             raise ValueError(_message(err))
         self._t = ffi.gc(t, lib.transformer_close)
         c = t.ckpt.config
@@ -106,14 +111,16 @@ class Model:
         self.lib.transformer_reset(self._t)
 
     def kv_cache(self):
-        """Copies of the key and value caches, (n_layers, seq_len, kv_dim) each: row pos of a layer
-        holds what forward(token, pos) wrote. (The engine keeps each kv head's positions together.)"""
+        """Copies of the key and value caches as float32, (n_layers, seq_len, kv_dim) each: row pos
+        of a layer holds what forward(token, pos) wrote. (The engine keeps each kv head's positions
+        together.)"""
         c = self.config
         head_size = c.dim // c.n_heads
         shape = (c.n_layers, c.n_kv_heads, c.seq_len, head_size)
-        size = 4 * int(np.prod(shape))
         s = self._t.state
-        return tuple(np.frombuffer(ffi.buffer(p, size), dtype=np.float32).reshape(shape)
+        dtype = np.float16 if s.kv_type == self.lib.KV_F16 else np.float32
+        size = dtype().itemsize * int(np.prod(shape))
+        return tuple(np.frombuffer(ffi.buffer(p, size), dtype=dtype).astype(np.float32).reshape(shape)
                      .transpose(0, 2, 1, 3).reshape(c.n_layers, c.seq_len, -1).copy()
                      for p in (s.key_cache, s.value_cache))
 

@@ -15,7 +15,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const Config *p = &t.ckpt.config;
     // a valid header may still ask for a huge KV cache (seq_len is not in the file size)
     size_t cache = (size_t)p->n_layers * p->seq_len * p->dim + (size_t)p->n_heads * p->seq_len;
-    if (cache <= (1 << 22) && transformer_init(&t, "fuzz", err) == 0) {
+    if (cache <= (1 << 22) && transformer_init(&t, "fuzz", KV_F32, err) == 0) {
         transformer_forward(&t, 0, 0);
         transformer_forward(&t, p->vocab_size - 1, p->seq_len > 1 ? 1 : 0);
     }

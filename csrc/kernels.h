@@ -53,6 +53,22 @@ void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const w
                   const QVector *xq, int n, int gs, const int *lane_group);
 #endif
 
+// fp16 cache rows (matmul.h's dot_rows and add_weighted_rows for KV_F16): scalar for any width n,
+// SIMD for n a multiple of 8 (x86, F16C's conversions) or 4 (NEON)
+float f16_value(uint16_t h);
+uint16_t f16_from(float x);
+void dot_rows_f16_scalar(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
+void add_weighted_rows_f16_scalar(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+#if defined(KERNELS_AVX2) && defined(__F16C__)
+#define KERNELS_F16_X86 1
+void dot_rows_f16_avx2(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
+void add_weighted_rows_f16_avx2(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+#endif
+#if defined(KERNELS_NEON)
+void dot_rows_f16_neon(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
+void add_weighted_rows_f16_neon(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+#endif
+
 // Software prefetch distance of the SIMD kernels, in rows (two blocks ahead): the hardware
 // prefetcher alone leaves large matrices streaming from DRAM latency-bound (+70% for int8).
 #ifndef PREFETCH

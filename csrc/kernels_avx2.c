@@ -128,4 +128,39 @@ void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const w
     hsum4(out, acc);
     if (j < n) rows_q8_tail(out, wq, ws, xq, j, n, gs); // < 32 values left: whole groups
 }
+
+#ifdef KERNELS_F16_X86
+static inline __m256 load_f16(const uint16_t *h) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
+void dot_rows_f16_avx2(float *out, const float *x, const uint16_t *rows, int n_rows, int n) {
+    // four rows at a time, reduced together by hsum4; a short last block repeats its last row
+    for (int t0 = 0; t0 < n_rows; t0 += ROWS) {
+        const uint16_t *row[ROWS];
+        __m256 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            row[r] = rows + (size_t)(t0 + r < n_rows ? t0 + r : n_rows - 1) * n;
+            acc[r] = _mm256_setzero_ps();
+        }
+        for (int j = 0; j < n; j += 8) {
+            __m256 xv = _mm256_loadu_ps(x + j);
+            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_fmadd_ps(xv, load_f16(row[r] + j), acc[r]);
+        }
+        float sums[ROWS];
+        hsum4(sums, acc);
+        for (int r = 0; r < ROWS && t0 + r < n_rows; r++) out[t0 + r] = sums[r];
+    }
+}
+
+void add_weighted_rows_f16_avx2(float *out, const float *a, const uint16_t *rows, int n_rows, int n) {
+    for (int t = 0; t < n_rows; t++) {
+        const __m256 at = _mm256_set1_ps(a[t]);
+        const uint16_t *row = rows + (size_t)t * n;
+        for (int j = 0; j < n; j += 8) {
+            _mm256_storeu_ps(out + j, _mm256_fmadd_ps(at, load_f16(row + j), _mm256_loadu_ps(out + j)));
+        }
+    }
+}
+#endif
 #endif

@@ -1,6 +1,8 @@
 // The portable kernels: plain C, the reference for the SIMD files and the fallback. See kernels.h.
 #include "kernels.h"
 
+#include <string.h>
+
 void rows_f32_scalar(float *out, const float *const w[ROWS], const float *x, int n) {
     for (int r = 0; r < ROWS; r++) {
         float sum = 0.0f;
@@ -27,4 +29,56 @@ void rows_q8_scalar(float *out, const int8_t *const wq[ROWS], const float *const
     (void)lane_group; // the SIMD kernels' signature
     for (int r = 0; r < ROWS; r++) out[r] = 0.0f;
     rows_q8_tail(out, wq, ws, xq, 0, n, gs);
+}
+
+// IEEE binary16 by hand, so that the portable build needs no _Float16 or __fp16 from its compiler
+
+float f16_value(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000 | mantissa << 13; // inf, NaN
+    } else if (exponent != 0) {
+        bits = sign | (exponent + 112) << 23 | mantissa << 13; // rebias 15 -> 127
+    } else {
+        float v = mantissa * 0x1p-24f; // zero or subnormal: exact in fp32
+        return sign ? -v : v;
+    }
+    float v;
+    memcpy(&v, &bits, sizeof(v));
+    return v;
+}
+
+uint16_t f16_from(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    const uint16_t sign = (bits >> 16) & 0x8000;
+    const uint32_t magnitude = bits & 0x7fffffff;
+    if (magnitude > 0x7f800000) return sign | 0x7e00;   // NaN (quiet)
+    if (magnitude >= 0x477ff000) return sign | 0x7c00;  // 65520 and up round to inf
+    if (magnitude >= 0x38800000) {                      // a normal half (2^-14 and up)
+        // drop 13 mantissa bits, rounding to nearest even; a carry moves into the exponent
+        uint32_t rounded = magnitude + 0xfff + ((magnitude >> 13) & 1);
+        return sign | (uint16_t)((rounded >> 13) - (112 << 10));
+    }
+    // a subnormal half: the value in units of 2^-24, rounded to nearest even
+    const int shift = 126 - (int)(magnitude >> 23); // 14 and up
+    if (shift > 24) return sign;                    // below 2^-25: rounds to zero
+    const uint32_t mantissa = (magnitude & 0x7fffff) | 0x800000, half = 1u << (shift - 1);
+    const uint32_t units = mantissa >> shift, rest = mantissa & ((1u << shift) - 1);
+    return sign | (uint16_t)(units + (rest > half || (rest == half && (units & 1))));
+}
+
+void dot_rows_f16_scalar(float *out, const float *x, const uint16_t *rows, int n_rows, int n) {
+    for (int t = 0; t < n_rows; t++) {
+        float sum = 0.0f;
+        for (int j = 0; j < n; j++) sum += x[j] * f16_value(rows[(size_t)t * n + j]);
+        out[t] = sum;
+    }
+}
+
+void add_weighted_rows_f16_scalar(float *out, const float *a, const uint16_t *rows, int n_rows, int n) {
+    for (int t = 0; t < n_rows; t++) {
+        for (int j = 0; j < n; j++) out[j] += a[t] * f16_value(rows[(size_t)t * n + j]);
+    }
 }

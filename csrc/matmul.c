@@ -126,3 +126,47 @@ void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int 
             int group_size) {
     matmul_rope(out, w, x, xq, n, d, group_size, NULL, 0);
 }
+
+// ----------------------------------------------------------------------------
+// attention's products over the KV cache
+
+void dot_rows(float *out, const float *x, const void *rows, int n, int head_size, KVType type) {
+    if (type == KV_F32) { // plain loops: the compiler vectorises them
+        const float *r = rows;
+        for (int t = 0; t < n; t++) {
+            float sum = 0.0f;
+            for (int i = 0; i < head_size; i++) sum += x[i] * r[(size_t)t * head_size + i];
+            out[t] = sum;
+        }
+    }
+#if defined(KERNELS_F16_X86)
+    else if (head_size % 8 == 0) dot_rows_f16_avx2(out, x, rows, n, head_size);
+#elif defined(KERNELS_NEON)
+    else if (head_size % 4 == 0) dot_rows_f16_neon(out, x, rows, n, head_size);
+#endif
+    else dot_rows_f16_scalar(out, x, rows, n, head_size);
+}
+
+void add_weighted_rows(float *out, const float *a, const void *rows, int n, int head_size,
+                       KVType type) {
+    if (type == KV_F32) {
+        const float *r = rows;
+        for (int t = 0; t < n; t++) {
+            for (int i = 0; i < head_size; i++) out[i] += a[t] * r[(size_t)t * head_size + i];
+        }
+    }
+#if defined(KERNELS_F16_X86)
+    else if (head_size % 8 == 0) add_weighted_rows_f16_avx2(out, a, rows, n, head_size);
+#elif defined(KERNELS_NEON)
+    else if (head_size % 4 == 0) add_weighted_rows_f16_neon(out, a, rows, n, head_size);
+#endif
+    else add_weighted_rows_f16_scalar(out, a, rows, n, head_size);
+}
+
+void f32_to_f16(uint16_t *out, const float *x, int n) {
+    for (int i = 0; i < n; i++) out[i] = f16_from(x[i]);
+}
+
+void f16_to_f32(float *out, const uint16_t *h, int n) {
+    for (int i = 0; i < n; i++) out[i] = f16_value(h[i]);
+}

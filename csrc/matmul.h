@@ -26,6 +26,22 @@ void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int 
 void matmul_rope(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
                  int group_size, const float *rope, int head_size);
 
+// The KV cache's element type: fp32, or IEEE fp16 (binary16, kept as uint16_t), which halves the
+// cache's memory and the bytes attention reads, at fp16's rounding of the keys and values
+// (llama.cpp's default cache type).
+typedef enum { KV_F32, KV_F16 } KVType;
+
+// Attention's two products over n rows of a head's cache (row t: position t, head_size values of
+// `type`), on the calling thread alone: attention shares out heads, not rows.
+// out[t] = x . row t, for t < n
+void dot_rows(float *out, const float *x, const void *rows, int n, int head_size, KVType type);
+// out += the sum over t < n of a[t] * row t
+void add_weighted_rows(float *out, const float *a, const void *rows, int n, int head_size,
+                       KVType type);
+// fp32 -> fp16, rounding to nearest even (overflow gives inf, NaN stays NaN); and back, exactly
+void f32_to_f16(uint16_t *out, const float *x, int n);
+void f16_to_f32(float *out, const uint16_t *h, int n);
+
 // The kernels this build uses: "avx512-vnni", "avx512", "avx2-vnni", "avx2", "neon-dotprod",
 // "neon" or "portable" (kernels.h).
 const char *matmul_kernels(void);

@@ -1,7 +1,8 @@
 // The matmul kernels this build selected (kernels.h, by -march) against a float64 reference on
 // random data, through matmul.c's driver: fp32 at every width up to 70 and the model widths, Q8_0
 // at every group size the engine accepts (the SIMD ones and those that fall back to portable C),
-// with tails of columns and of rows; quantize_q8 against its definition. Prints the kernels'
+// with tails of columns and of rows; quantize_q8 against its definition; attention's products over
+// fp16 cache rows, and the fp16 conversions (every half there and back). Prints the kernels'
 // name and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
 // tests/test_kernels.py runs it for every path the CPU can execute, and under qemu-aarch64.)
 #include <math.h>
@@ -110,6 +111,48 @@ static void test_quantize(int n, int gs) {
     free(x), free(q), free(s);
 }
 
+// dot_rows and add_weighted_rows over n_rows fp16 rows of head_size values
+static void test_f16_rows(int head_size, int n_rows) {
+    uint16_t *rows = malloc(sizeof(uint16_t) * head_size * n_rows);
+    float *x = malloc(sizeof(float) * head_size), *a = malloc(sizeof(float) * n_rows);
+    float *dots = malloc(sizeof(float) * n_rows), *sums = malloc(sizeof(float) * head_size);
+    double *want_dots = calloc(n_rows, sizeof(double)), *mag_dots = calloc(n_rows, sizeof(double));
+    double *want_sums = calloc(head_size, sizeof(double)), *mag_sums = calloc(head_size, sizeof(double));
+    for (int i = 0; i < head_size * n_rows; i++) f32_to_f16(&rows[i], (float[]){4.0f * uniform()}, 1);
+    for (int i = 0; i < head_size; i++) x[i] = uniform(), sums[i] = want_sums[i] = uniform();
+    for (int t = 0; t < n_rows; t++) a[t] = uniform();
+    for (int t = 0; t < n_rows; t++) {
+        for (int i = 0; i < head_size; i++) {
+            float r;
+            f16_to_f32(&r, &rows[t * head_size + i], 1);
+            want_dots[t] += (double)x[i] * r, mag_dots[t] += fabs((double)x[i] * r);
+            want_sums[i] += (double)a[t] * r, mag_sums[i] += fabs((double)a[t] * r);
+        }
+    }
+    for (int i = 0; i < head_size; i++) mag_sums[i] += fabs(want_sums[i]);
+    dot_rows(dots, x, rows, n_rows, head_size, KV_F16);
+    add_weighted_rows(sums, a, rows, n_rows, head_size, KV_F16);
+    check("f16 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);
+    check("f16 add_weighted_rows", n_rows, head_size, 0, sums, want_sums, mag_sums);
+    free(rows), free(x), free(a), free(dots), free(sums);
+    free(want_dots), free(mag_dots), free(want_sums), free(mag_sums);
+}
+
+// every half but NaN survives fp16 -> fp32 -> fp16 unchanged; NaN stays NaN
+static void test_f16_round_trip(void) {
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        uint16_t half = (uint16_t)h, back;
+        float v;
+        f16_to_f32(&v, &half, 1);
+        f32_to_f16(&back, &v, 1);
+        int nan = (h & 0x7c00) == 0x7c00 && (h & 0x3ff);
+        bad += nan ? !(v != v && (back & 0x7c00) == 0x7c00 && (back & 0x3ff)) : back != half;
+    }
+    if (bad) printf("FAIL fp16 round trip: %d halves\n", bad);
+    bad ? failed++ : passed++;
+}
+
 int main(void) {
     printf("kernels: %s\n", matmul_kernels());
     const int widths[] = {64, 96, 172, 288, 512, 768, 1376};
@@ -129,6 +172,12 @@ int main(void) {
     }
     for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4);
     test_q8(172, 5, 4), test_q8(288, 6, 32), test_q8(768, 6, 32), test_q8(1376, 5, 32), test_q8(2048, 5, 64);
+    // SIMD widths (multiples of 8 on x86, 4 on ARM) and others, which take the portable loop
+    const int head_sizes[] = {4, 6, 8, 12, 16, 48, 64, 72, 128};
+    for (size_t h = 0; h < sizeof(head_sizes) / sizeof(head_sizes[0]); h++) {
+        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f16_rows(head_sizes[h], rows[r]);
+    }
+    test_f16_round_trip();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

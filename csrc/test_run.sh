@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# C-side checks of ./run (make ctest): a greedy generation of stories260K against a recorded
-# expectation, and one clean line on stderr with exit status 1 for malformed inputs.
+# C-side checks of ./run (make ctest): greedy generations of stories260K against recorded
+# expectations (fp32 and fp16 KV cache), and one clean line on stderr with exit status 1 for malformed inputs.
 # (tests/test_engine.py ties the recorded text to a numpy reference forward.) RUN names the
 # binary (default ./run), with a runner in front if it needs one (qemu-aarch64 in make armtest).
 set -u
@@ -26,6 +26,19 @@ if [ "$out" = "$expected" ] && grep -q "^achieved tok/s: " "$tmp/stderr" && grep
     ok
 else
     ko "greedy stories260K: got '$out'"
+fi
+
+# the fp16 cache: the same text until a near-tie at token 38 goes the other way (every path)
+expected=$(cat <<'EOF'
+RR lo lo loR timeDQqvingitt kayndayYim
+fffffffffffffisbiveryi$igigigigigigigigigigigigigigigigstSyilylayout nam up
+EOF
+)
+out=$($RUN $M/stories260K.bin -z $M/tok512.bin -t 0 -n 64 -k f16 2>"$tmp/stderr")
+if [ "$out" = "$expected" ] && grep -q "^kernels: .*, fp16 KV cache$" "$tmp/stderr"; then
+    ok
+else
+    ko "greedy stories260K, fp16 cache: got '$out'"
 fi
 
 # expect_error NAME FRAGMENT ARGS...: exit status 1, exactly one stderr line "error: ...FRAGMENT..."
@@ -77,6 +90,7 @@ expect_error missing_tokenizer "cannot open" $M/stories260K.bin -z "$tmp/missing
 long=$(printf 'Once upon a time there was a dog. %.0s' $(seq 60))
 expect_error long_prompt "longer than the context" $M/stories260K.bin -z $M/tok512.bin -i "$long"
 expect_error bad_temperature "-t expects a number" $M/stories260K.bin -z $M/tok512.bin -t hot
+expect_error bad_kv_cache "-k expects f32 or f16" $M/stories260K.bin -z $M/tok512.bin -k q8
 
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]

@@ -17,8 +17,8 @@ static int omp_get_thread_num(void) { return 0; }
 // run state
 
 static void free_run_state(RunState *s) {
-    float *buffers[] = {s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->logits,
-                        s->rope, s->key_cache, s->value_cache};
+    void *buffers[] = {s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->logits,
+                       s->rope, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
     for (int i = 0; s->threads && i < s->n_threads; i++) {
         free(s->threads[i].x);
@@ -30,7 +30,10 @@ static void free_run_state(RunState *s) {
     memset(s, 0, sizeof(*s));
 }
 
-static int malloc_run_state(RunState *s, const Config *p, int group_size) {
+// bytes of an element of a KV cache of `type`
+static size_t kv_size(KVType type) { return type == KV_F16 ? sizeof(uint16_t) : sizeof(float); }
+
+static int malloc_run_state(RunState *s, const Config *p, int group_size, KVType kv_type) {
     const size_t kv_dim = (size_t)p->dim * p->n_kv_heads / p->n_heads;
     const size_t cache = (size_t)p->n_layers * p->seq_len * kv_dim;
     const size_t max_n = p->dim > p->hidden_dim ? p->dim : p->hidden_dim;
@@ -45,8 +48,9 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size) {
     s->att = calloc((size_t)p->n_heads * p->seq_len, sizeof(float));
     s->logits = calloc(p->vocab_size, sizeof(float));
     s->rope = calloc(p->dim / p->n_heads, sizeof(float));
-    s->key_cache = calloc(cache, sizeof(float));
-    s->value_cache = calloc(cache, sizeof(float));
+    s->kv_type = kv_type;
+    s->key_cache = calloc(cache, kv_size(kv_type));
+    s->value_cache = calloc(cache, kv_size(kv_type));
     s->n_threads = omp_get_max_threads();
     s->threads = calloc(s->n_threads, sizeof(ThreadState));
     int ok = s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->v && s->att && s->logits &&
@@ -66,19 +70,20 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size) {
     return ok ? 0 : -1;
 }
 
-int transformer_init(Transformer *t, const char *name, char *err) {
+int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err) {
     const Config *p = &t->ckpt.config;
-    if (malloc_run_state(&t->state, p, t->ckpt.group_size) != 0) {
-        double mb = 2.0 * p->n_layers * p->seq_len * p->dim * p->n_kv_heads / p->n_heads * 4 / 1e6;
+    if (malloc_run_state(&t->state, p, t->ckpt.group_size, kv_type) != 0) {
+        double mb = 2.0 * p->n_layers * p->seq_len * p->dim * p->n_kv_heads / p->n_heads *
+                    kv_size(kv_type) / 1e6;
         return fail(err, "%s: out of memory for the run state (KV cache %.0f MB)", name, mb);
     }
     return 0;
 }
 
-int transformer_open(Transformer *t, const char *path, char *err) {
+int transformer_open(Transformer *t, const char *path, KVType kv_type, char *err) {
     memset(t, 0, sizeof(*t));
     if (checkpoint_open(&t->ckpt, path, err) != 0) return -1;
-    if (transformer_init(t, path, err) != 0) {
+    if (transformer_init(t, path, kv_type, err) != 0) {
         checkpoint_close(&t->ckpt);
         return -1;
     }
@@ -93,8 +98,8 @@ void transformer_close(Transformer *t) {
 void transformer_reset(Transformer *t) {
     const Config *p = &t->ckpt.config;
     size_t cache = (size_t)p->n_layers * p->seq_len * (p->dim * p->n_kv_heads / p->n_heads);
-    memset(t->state.key_cache, 0, cache * sizeof(float));
-    memset(t->state.value_cache, 0, cache * sizeof(float));
+    memset(t->state.key_cache, 0, cache * kv_size(t->state.kv_type));
+    memset(t->state.value_cache, 0, cache * kv_size(t->state.kv_type));
 }
 
 // ----------------------------------------------------------------------------
@@ -111,36 +116,38 @@ static void embed(float *x, const Matrix *table, int token, int dim, int group_s
 }
 
 // Attention of query head h of s->q over positions 0..pos of layer l; writes the head's output to
-// its part of s->xb. Positions before pos come from the cache, pos itself from s->k and s->v,
-// which the first query head of each kv head then stores in the cache: the other heads read only
-// earlier positions there, so no thread waits for that write.
+// its part of s->xb. Positions before pos come from the cache, pos itself from s->k and s->v
+// (fp32 whatever the cache's type), which the first query head of each kv head then stores in the
+// cache: the other heads read only earlier positions there, so no thread waits for that write.
 static void attention_head(RunState *s, const Config *p, int l, int pos, int h) {
     const int head_size = p->dim / p->n_heads;
     const int kv_mul = p->n_heads / p->n_kv_heads; // query heads per kv head (GQA)
     const int kv_head = h / kv_mul;
     const float scale = 1.0f / sqrtf(head_size);
+    const KVType type = s->kv_type;
     const size_t cache_offset = ((size_t)l * p->n_kv_heads + kv_head) * p->seq_len * head_size;
-    float *k = s->key_cache + cache_offset, *v = s->value_cache + cache_offset;
+    char *k = (char *)s->key_cache + cache_offset * kv_size(type);
+    char *v = (char *)s->value_cache + cache_offset * kv_size(type);
     const float *k_pos = s->k + kv_head * head_size, *v_pos = s->v + kv_head * head_size;
     const float *q = s->q + h * head_size;
     float *att = s->att + (size_t)h * p->seq_len;
-    for (int t = 0; t <= pos; t++) {
-        const float *kt = t < pos ? k + (size_t)t * head_size : k_pos;
-        float score = 0.0f;
-        for (int i = 0; i < head_size; i++) score += q[i] * kt[i];
-        att[t] = score * scale;
-    }
+    dot_rows(att, q, k, pos, head_size, type);
+    dot_rows(att + pos, q, k_pos, 1, head_size, KV_F32);
+    for (int t = 0; t <= pos; t++) att[t] *= scale;
     softmax(att, pos + 1);
     float *xb = s->xb + h * head_size;
     memset(xb, 0, head_size * sizeof(float));
-    for (int t = 0; t <= pos; t++) {
-        const float *vt = t < pos ? v + (size_t)t * head_size : v_pos;
-        const float a = att[t];
-        for (int i = 0; i < head_size; i++) xb[i] += a * vt[i];
-    }
+    add_weighted_rows(xb, att, v, pos, head_size, type);
+    add_weighted_rows(xb, att + pos, v_pos, 1, head_size, KV_F32);
     if (h % kv_mul == 0) {
-        memcpy(k + (size_t)pos * head_size, k_pos, head_size * sizeof(float));
-        memcpy(v + (size_t)pos * head_size, v_pos, head_size * sizeof(float));
+        const size_t row = (size_t)pos * head_size * kv_size(type);
+        if (type == KV_F16) {
+            f32_to_f16((uint16_t *)(k + row), k_pos, head_size);
+            f32_to_f16((uint16_t *)(v + row), v_pos, head_size);
+        } else {
+            memcpy(k + row, k_pos, head_size * sizeof(float));
+            memcpy(v + row, v_pos, head_size * sizeof(float));
+        }
     }
 }
 

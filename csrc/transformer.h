@@ -30,8 +30,9 @@ typedef struct {
     float *att;           // (n_heads, seq_len) attention scores
     float *logits;        // (vocab_size,) output
     float *rope;          // (head_size,) cos, sin of each rotated pair at the current position
-    float *key_cache;     // (n_layers, n_kv_heads, seq_len, head_size): a head's keys in one run
-    float *value_cache;   // (n_layers, n_kv_heads, seq_len, head_size)
+    KVType kv_type;       // the caches' element type: float, or fp16 as uint16_t (matmul.h)
+    void *key_cache;      // (n_layers, n_kv_heads, seq_len, head_size): a head's keys in one run
+    void *value_cache;    // (n_layers, n_kv_heads, seq_len, head_size)
 } RunState;
 
 typedef struct {
@@ -39,10 +40,11 @@ typedef struct {
     RunState state;  // every buffer the forward pass needs: nothing is allocated per token
 } Transformer;
 
-// Opens a checkpoint and allocates the run state; -1 with a message in err[ERR_LEN] on failure.
-int transformer_open(Transformer *t, const char *path, char *err);
+// Opens a checkpoint and allocates the run state, with a KV cache of kv_type; -1 with a message
+// in err[ERR_LEN] on failure.
+int transformer_open(Transformer *t, const char *path, KVType kv_type, char *err);
 // Allocates the run state for t->ckpt, already opened or parsed (checkpoint.h).
-int transformer_init(Transformer *t, const char *name, char *err);
+int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err);
 void transformer_close(Transformer *t);
 // Zeroes the KV cache. Not needed between sequences that restart at pos 0 (each position
 // overwrites its cache row before reading it); for callers that want a clean slate.

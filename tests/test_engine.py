@@ -179,6 +179,63 @@ def test_version2_rewrite_is_close_and_agrees_on_greedy_tokens(tmp_path, stories
     assert err.mean() < 0.1 * fp32.std() and agree >= 0.95
 
 
+def test_fp16_cache_forward_matches_numpy_reference_fed_its_own_cache(stories260k, kernel_build):
+    # the reference reads the cache's fp16 keys and values as the engine does: what is left to
+    # differ is fp32 rounding, so a wrong fp16 kernel or store shows at once
+    c, w = stories260k
+    model = engine.Model(STORIES260K, lib=kernel_build.engine_lib(), kv_cache="f16")
+    tokens = random_ids(128, c.vocab_size)
+    err = logit_errors_on_engine_cache(model, c, w, tokens)
+    assert err.max() <= 1e-4
+    keys, values = model.kv_cache()
+    for a in (keys[:, :128], values[:, :128]):  # fp16 values, and written: the cache starts at zero
+        assert np.array_equal(a, a.astype(np.float16).astype(np.float32)) and np.count_nonzero(a) > a.size // 2
+
+
+def test_fp16_cache_moves_logits_far_less_than_q8_weights(tmp_path, stories260k):
+    # what the fp16 cache costs, over the whole context, beside what Q8_0 weights cost
+    c, w = stories260k
+    f32, f16 = engine.Model(STORIES260K), engine.Model(STORIES260K, kv_cache="f16")
+    q8 = engine.Model(rewrite(tmp_path, "q8.bin", c, w, 2, group_size=4))
+    tokens = (engine.generate(f32, [1], steps=200, temperature=0.0) + random_ids(c.seq_len, c.vocab_size))[:c.seq_len]
+    ref = engine_logits(f32, tokens)
+    err = {name: np.abs(engine_logits(m, tokens) - ref) for name, m in (("f16 cache", f16), ("q8_0", q8))}
+    agree = np.mean(engine_logits(f16, tokens).argmax(axis=1) == ref.argmax(axis=1))
+    print(f"stories260K vs fp32 over {c.seq_len} positions: fp16 cache logit error mean {err['f16 cache'].mean():.4f} "
+          f"max {err['f16 cache'].max():.3f}, greedy agreement {agree:.1%}; Q8_0 weights mean {err['q8_0'].mean():.4f}")
+    assert err["f16 cache"].mean() < 0.1 * err["q8_0"].mean() and agree >= 0.98
+
+
+def test_fp16_conversions_match_numpy():
+    lib = engine.load()
+
+    def convert(fn, x, out_dtype):
+        out = np.empty(len(x), dtype=out_dtype)
+        in_type, out_type = ("float", "uint16_t") if out_dtype == np.uint16 else ("uint16_t", "float")
+        fn(engine.ffi.from_buffer(f"{out_type}[]", out), engine.ffi.from_buffer(f"{in_type}[]", x), len(x))
+        return out
+
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    want = halves.view(np.float16).astype(np.float32)
+    got = convert(lib.f16_to_f32, halves, np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32)) and np.isnan(got[nan]).all()
+    # fp32 -> fp16: every half; the midpoints between neighbours (ties go to the even one); random
+    # values from below the smallest subnormal to past the largest half; the edges
+    finite = np.sort(want[np.isfinite(want) & (want >= 0)])
+    midpoints = ((finite[1:].astype(np.float64) + finite[:-1]) / 2).astype(np.float32)  # exact in fp32
+    rng = np.random.default_rng(0)
+    spread = (rng.standard_normal(100_000) * 10.0 ** rng.uniform(-9, 6, 100_000)).astype(np.float32)
+    edges = np.array([65504, 65519.996, 65520, 1e10, np.inf, 2**-24, 2**-25, 2**-25 * 1.0001, 2**-26, 0.0],
+                     dtype=np.float32)
+    x = np.concatenate([want[~nan], midpoints, -midpoints, spread, edges, -edges])
+    with np.errstate(over="ignore"):  # numpy warns of the values that become inf
+        want_halves = x.astype(np.float16).view(np.uint16)
+    assert np.array_equal(convert(lib.f32_to_f16, x, np.uint16), want_halves)
+    h = convert(lib.f32_to_f16, np.array([np.nan, -np.nan], dtype=np.float32), np.uint16)
+    assert np.isnan(h.view(np.float16)).all()
+
+
 # (dim, hidden_dim, group_size): tails of 32 bytes after the 64-byte chunks, groups of 4 to 128,
 # and 48 and 96, which take the portable kernel
 Q8_SHAPES = [(96, 160, 32), (96, 160, 4), (128, 256, 64), (128, 256, 128), (96, 192, 48), (96, 192, 96)]
@@ -381,22 +438,24 @@ def test_decode_rejects_ids_out_of_range():
 # ---------------------------------------------------------------------------
 # the CLI
 
-def test_run_prints_the_same_greedy_text_as_the_binding(run_binary):
-    model, tok = engine.Model(STORIES260K), engine.Tokenizer(TOK512, 512)
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def test_run_prints_the_same_greedy_text_as_the_binding(run_binary, kv_cache):
+    model, tok = engine.Model(STORIES260K, kv_cache=kv_cache), engine.Tokenizer(TOK512, 512)
     ids = engine.generate(model, tok, steps=80, temperature=0.0, text="Once upon a time")
-    r = subprocess.run([run_binary, str(STORIES260K), "-z", str(TOK512), "-t", "0", "-n", "80",
+    r = subprocess.run([run_binary, str(STORIES260K), "-z", str(TOK512), "-t", "0", "-n", "80", "-k", kv_cache,
                         "-i", "Once upon a time"], capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "3"})
     assert r.returncode == 0
     # run skips lone control bytes, as llama2.c's safe_printf
     text = "".join(c for c in tok.decode(ids) if c.isprintable() or c.isspace())
     assert r.stdout.decode("utf-8", errors="replace").rstrip("\n") == text
     kernels, speed = r.stderr.decode().splitlines()
-    assert kernels == f"kernels: {engine.kernels()}, 3 threads"  # the build this machine gets from make
+    # the build this machine gets from make
+    assert kernels == f"kernels: {engine.kernels()}, 3 threads" + (", fp16 KV cache" if kv_cache == "f16" else "")
     assert speed.startswith("achieved tok/s: ")
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_run_output_does_not_depend_on_the_thread_count(tmp_path, kernel_build, version):
+@pytest.mark.parametrize("version,kv_cache", [(1, "f32"), (2, "f32"), (2, "f16")])
+def test_run_output_does_not_depend_on_the_thread_count(tmp_path, kernel_build, version, kv_cache):
     # big enough for parallel matmuls; each output row is computed whole by one thread
     c = Config(dim=128, hidden_dim=384, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, seq_len=128)
     path = rewrite(tmp_path, "m.bin", c, formats.random_weights(c, std=0.1), version)
@@ -404,7 +463,8 @@ def test_run_output_does_not_depend_on_the_thread_count(tmp_path, kernel_build, 
     for threads in ["1", "2", "3"]:  # 3: uneven shares of rows and heads
         # passive: sleeping rather than spinning threads keep this quick on a busy machine
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "passive"}
-        r = subprocess.run([kernel_build.run, str(path), "-z", str(TOK512), "-t", "0.9", "-s", "3", "-n", "128"],
+        r = subprocess.run([kernel_build.run, str(path), "-z", str(TOK512), "-t", "0.9", "-s", "3", "-n", "128",
+                            "-k", kv_cache],
                            capture_output=True, env=env)
         assert r.returncode == 0
         outputs.add(r.stdout)
@@ -529,3 +589,6 @@ def test_cli_rejects_bad_numbers_with_one_line(run_binary):
         for value in ("nan", "-inf", "infinity"):
             assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, flag, value], f"{flag} expects a number, got '{value}'")
     assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, "-n", "12x"], "-n expects an integer")
+    assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, "-k", "bf16"], "-k expects f32 or f16, got 'bf16'")
+    with pytest.raises(ValueError, match="kv_cache must be one of f32, f16"):
+        engine.Model(STORIES260K, kv_cache="bf16")
