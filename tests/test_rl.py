@@ -289,10 +289,14 @@ def test_each_method_trains_logs_its_stats_and_resumes_exactly(method, small_dat
 
 def test_two_process_gloo_ddp_keeps_the_ranks_in_sync_on_different_data(small_data, pretrained, pairs_file, tmp_path):
     for method in ("grpo", "dpo"):
-        out = run_dir(pretrained, tmp_path, method)
+        out, logs = run_dir(pretrained, tmp_path, method), tmp_path / f"{method}_ranks"
+        # each rank's output to its own file, so that a failure shows the rank's own error rather
+        # than only torchrun's summary of it
         p = train_py(*method_argv(method, small_data, out, pairs_file), "--max_iters=2", "--ptx_coef=0.5",  # ptx: its own backward
-                     launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
-        assert p.returncode == 0, p.stderr[-2000:]
+                     launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               f"--log-dir={logs}", "--redirects=3"))
+        ranks = "".join(f"--- {f.relative_to(logs)}:\n{f.read_text()[-1500:]}\n" for f in sorted(logs.rglob("*.log")))
+        assert p.returncode == 0, ranks + p.stderr[-1000:]
         rows = log_rows(out / f"{method}_log.jsonl")[1:]
         assert [r["iter"] for r in rows] == [1, 2] and rows[-1]["episode"] == 2 * 2 * (4 if method == "dpo" else 8)
         for r in rows:
