@@ -152,10 +152,25 @@ def init_ddp(device, device_type):
     return True, rank, local_rank, world_size, device
 
 
+_last_work = []  # see collective()
+
+
+def collective(op, *tensors):
+    """op(*tensors) (dist.all_reduce, dist.all_gather, ...) run to completion, its Work kept until
+    the next collective. Then it is never one of gloo's worker threads that drops the last
+    reference to the tensors: that needs the GIL, and once the interpreter has begun to exit (a
+    rank that is not the master gets there within a millisecond of its last collective) the
+    thread cannot take it and the process aborts ("terminate called without an active
+    exception"). destroy_process_group does not stop those threads while DDP holds the group."""
+    work = op(*tensors, async_op=True)
+    work.wait()
+    _last_work[:] = [work]
+
+
 def mean_over_ranks(stats, device):
     """{name: float} -> the same names, each the mean over all ranks."""
     values = torch.tensor(list(stats.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(values)
+    collective(dist.all_reduce, values)
     return dict(zip(stats, (values / dist.get_world_size()).tolist()))
 
 
@@ -165,7 +180,7 @@ def rank_sums(model, batch):
     local = torch.tensor([sum(p.double().sum().item() for p in model.parameters()), batch.double().sum().item()],
                          dtype=torch.float64, device=batch.device)
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
+    collective(dist.all_gather, gathered, local)
     return {"ddp/param_sum": [g[0].item() for g in gathered], "ddp/batch_sum": [g[1].item() for g in gathered]}
 
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import rl
+from common import collective
 from rl import masked_mean, masked_var, masked_whiten
 
 # -----------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def ppo_update(policy, optimizer, batch, kl_coef, cfg, generator, ctx=nullcontex
             return False
         approxkl = torch.tensor(stats["ppo/policy/approxkl"], device=batch["tokens"].device)
         if ddp:  # every rank must take the same decision
-            dist.all_reduce(approxkl)
+            collective(dist.all_reduce, approxkl)
             approxkl /= dist.get_world_size()
         return approxkl.item() > cfg["early_stop_kl"]
     stats, epochs = rl.update(policy, optimizer, batch, kl_coef, cfg, generator, policy_loss, ctx, scaler, ptx_batches, stop)
