@@ -157,11 +157,13 @@ _last_work = []  # see collective()
 
 def collective(op, *tensors):
     """op(*tensors) (dist.all_reduce, dist.all_gather, ...) run to completion, its Work kept until
-    the next collective. Then it is never one of gloo's worker threads that drops the last
-    reference to the tensors: that needs the GIL, and once the interpreter has begun to exit (a
-    rank that is not the master gets there within a millisecond of its last collective) the
-    thread cannot take it and the process aborts ("terminate called without an active
-    exception"). destroy_process_group does not stop those threads while DDP holds the group."""
+    the next collective, so that the last reference to the tensors is dropped here, on the main
+    thread, and not by the gloo worker thread that ran the op (it drops its own just after the op
+    completes). Dropping it needs the GIL, and once the interpreter has begun to exit (a rank
+    that is not the master gets there within a millisecond of its last collective) that thread
+    cannot take it and the process aborts ("terminate called without an active exception").
+    destroy_process_group does not stop those threads while DDP holds the group, nor does
+    deleting the DDP model first."""
     work = op(*tensors, async_op=True)
     work.wait()
     _last_work[:] = [work]

@@ -119,7 +119,10 @@ static void test_f16_rows(int head_size, int n_rows) {
     double *want_dots = calloc(n_rows, sizeof(double)), *mag_dots = calloc(n_rows, sizeof(double));
     double *want_sums = calloc(head_size, sizeof(double)), *mag_sums = calloc(head_size, sizeof(double));
     for (int i = 0; i < head_size * n_rows; i++) f32_to_f16(&rows[i], (float[]){4.0f * uniform()}, 1);
-    for (int i = 0; i < head_size; i++) x[i] = uniform(), sums[i] = want_sums[i] = uniform();
+    for (int i = 0; i < head_size; i++) {
+        x[i] = uniform(), sums[i] = want_sums[i] = uniform();
+        mag_sums[i] = fabs(want_sums[i]); // add_weighted_rows adds to what is there
+    }
     for (int t = 0; t < n_rows; t++) a[t] = uniform();
     for (int t = 0; t < n_rows; t++) {
         for (int i = 0; i < head_size; i++) {
@@ -129,7 +132,6 @@ static void test_f16_rows(int head_size, int n_rows) {
             want_sums[i] += (double)a[t] * r, mag_sums[i] += fabs((double)a[t] * r);
         }
     }
-    for (int i = 0; i < head_size; i++) mag_sums[i] += fabs(want_sums[i]);
     dot_rows(dots, x, rows, n_rows, head_size, KV_F16);
     add_weighted_rows(sums, a, rows, n_rows, head_size, KV_F16);
     check("f16 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);

@@ -72,6 +72,7 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size, KVType
 
 int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err) {
     const Config *p = &t->ckpt.config;
+    if (kv_type != KV_F32 && kv_type != KV_F16) return fail(err, "unknown KV cache type %d", (int)kv_type);
     if (malloc_run_state(&t->state, p, t->ckpt.group_size, kv_type) != 0) {
         double mb = 2.0 * p->n_layers * p->seq_len * p->dim * p->n_kv_heads / p->n_heads *
                     kv_size(kv_type) / 1e6;

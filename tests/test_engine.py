@@ -206,6 +206,13 @@ def test_fp16_cache_moves_logits_far_less_than_q8_weights(tmp_path, stories260k)
     assert err["f16 cache"].mean() < 0.1 * err["q8_0"].mean() and agree >= 0.98
 
 
+def test_the_c_api_refuses_an_unknown_kv_cache_type():
+    # run and Model check the name; the library checks the value it is given
+    lib, t, err = engine.load(), engine.ffi.new("Transformer *"), engine.ffi.new("char[]", engine.ERR_LEN)
+    assert lib.transformer_open(t, os.fsencode(STORIES260K), 7, err) == -1
+    assert engine.ffi.string(err).decode() == "unknown KV cache type 7"
+
+
 def test_fp16_conversions_match_numpy():
     lib = engine.load()
 
