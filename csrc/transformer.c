@@ -116,6 +116,15 @@ static void embed(float *x, const Matrix *table, int token, int dim, int group_s
     for (int i = 0; i < dim; i++) x[i] = q[i] * s[i / group_size];
 }
 
+// x (n,) into a row of a cache of `type`
+static void cache_store(char *row, const float *x, int n, KVType type) {
+    if (type == KV_F16) {
+        f32_to_f16((uint16_t *)row, x, n);
+    } else {
+        memcpy(row, x, n * sizeof(float));
+    }
+}
+
 // Attention of query head h of s->q over positions 0..pos of layer l; writes the head's output to
 // its part of s->xb. Positions before pos come from the cache, pos itself from s->k and s->v
 // (fp32 whatever the cache's type), which the first query head of each kv head then stores in the
@@ -142,13 +151,8 @@ static void attention_head(RunState *s, const Config *p, int l, int pos, int h) 
     add_weighted_rows(xb, att + pos, v_pos, 1, head_size, KV_F32);
     if (h % kv_mul == 0) {
         const size_t row = (size_t)pos * head_size * kv_size(type);
-        if (type == KV_F16) {
-            f32_to_f16((uint16_t *)(k + row), k_pos, head_size);
-            f32_to_f16((uint16_t *)(v + row), v_pos, head_size);
-        } else {
-            memcpy(k + row, k_pos, head_size * sizeof(float));
-            memcpy(v + row, v_pos, head_size * sizeof(float));
-        }
+        cache_store(k + row, k_pos, head_size, type);
+        cache_store(v + row, v_pos, head_size, type);
     }
 }
 
