@@ -15,10 +15,11 @@ llama.cpp caches them). Reports medians as a JSON blob and a markdown table.
     python bench/run_speed.py --arch=x86-64-v3 ...   # the AVX2 path (and AVX2 builds of the anchors)
     python bench/run_speed.py --shapes=110M --steps=1024 --kv_cache=f16   # the whole context
 
-Generation is greedy (-t 0, 256 tokens from BOS by default, at most the model's seq_len): with random weights the next-token distribution
-is flat, so top-p sampling would sort the whole vocabulary every step, which no real model makes
-it do. Token 1 (BOS, which stops generation) gets the same embedding as token 0, so its logit ties
-with token 0's and greedy decoding, which keeps the first maximum, never picks it.
+Generation is greedy (-t 0, 256 tokens from BOS by default, at most the model's seq_len): with
+random weights the next-token distribution is flat, so top-p sampling would sort the whole
+vocabulary every step, which no real model makes it do. Token 1 (BOS, which stops generation) gets
+the same embedding as token 0, so its logit ties with token 0's and greedy decoding, which keeps the
+first maximum, never picks it.
 """
 import argparse
 import json
