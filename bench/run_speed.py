@@ -34,14 +34,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from csrc import formats  # noqa: E402
 from csrc.formats import Config  # noqa: E402
+from model import PRESETS, ModelArgs  # noqa: E402
 
-# llama2.c's model sizes (hidden_dim as its model.py computes it, multiple_of=32; 4 for 260K)
+
+def llama2c_shape(preset, **overrides):
+    """An engine Config of one of model.py's presets (llama2.c's sizes), with overrides."""
+    a = ModelArgs(**{**PRESETS[preset], **overrides})
+    return Config(a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len)
+
+
 SHAPES = {
-    "260K": Config(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, seq_len=512),
-    "15M": Config(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256),
-    "15M-GQA-4096": Config(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=4096, seq_len=256),
-    "42M": Config(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, seq_len=1024),
-    "110M": Config(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, seq_len=1024),
+    "260K": llama2c_shape("260K"),
+    "15M": llama2c_shape("15M"),
+    "15M-GQA-4096": llama2c_shape("15M", n_kv_heads=2, vocab_size=4096),
+    "42M": llama2c_shape("42M"),
+    "110M": llama2c_shape("110M"),
 }
 FORMATS = ["fp32", "q8_0"]
 

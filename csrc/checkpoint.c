@@ -3,11 +3,9 @@
 #include "error.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #define HEADER_V0 28  // 7 int32
@@ -200,14 +198,9 @@ int checkpoint_parse(Checkpoint *c, const void *data, size_t size, const char *n
 
 int checkpoint_open(Checkpoint *c, const char *path, char *err) {
     memset(c, 0, sizeof(*c));
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail(err, "%s: cannot open (%s)", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return fail(err, "%s: not a regular file", path);
-    }
-    size_t size = st.st_size;
+    size_t size = 0;
+    int fd = open_regular_file(path, &size, err);
+    if (fd < 0) return -1;
     void *map = NULL;
     if (size > 0) { // mmap refuses empty files; parse then reports the size
         map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);

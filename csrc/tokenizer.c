@@ -3,12 +3,9 @@
 #include "tokenizer.h"
 #include "error.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #define MAX_TOKEN_LENGTH (1 << 16)
@@ -126,14 +123,9 @@ int tokenizer_parse(Tokenizer *t, const void *data, size_t size, int vocab_size,
 
 int tokenizer_open(Tokenizer *t, const char *path, int vocab_size, char *err) {
     memset(t, 0, sizeof(*t));
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail(err, "%s: cannot open (%s)", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
-        return fail(err, "%s: not a regular file", path);
-    }
-    size_t size = st.st_size;
+    size_t size = 0;
+    int fd = open_regular_file(path, &size, err);
+    if (fd < 0) return -1;
     unsigned char *data = malloc(size ? size : 1);
     size_t got = 0;
     while (data && got < size) {
