@@ -52,7 +52,7 @@ test: setup ctest lib
 # threads (OMP_NUM_THREADS). An explicit ARCH builds another path, e.g. on an AVX-512 machine
 # `make runomp ARCH=x86-64-v3` (AVX2+FMA), ARCH="x86-64-v3 -mavxvnni" (AVX2 with AVX-VNNI),
 # ARCH=x86-64-v4 (AVX-512 without VNNI), ARCH=portable; ./run names its kernels on stderr.
-# lib: the engine as the shared library csrc/engine.py loads, and csrc/attention.c (model.py's
+# lib: the engine as the shared library csrc/engine.py loads, and csrc/train/attention.c (model.py's
 # CPU training kernel) as one of its own; both without -ffast-math, so that parity with PyTorch
 # holds to 1e-4 (with it, 1.4e-4). Where threads are off, -fopenmp-simd keeps the `omp simd` pragmas and
 # NO_THREADS quiets the warnings about the threading ones, which then do nothing.
@@ -63,9 +63,10 @@ TARGET := -DPORTABLE_KERNELS
 else
 TARGET := -march=$(ARCH)
 endif
-KERNELS_SRC := csrc/kernels_scalar.c csrc/kernels_avx2.c csrc/kernels_avx512.c csrc/kernels_neon.c
-ENGINE_SRC := csrc/checkpoint.c csrc/matmul.c $(KERNELS_SRC) csrc/ops.c csrc/transformer.c csrc/tokenizer.c csrc/sampler.c
-ENGINE_HDR := $(filter-out csrc/attention.h,$(wildcard csrc/*.h))
+# the engine is every C file in csrc/ (csrc/engine.py reads the same list); csrc/train/ holds
+# model.py's training kernel, tests/c/ the C tests and fuzzers
+ENGINE_SRC := $(sort $(wildcard csrc/*.c))
+ENGINE_HDR := $(wildcard csrc/*.h)
 WARN := -Wall -Wextra
 NO_THREADS := -fopenmp-simd -Wno-unknown-pragmas
 LIB := csrc/libengine.so
@@ -91,20 +92,20 @@ lib: $(LIB) $(ATTENTION_LIB)
 $(LIB): $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(TARGET) $(SHARED_LIB) -o $@ $(ENGINE_SRC) -lm
 
-$(ATTENTION_LIB): csrc/attention.c csrc/attention.h
-	$(CC) $(TARGET) $(SHARED_LIB) -o $@ csrc/attention.c -lm
+$(ATTENTION_LIB): csrc/train/attention.c csrc/train/attention.h
+	$(CC) $(TARGET) $(SHARED_LIB) -o $@ csrc/train/attention.c -lm
 
 # the kernels of ARCH against the portable ones on random data (tests/test_kernels.py runs it for
 # every path this CPU can execute)
 KTEST ?= out/test_kernels
-$(KTEST): csrc/test_kernels.c $(ENGINE_SRC) $(ENGINE_HDR)
+$(KTEST): tests/c/test_kernels.c $(ENGINE_SRC) $(ENGINE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) -O3 $(TARGET) $(WARN) -fopenmp -o $@ csrc/test_kernels.c $(ENGINE_SRC) -lm
+	$(CC) -O3 $(TARGET) $(WARN) -fopenmp -Icsrc -o $@ tests/c/test_kernels.c $(ENGINE_SRC) -lm
 
 # run and runomp for this CPU; tests/test_kernels.py does the same for every other path
 ctest:
-	$(MAKE) -s run && bash csrc/test_run.sh
-	$(MAKE) -s runomp && bash csrc/test_run.sh
+	$(MAKE) -s run && bash tests/c/test_run.sh
+	$(MAKE) -s runomp && bash tests/c/test_run.sh
 
 # The NEON kernels, cross-compiled, under qemu-aarch64 (Debian: gcc-aarch64-linux-gnu,
 # libc6-dev-arm64-cross, qemu-user): with and without the dot-product extension.
@@ -115,17 +116,17 @@ armtest:
 	@for arch in armv8.2-a+dotprod armv8-a; do \
 		echo "aarch64 -march=$$arch:"; \
 		$(AARCH64_CC) -Ofast -march=$$arch $(WARN) -fopenmp -o $(ARM_OUT)/run-aarch64 run.c $(ENGINE_SRC) -lm && \
-		$(AARCH64_CC) -O3 -march=$$arch $(WARN) -fopenmp -o $(ARM_OUT)/test_kernels-aarch64 csrc/test_kernels.c $(ENGINE_SRC) -lm && \
+		$(AARCH64_CC) -O3 -march=$$arch $(WARN) -fopenmp -Icsrc -o $(ARM_OUT)/test_kernels-aarch64 tests/c/test_kernels.c $(ENGINE_SRC) -lm && \
 		qemu-aarch64 -L /usr/aarch64-linux-gnu $(ARM_OUT)/test_kernels-aarch64 && \
-		RUN="qemu-aarch64 -L /usr/aarch64-linux-gnu $(ARM_OUT)/run-aarch64" bash csrc/test_run.sh || exit 1; \
+		RUN="qemu-aarch64 -L /usr/aarch64-linux-gnu $(ARM_OUT)/run-aarch64" bash tests/c/test_run.sh || exit 1; \
 	done
 
 # libFuzzer with AddressSanitizer and UBSan on the checkpoint and tokenizer loaders (clang:
 # apt-get install clang), seeded with small valid files. Not part of the tests: it runs for
 # FUZZ_SECONDS each and keeps its corpus in out/fuzz/.
-out/fuzz_%: csrc/fuzz_%.c $(ENGINE_SRC) $(ENGINE_HDR)
+out/fuzz_%: tests/c/fuzz_%.c $(ENGINE_SRC) $(ENGINE_HDR)
 	@mkdir -p out
-	$(FUZZ_CC) -g -O1 -march=native -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -o $@ $< $(ENGINE_SRC) -lm
+	$(FUZZ_CC) -g -O1 -march=native -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Icsrc -o $@ $< $(ENGINE_SRC) -lm
 
 fuzz: out/fuzz_checkpoint out/fuzz_tokenizer
 	$(PY) -m csrc.formats fuzz-seeds out/fuzz

@@ -6,7 +6,7 @@ eager loop (llama2.c's baseline) with bf16 autocast, torch.compile and thread co
     python bench/train_speed.py [--presets=260K,15M-4096,15M,42M] [--batch_size=32] [--seconds=4] [--only=fp32]
 
 Random tokens: speed does not depend on the data. Prints a JSON line and a markdown table.
-The "C attention" settings train through csrc/attention.c (`make lib`) at any head size, not
+The "C attention" settings train through csrc/train/attention.c (`make lib`) at any head size, not
 only at the sizes up to 8 where model.py uses it. PyTorch's AVX2 path can be timed on an AVX-512
 machine: ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 (with
 --only=fp32: bf16 has no fast path there).

@@ -1,5 +1,5 @@
 """
-csrc/attention.c from Python: cffi over csrc/libattention.so (`make lib`), the causal attention
+csrc/train/attention.c from Python: cffi over csrc/libattention.so (`make lib`), the causal attention
 forward and backward that model.py trains with on CPUs at small head sizes. Importing it raises
 FileNotFoundError, naming `make lib`, when the library has not been built.
 """
@@ -11,8 +11,8 @@ from csrc import engine
 
 LIB_PATH = os.path.join(engine.HERE, "libattention.so")
 ffi = FFI()
-ffi.cdef(engine.declarations(["attention.h"]))
-lib = engine.dlopen(ffi, LIB_PATH, ["attention.c", "attention.h"])
+ffi.cdef(engine.declarations(["train/attention.h"]))
+lib = engine.dlopen(ffi, LIB_PATH, ["train/attention.c", "train/attention.h"])
 
 
 def float_ptr(tensor):

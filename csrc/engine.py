@@ -26,9 +26,8 @@ from csrc.formats import Config
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_PATH = os.path.join(HERE, "libengine.so")
 HEADERS = ["checkpoint.h", "matmul.h", "sampler.h", "tokenizer.h", "transformer.h"]
-# the library's sources: every C file and header here but attention's, the tests' and the fuzzers'
-SOURCES = [os.path.basename(p) for p in glob.glob(os.path.join(HERE, "*.[ch]"))
-           if not os.path.basename(p).startswith(("attention.", "test_", "fuzz_"))]
+# the library's sources: every C file and header in csrc/ (the Makefile's ENGINE_SRC and ENGINE_HDR)
+SOURCES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "*.[ch]")))
 ERR_LEN = int(re.search(r"#define ERR_LEN (\d+)", open(os.path.join(HERE, "error.h")).read()).group(1))
 
 

@@ -175,7 +175,7 @@ def synthetic_tokenizer(vocab_size):
 
 
 def fuzz_seeds(out_dir):
-    """Small valid inputs for the fuzzers in csrc/fuzz_*.c."""
+    """Small valid inputs for the fuzzers in tests/c/fuzz_*.c."""
     os.makedirs(f"{out_dir}/checkpoint", exist_ok=True)
     os.makedirs(f"{out_dir}/tokenizer", exist_ok=True)
     c = Config(dim=8, hidden_dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, seq_len=4)

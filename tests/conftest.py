@@ -85,7 +85,7 @@ KERNEL_PATHS = kernel_paths()
 
 class KernelBuild:
     """One kernel path built into its own directory: ./run (runomp), the engine and attention
-    libraries, and the kernel test (csrc/test_kernels.c)."""
+    libraries, and the kernel test (tests/c/test_kernels.c)."""
 
     def __init__(self, name, arch, directory):
         self.name, self.arch, self.dir = name, arch, directory

@@ -34,7 +34,7 @@ def story_tokens():
 
 def torch_logits(model, tokens):
     """PyTorch's logits through its own SDPA attention: the reference the C engine must match. (At head
-    size 8 model.py trains through csrc/attention.c, 4.5e-5 from SDPA on stories260K; the engine is
+    size 8 model.py trains through csrc/train/attention.c, 4.5e-5 from SDPA on stories260K; the engine is
     6.9e-5 from SDPA, so the two rounding errors could add up past the issue's 1e-4.)"""
     limit, model_module.C_ATTENTION_MAX_HEAD_DIM = model_module.C_ATTENTION_MAX_HEAD_DIM, 0
     try:

@@ -1,7 +1,7 @@
 """Every kernel path of the C engine this machine can execute (conftest.KERNEL_PATHS: portable,
 AVX2 and AVX-512 with and without VNNI, or NEON), each built on its own: its kernels against a
-float64 reference (csrc/test_kernels.c) and its ./run through the C-side checks
-(csrc/test_run.sh). The cffi parity tests of test_engine.py and the attention test of
+float64 reference (tests/c/test_kernels.c) and its ./run through the C-side checks
+(tests/c/test_run.sh). The cffi parity tests of test_engine.py and the attention test of
 test_model.py run on every path too. The ARM paths are cross-compiled and run under qemu-aarch64
 when the tools are installed (.ci/run installs them)."""
 import os
@@ -32,7 +32,7 @@ def test_kernels_match_the_float64_reference(kernel_build):
 
 
 def test_run_passes_the_c_checks(kernel_build):
-    r = subprocess.run(["bash", "csrc/test_run.sh"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run(["bash", "tests/c/test_run.sh"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "RUN": str(kernel_build.run)})
     assert r.returncode == 0 and r.stdout.strip().endswith("passed, 0 failed"), r.stdout[-2000:]
 

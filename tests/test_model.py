@@ -108,7 +108,7 @@ def test_attention_equals_per_head_reference_with_run_c_rope(n_kv_heads):
 
 @pytest.mark.parametrize("shape", [(2, 3, 17, 8), (3, 2, 40, 16), (1, 1, 1, 8), (1, 2, 130, 4)])
 def test_c_attention_kernel_equals_causal_sdpa_and_its_gradients(shape, kernel_build):
-    """csrc/attention.c (the CPU path at small head sizes), built for each kernel path, against
+    """csrc/train/attention.c (the CPU path at small head sizes), built for each kernel path, against
     PyTorch in float64."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))

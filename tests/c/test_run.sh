@@ -4,7 +4,7 @@
 # (tests/test_engine.py ties the recorded text to a numpy reference forward.) RUN names the
 # binary (default ./run), with a runner in front if it needs one (qemu-aarch64 in make armtest).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 M=../shared/models/llama2c
 RUN=${RUN:-./run}
 tmp=$(mktemp -d)
