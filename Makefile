@@ -32,15 +32,10 @@ demo: setup
 	OMP_NUM_THREADS=1 ./run out/model.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
 	OMP_NUM_THREADS=1 ./run out/model_q80.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
 	rm -f out/ppo_ckpt.pt out/ppo_log.jsonl
-	$(PY) train.py --rl=ppo $(DEMO_RL)
+	$(PY) train.py recipes/length_ppo.conf --max_iters=30
 	$(PY) report.py --checkpoint=out/ppo_ckpt.pt --report_path=out/ppo_length.md --report_prompts=100
 	$(PY) export.py out/ppo_model.bin --checkpoint=out/ppo_ckpt.pt
 	OMP_NUM_THREADS=1 ./run out/ppo_model.bin -z data/tok512.bin -t 1.0 -n 256 -i "Once upon a time"
-
-# the demo's RL stage: the length task's best recipe (reports/rl_methods.md), PPO with reward normalisation,
-# k3 KL per token in the loss and the pretraining loss mixed in, on the default model; 30 of the recipe's 100 iterations
-DEMO_RL := --batch_size=16 --num_mini_batches=4 --target_len=170 --score_norm=True --kl_estimator=k3 --kl_in=loss \
-	--kl_reduction=mean --init_kl_coef=0.1 --adap_kl_ctrl=False --ptx_coef=0.5 --max_iters=30
 
 test: setup ctest lib
 	$(PY) -m pytest -q tests

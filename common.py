@@ -1,8 +1,10 @@
 """
-What the scripts share: bad input as one error line, atomic writes, the device and dtype, DDP, the
-learning-rate schedule, the metrics log and figures. Small functions; nothing here imports the
+What the scripts share: bad input as one error line, atomic writes, the out_dir lock, the device and
+dtype, DDP, the learning-rate schedule and the metrics log. Small functions; nothing here imports the
 project's other modules, so any of them can import this one.
 """
+import ctypes
+import fcntl
 import json
 import math
 import os
@@ -72,6 +74,28 @@ def save_atomic(obj, path):
         raise OSError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
 
 
+def out_dir_lock(out_dir):
+    """An exclusive lock on out_dir for this run's lifetime, taken by rank 0: a second run into the same
+    out_dir stops with one line naming the first one's PID. It is an flock, which the kernel releases
+    when the process ends however it ends, so a killed run leaves no stale lock. Returns the open lock
+    file (closing it releases the lock)."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return open(os.devnull)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise DataError(f"{out_dir} is in use by another run (PID {pid}); wait for it to finish or choose another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 # -----------------------------------------------------------------------------
 # device and dtype
 
@@ -112,6 +136,18 @@ def resolve_device_dtype(device, dtype):
         else:
             dtype = "bfloat16" if device_type == "cpu" and cpu_has_fast_bf16() else "float32"
     return device, device_type, dtype
+
+
+def reuse_freed_memory():
+    """Make glibc keep freed memory for reuse. By default it unmaps freed blocks of over 32 MB and trims
+    the heap, so generation steps can page-fault their KV-cache-sized buffers back in every time: 400
+    rollouts of 300 tokens from the 260K model took 27 s of CPU (11M page faults) instead of 10 s."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def autocast(device_type, dtype):
@@ -246,19 +282,3 @@ def jsonl_log(path, resume_iter=None, enabled=True, wandb_run=None):
 
 def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
-
-
-def pyplot():
-    """matplotlib's pyplot without a display, imported only when a plot is drawn."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, png_path):
-    """Write fig to png_path atomically (a reader never sees half a PNG) and free it."""
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    pyplot().close(fig)

@@ -4,49 +4,51 @@ prefs.py writes, with no reward model and no sampling. The loss is the reward mo
 loss, with the policy's own log-ratio to the reference, beta x (log p - log p_ref) of a response, as
 the reward; TRL's DPOTrainer's stat names. rpo_alpha adds the negative log-likelihood of the chosen
 response (Pang et al. 2024, TRL's rpo_alpha), against the repetition and the falling likelihood of
-both responses that DPO alone can bring. rl.py holds the loop, the evaluation and the rest.
+both responses that DPO alone can bring. rl_train.py holds the loop and the evaluation.
 
     python train.py --rl=dpo --pairs=data/prefs_train.jsonl --beta=0.1   # out/ckpt.pt -> out/dpo_ckpt.pt
 
-An iteration is one optimizer step on batch_size pairs, drawn at random (per seed, rank and
-iteration) from the pairs file. The evaluation still samples stories, on held-out prompts, and
+An iteration is one optimizer step on batch_size pairs that the loop draws at random (per seed,
+rank and iteration) from the pairs file. The evaluation still samples stories, on held-out prompts, and
 scores them with --reward, so that DPO's runs compare with the online methods'.
 """
-import sys
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
 import rl
 from common import DataError
-from prefs import encode_story, read_pairs
+from prefs import encode_story
 
-# -----------------------------------------------------------------------------
-# config: rl.py's groups for the run, the evaluation's samples and reward, and DPO's own keys
-config = {
-    **rl.RUN, **rl.SAMPLING, **rl.REWARD,
-    "learning_rate": 1e-5,
-    "pairs": "data/prefs_train.jsonl",  # written by prefs.py: {"prompt", "chosen", "rejected"} a line
-    "beta": 0.1,  # the strength of the implicit KL to the reference: larger stays closer
-    "rpo_alpha": 0.0,  # + rpo_alpha x the chosen responses' NLL per token; 0 = plain DPO
-}
-# -----------------------------------------------------------------------------
+UNIT = "pairs"
+config = rl.method_config(
+    rl.RUN, rl.SAMPLING,
+    learning_rate=(1e-5, "> 0"),
+    pairs="data/prefs_train.jsonl",  # written by prefs.py: {"prompt", "chosen", "rejected"} a line
+    beta=(0.1, "> 0"),  # the strength of the implicit KL to the reference: larger stays closer
+    rpo_alpha=(0.0, ">= 0"),  # + rpo_alpha x the chosen responses' NLL per token; 0 = plain DPO
+)
 
 
 def encode_pairs(tok, pairs, max_len):
     """Text pairs -> (chosen ids, rejected ids, P) token lists, each story cut to max_len tokens: the
     first P tokens (BOS and the prompt) are where both stories and the prompt alone agree, the rest is
-    the response (a few characters of a prompt may merge with its response into one token)."""
-    out = []
+    the response (a few characters of a prompt may merge with its response into one token). A pair
+    whose response the context has no room for teaches nothing and is left out, with a note."""
+    out, cut = [], 0
     for p in pairs:
         prompt = tok.encode(p["prompt"], bos=True)
-        chosen, rejected = (encode_story(tok, p["prompt"], p[k], max_len) for k in ("chosen", "rejected"))
+        chosen, rejected = (encode_story(tok, p["prompt"], p[k], None) for k in ("chosen", "rejected"))
+        cut += len(chosen) > max_len or len(rejected) > max_len
+        chosen, rejected = chosen[:max_len], rejected[:max_len]
         P = 0
         while P < min(len(prompt), len(chosen), len(rejected)) and prompt[P] == chosen[P] == rejected[P]:
             P += 1
-        if P < len(chosen) and P < len(rejected):  # a response the context has no room for teaches nothing
+        if P < len(chosen) and P < len(rejected):
             out.append((chosen, rejected, P))
+    if cut:
+        print(f"note: {cut} of {len(pairs)} pairs are longer than the context of {max_len} tokens and were cut to it")
+    if not out:
+        raise DataError("no pair has a response that fits the model's context")
     return out
 
 
@@ -70,18 +72,17 @@ def dpo_loss(logps_chosen, logps_rejected, ref_chosen, ref_rejected, beta):
     return -F.logsigmoid(chosen_rewards - rejected_rewards).mean(), chosen_rewards, rejected_rewards
 
 
-def iteration(policy, reference, optimizer, pairs, cfg, ctx=nullcontext(), scaler=None, ptx_batches=None):
-    """One DPO step on a list of encoded pairs. policy: an rl.Policy or its DDP wrapper. Returns the
-    statistics, with TRL's names."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    tokens, mask = collate_pairs(pairs, next(policy.parameters()).device)
+def iteration(run, pairs):
+    """One DPO step on the loop's list of encoded pairs. Returns the statistics, with TRL's names."""
+    cfg = run.cfg
+    tokens, mask = collate_pairs(pairs, run.device)
     B = len(pairs)
     with torch.no_grad():
-        ref_logprobs, _, _ = rl.forward_logprobs(reference, tokens, 1, 1.0, ctx)
+        ref_logprobs, _, _ = rl.forward_logprobs(run.reference, tokens, 1, tokens[:, 1:], 1.0, run.ctx)
     ref = (ref_logprobs * mask).sum(1)
 
     def loss_fn():
-        logprobs, _, _ = rl.forward_logprobs(policy, tokens, 1, 1.0, ctx)  # (2B, T-1)
+        logprobs, _, _ = rl.forward_logprobs(run.train_policy, tokens, 1, tokens[:, 1:], 1.0, run.ctx)  # (2B, T-1)
         logps = (logprobs * mask).sum(1)
         loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], cfg["beta"])
         nll = -(logprobs[:B] * mask[:B]).sum() / mask[:B].sum()
@@ -91,27 +92,5 @@ def iteration(policy, reference, optimizer, pairs, cfg, ctx=nullcontext(), scale
                      "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
                      "logps/chosen": logps[:B].mean(), "logps/rejected": logps[B:].mean()}
         return loss + cfg["rpo_alpha"] * nll, stats
-    return rl.optimizer_step(policy, optimizer, loss_fn, cfg, scaler, ptx_batches, ctx), tokens
 
-
-def prepare(run):
-    """DPO's set-up: the pairs file, encoded with the run's tokenizer and cut to the model's context."""
-    pairs = encode_pairs(run.tok, read_pairs(run.cfg["pairs"]), run.model_args["max_seq_len"])
-    if len(pairs) < run.cfg["batch_size"]:
-        raise DataError(f"{run.cfg['pairs']} has {len(pairs)} usable pairs, fewer than --batch_size={run.cfg['batch_size']}")
-    run.pairs = pairs
-
-
-def step(run, rng):
-    cfg = run.cfg
-    batch = [run.pairs[i] for i in rng.choice(len(run.pairs), size=cfg["batch_size"], replace=False)]
-    ptx = rl.ptx_batches(run, rng) if cfg["ptx_coef"] else None
-    return iteration(run.train_policy, run.reference, run.optimizer, batch, cfg, run.ctx, run.scaler, ptx)
-
-
-def main(argv):
-    rl.main(argv, config, "dpo", rl.Policy, step, prepare)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    return rl.optimizer_step(run, loss_fn, rl.ptx_batches(run) if cfg["ptx_coef"] else None)

@@ -16,8 +16,6 @@ byte-level writers live in csrc/formats.py beside the engine that reads them. RE
 layout tables. The suffix picks the format: .gguf, .pt, else --version (-1: a transformers
 directory).
 """
-import argparse
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -25,10 +23,22 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from common import atomic_open, atomic_path, one_line_errors, save_atomic
+import checkpoint
+import configurator
+from common import atomic_open, atomic_path, one_line_errors
 from csrc import formats
-from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
+from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+config = dict(
+    checkpoint="out/ckpt.pt",  # a checkpoint of any stage: train.py's, SFT's, an RL method's
+    hf="",  # read a transformers Llama directory instead of --checkpoint
+    version=(1, "-1 | 0 | 1 | 2"),  # -1: a transformers directory; .bin: 0 legacy fp32, 1 fp32, 2 int8 Q8_0
+    dtype=("fp32", "fp32 | fp16 | q8_0"),  # weights of a transformers directory (fp32, fp16) or a GGUF file (fp32, fp16, q8_0)
+    tokenizer="",  # sentencepiece .model; default: the checkpoint's
+)
+# -----------------------------------------------------------------------------
 
 
 def llama2c_weights(model):
@@ -249,14 +259,12 @@ def load_hf(hf_dir):
 
 
 def save_as_checkpoint(model, path, tok):
-    """A checkpoint as train.py writes one (no optimizer state: training starts afresh at iteration 0),
-    for train.py --init_from=resume, ppo.py and sample.py. It names the tokenizer by its absolute path."""
-    sha = hashlib.sha256(open(tok.model_path, "rb").read()).hexdigest()
-    tokenizer = {"tokenizer": os.path.abspath(tok.model_path), "tokenizer_sha256": sha, "vocab_size": tok.n_words,
-                 "bos_id": tok.bos_id}
-    ckpt = {"model": model.state_dict(), "model_args": asdict(model.params), "iter_num": 0, "best_val_loss": float("inf"),
-            "config": {}, "tokenizer": tokenizer}
-    save_atomic(ckpt, path)
+    """A checkpoint of kind 'import' (no optimizer state: training starts afresh at iteration 0), for
+    train.py --init_from=resume, the RL stages and sample.py. It names the tokenizer by its absolute path."""
+    tokenizer = {"tokenizer": os.path.abspath(tok.model_path), "tokenizer_sha256": checkpoint.file_sha256(tok.model_path),
+                 "vocab_size": tok.n_words, "bos_id": tok.bos_id}
+    checkpoint.save(path, "import", model.state_dict(), asdict(model.params), tokenizer, None, iter_num=0,
+                    best_val_loss=float("inf"), config={})
     print(f"wrote {path}")
 
 
@@ -317,22 +325,22 @@ def export_gguf(model, path, tok, dtype="fp32"):
 DTYPES = {"gguf": ("fp32", "fp16", "q8_0"), "hf": ("fp32", "fp16"), "bin": ("fp32",), "pt": ("fp32",)}
 
 
-def main(args):
-    fmt = "gguf" if args.filepath.endswith(".gguf") else "pt" if args.filepath.endswith(".pt") else \
-        "hf" if args.version == -1 else "bin"
-    if args.dtype not in DTYPES[fmt]:
-        raise ValueError(f"--dtype={args.dtype} does not apply to {fmt} output, which takes {', '.join(DTYPES[fmt])}"
+def main(cfg):
+    path = cfg["filepath"]
+    fmt = "gguf" if path.endswith(".gguf") else "pt" if path.endswith(".pt") else "hf" if cfg["version"] == -1 else "bin"
+    if cfg["dtype"] not in DTYPES[fmt]:
+        raise ValueError(f"--dtype={cfg['dtype']} does not apply to {fmt} output, which takes {', '.join(DTYPES[fmt])}"
                          + (" (int8 is --version=2)" if fmt == "bin" else ""))
-    out_dir = os.path.dirname(os.path.abspath(args.filepath))
+    out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"no directory {out_dir} to write {args.filepath} into")
-    if args.hf:
-        model = load_hf(args.hf)
-        tok_path = args.tokenizer or os.path.join(args.hf, "tokenizer.model")
+        raise FileNotFoundError(f"no directory {out_dir} to write {path} into")
+    if cfg["hf"]:
+        model = load_hf(cfg["hf"])
+        tok_path = cfg["tokenizer"] or os.path.join(cfg["hf"], "tokenizer.model")
     else:
-        ckpt = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(ckpt)
-        tok_path = args.tokenizer or (ckpt.get("tokenizer") or {}).get("tokenizer", "")
+        ckpt = checkpoint.load(cfg["checkpoint"])
+        model = checkpoint.model_from(ckpt)
+        tok_path = cfg["tokenizer"] or (ckpt.get("tokenizer") or {}).get("tokenizer", "")
     tok = None
     if fmt != "bin":  # the tokenizer goes inside (GGUF) or beside the weights
         if not os.path.isfile(tok_path):
@@ -341,25 +349,16 @@ def main(args):
     model.eval()
     with torch.no_grad():
         if fmt == "gguf":
-            export_gguf(model, args.filepath, tok, args.dtype)
+            export_gguf(model, path, tok, cfg["dtype"])
         elif fmt == "hf":
-            export_hf(model, args.filepath, tok, args.dtype)
+            export_hf(model, path, tok, cfg["dtype"])
         elif fmt == "pt":
-            save_as_checkpoint(model, args.filepath, tok)
+            save_as_checkpoint(model, path, tok)
         else:
-            export(model, args.filepath, args.version)
+            export(model, path, cfg["version"])
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("filepath", type=str, help="the output: .bin, .gguf, .pt, or a directory with --version=-1")
-    parser.add_argument("--checkpoint", type=str, default="out/ckpt.pt", help="a train.py or ppo.py checkpoint")
-    parser.add_argument("--hf", type=str, default="", help="read a transformers Llama directory instead of --checkpoint")
-    parser.add_argument("--version", type=int, default=1, choices=(-1, 0, 1, 2),
-                        help="-1 a transformers directory; .bin: 0 legacy fp32, 1 fp32, 2 int8 Q8_0")
-    parser.add_argument("--dtype", type=str, default="fp32", choices=("fp32", "fp16", "q8_0"),
-                        help="weights of a transformers directory (fp32, fp16) or a GGUF file (fp32, fp16, q8_0)")
-    parser.add_argument("--tokenizer", type=str, default="", help="sentencepiece .model (default: the checkpoint's)")
-    args = parser.parse_args()
+    cfg, _ = configurator.configure(config, positional=("filepath",))
     with one_line_errors():
-        main(args)
+        main(cfg)

@@ -2,10 +2,11 @@
 GRPO, Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath), as in TRL's GRPOTrainer:
 group_size samples of each prompt, each scored against its group (the score minus the group's mean,
 over the group's std), no value head, PPO's clipped ratio, and the KL to the reference as a term of
-the loss (k3 per token) rather than a penalty in the reward. rl.py holds the rest.
+the loss (k3 per token) rather than a penalty in the reward. rl.py and rl_train.py hold the rest.
 
     python train.py --rl=grpo --reward=length --target_len=170     # out/ckpt.pt -> out/grpo_ckpt.pt
     python train.py --rl=grpo --loss_type=dr_grpo --scale_rewards=False
+    python train.py recipes/instruct_grpo.conf                      # stories that follow instructions
 
 The loss types differ in how the token losses of a minibatch are averaged:
   grpo     per sequence, then over sequences (DeepSeekMath): a token of a short response weighs more,
@@ -15,31 +16,25 @@ The loss types differ in how the token losses of a minibatch are averaged:
   dr_grpo  the sum over tokens divided by a constant, rows x max_new_tokens (Liu et al. 2025, Dr. GRPO),
            with scale_rewards=False: no length bias and no bias from the group's spread
 """
-import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 import rl
-from common import DataError
 from rl import masked_mean
 
-# -----------------------------------------------------------------------------
-# config: rl.py's groups and GRPO's own keys; the KL defaults are GRPO's
-config = {
-    **rl.RUN, **rl.SAMPLING, **rl.REWARD, **rl.ROLLOUTS, **rl.KL,
-    "init_kl_coef": 0.04,  # beta (TRL's former default)
-    "adap_kl_ctrl": False,
-    "kl_estimator": "k3",
-    "kl_in": "loss",
-    "kl_reduction": "mean",  # as each token's KL is averaged in the 'grpo' loss
-    "group_size": 8,  # G, samples per prompt (TRL: num_generations); rollouts per iteration must be a multiple
-    "loss_type": "grpo",  # 'grpo', 'dapo' or 'dr_grpo' (above)
-    "scale_rewards": True,  # divide the advantages by the group's std (DeepSeekMath); False: Dr. GRPO
-}
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
-# -----------------------------------------------------------------------------
+UNIT = "groups"
+config = rl.method_config(
+    rl.RUN, rl.SAMPLING, rl.ONLINE,
+    init_kl_coef=(0.04, ">= 0"),  # beta (TRL's former default)
+    adap_kl_ctrl=False,
+    kl_estimator=("k3", "k1 | k3"),
+    kl_in=("loss", "reward | loss"),
+    kl_reduction=("mean", "sum | mean"),  # as each token's KL is averaged in the 'grpo' loss
+    group_size=(8, ">= 2"),  # G, samples per prompt (TRL: num_generations); must divide batch_size
+    loss_type=("grpo", "grpo | dapo | dr_grpo"),  # how a minibatch's token losses are averaged (above)
+    scale_rewards=True,  # divide the advantages by the group's std (DeepSeekMath); False: Dr. GRPO
+)
 
 
 def group_advantages(scores, group_size, scale_rewards=True):
@@ -69,50 +64,27 @@ def grpo_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_type, ma
     return loss, masked_mean(clipped.float(), mask)
 
 
-def iteration(policy, reference, optimizer, prompts, score_fn, kl_coef, cfg, generator, shuffle, stop_tokens, ctx=nullcontext(),
-              gen_ctx=nullcontext(), scaler=None, ddp=False, ptx_batches=None):
-    """One GRPO iteration: group_size rollouts of each prompt (prompts (N, P)), group-normalised
-    advantages, then ppo_epochs passes of clipped updates in shuffled minibatches of batch_size.
-    Returns the batch and the statistics, with TRL's names."""
-    G = cfg["group_size"]
-    batch, timing = rl.rollout(rl.unwrap(policy), reference, prompts.repeat_interleave(G, 0), score_fn, cfg, generator,
-                               stop_tokens, ctx, gen_ctx)
-    scores = batch["scores"]
-    if cfg["kl_in"] == "reward":
-        kl = rl.kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg["kl_estimator"])
-        scores = scores - kl_coef * rl.kl_penalty(kl, batch["mask"], cfg["kl_reduction"]).sum(1)
-    batch["advantages"] = group_advantages(scores, G, cfg["scale_rewards"])
+def iteration(run, batch):
+    """One GRPO iteration on the loop's groups of rollouts: group-normalised advantages, then
+    ppo_epochs passes of clipped updates (rl.optimize). Returns the statistics, with TRL's names."""
+    cfg, G = run.cfg, batch.group_size
     t0 = time.perf_counter()
+    scores = batch.scores
+    if cfg["kl_in"] == "reward":
+        kl = rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg["kl_estimator"])
+        scores = scores - run.kl_ctl.value * rl.kl_penalty(kl, batch.mask, cfg["kl_reduction"]).sum(1)
+    batch.advantages = group_advantages(scores, G, cfg["scale_rewards"])
 
     def policy_loss(mb, logprobs, logp, _):
-        loss, clip_ratio = grpo_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg["cliprange"], cfg["loss_type"],
-                                     cfg["max_new_tokens"])
+        loss, clip_ratio = grpo_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg["cliprange"], cfg["loss_type"],
+                                     min(cfg["max_new_tokens"], run.model_args["max_seq_len"] - 1))
         with torch.no_grad():
             return loss, {"loss": loss, "clip_ratio/region_mean": clip_ratio,
-                          "entropy": masked_mean(rl.entropy_from_logprobs(logp), mb["mask"]),
-                          "kl": masked_mean(rl.kl_estimate(logprobs, mb["ref_logprobs"], "k3"), mb["mask"])}
-    stats, _ = rl.update(policy, optimizer, batch, kl_coef, cfg, shuffle, policy_loss, ctx, scaler, ptx_batches)
-    groups = batch["scores"].view(-1, G)
-    return batch, {**stats, "reward": batch["scores"].mean().item(), "reward_std": groups.std(1).mean().item(),
-                   "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
-                   "completions/mean_length": rl.response_lengths(batch["mask"], batch["ended"]).mean().item(),
-                   "time/optimize_step": time.perf_counter() - t0, **timing}
+                          "entropy": masked_mean(rl.entropy_from_logprobs(logp), mb.mask),
+                          "kl": masked_mean(rl.kl_estimate(logprobs, mb.ref_logprobs, "k3"), mb.mask)}
 
-
-def step(run, rng):
-    return rl.online_step(run, rng, iteration, run.cfg["group_size"])
-
-
-def check(run):
-    """GRPO's own set-up checks."""
-    if run.cfg["loss_type"] not in LOSS_TYPES:
-        raise DataError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, not {run.cfg['loss_type']!r}")
-    rl.check_group_size(run)
-
-
-def main(argv):
-    rl.main(argv, config, "grpo", rl.Policy, step, check)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    stats = rl.optimize(run, batch, policy_loss)
+    groups = batch.scores.view(-1, G)
+    return {**stats, "reward": batch.scores.mean().item(), "reward_std": groups.std(1).mean().item(),
+            "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
+            "completions/mean_length": batch.lengths().mean().item(), "time/optimize_step": time.perf_counter() - t0}

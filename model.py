@@ -7,9 +7,6 @@ One attention implementation serves both training (plain causal attention, flash
 torch.compile-friendly) and generation (a KV cache over a left-padded, ragged batch).
 """
 import math
-import os
-import pickle
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -131,21 +128,8 @@ class CausalAttentionCPU(torch.autograd.Function):
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None
 
 
-def c_attention_available():
-    """Whether csrc/libattention.so (from `make lib`) loads. Asked once."""
-    global _c_attention
-    if _c_attention is None:
-        try:
-            from csrc import attention  # noqa: F401
-            _c_attention = True
-        except (ImportError, OSError) as e:
-            print(f"note: {e}; CPU attention uses PyTorch's kernel")
-            _c_attention = False
-    return _c_attention
-
-
-_c_attention = None
 C_ATTENTION_MAX_HEAD_DIM = 8  # where csrc/train/attention.c beats PyTorch's CPU kernel (bench/ppo_speed.py)
+ATTENTION_KERNELS = ("auto", "c", "torch")
 
 
 class Attention(nn.Module):
@@ -159,6 +143,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
+        self.c_kernel = False  # causal attention through csrc/train/attention.c: Transformer.set_attention
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None, start_pos=0):
         """x (B, T, dim) -> (B, T, dim). Without a mask, plain causal attention over x (training).
@@ -188,8 +173,8 @@ class Attention(nn.Module):
             y = torch.einsum("bgrs,bgsd->bgrd", att.float().softmax(-1).type_as(v), v)  # (B, n_kv_heads, n_rep, head_dim)
         else:
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, S, head_dim)
-            if (x.device.type == "cpu" and mask is None and kv_cache is None and self.head_dim <= C_ATTENTION_MAX_HEAD_DIM
-                    and not (self.training and self.dropout) and c_attention_available()):
+            if (self.c_kernel and x.device.type == "cpu" and mask is None and kv_cache is None
+                    and not (self.training and self.dropout)):
                 y = CausalAttentionCPU.apply(q, k, v)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
@@ -247,6 +232,28 @@ class Transformer(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_attention(self, kernel, device_type="cpu"):
+        """Choose the causal attention of training and scoring passes: 'c' (csrc/train/attention.c, from
+        `make lib`), 'torch' (PyTorch's scaled_dot_product_attention) or 'auto': C on a CPU at head
+        sizes up to C_ATTENTION_MAX_HEAD_DIM, where it is faster, if the library is built. Returns
+        the choice, for the run to report; a ValueError if 'c' cannot be had."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, not {kernel!r}")
+        head_dim = self.params.dim // self.params.n_heads
+        use_c = kernel == "c" or (kernel == "auto" and device_type == "cpu" and head_dim <= C_ATTENTION_MAX_HEAD_DIM)
+        if use_c:
+            try:
+                from csrc import attention  # noqa: F401
+            except (ImportError, OSError) as e:
+                if kernel == "c":
+                    raise ValueError(f"--attention=c: {e}") from None
+                use_c = False
+        if use_c and device_type != "cpu":
+            raise ValueError(f"--attention=c runs on the CPU only, not on {device_type}")
+        for layer in self.layers:
+            layer.attention.c_kernel = use_c
+        return "c" if use_c else "torch"
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
@@ -384,32 +391,3 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     cdf = probs.cumsum(-1)
     coin = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, coin, right=True).clamp(max=cdf.size(-1) - 1).squeeze(-1)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints (written by train.py and ppo.py)
-
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint dict, or a ValueError with a one-line message if it is missing, truncated or not ours."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first object it refused
-        if "Weights only load failed" not in str(e) or not found:
-            raise ValueError(f"{path} is truncated or not a PyTorch checkpoint (UnpicklingError)") from None
-        raise ValueError(f"{path} contains pickled objects that weights-only loading refuses ({found[1]}); "
-                         "checkpoints written here hold none") from None
-    except Exception as e:
-        raise ValueError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a checkpoint written by train.py")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt):
-    model = Transformer(ModelArgs(**ckpt["model_args"]))
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
-    return model

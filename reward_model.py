@@ -13,30 +13,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import configurator
-from common import jsonl_log, one_line_errors, resolve_device_dtype, save_atomic, start_wandb
-from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
-from prefs import checked_tokenizer, encode_story, pad_right, read_pairs
+from common import jsonl_log, one_line_errors, resolve_device_dtype, start_wandb
+from model import ModelArgs, Transformer
+from prefs import encode_story, pad_right, read_pairs
 
 # -----------------------------------------------------------------------------
-# config: plain defaults, overridable as --key=value
-checkpoint = "out/ckpt.pt"  # the pretrained model: the trunk the reward model starts from
-pairs = "data/prefs_train.jsonl"  # written by prefs.py
-eval_pairs = "data/prefs_eval.jsonl"  # held out: prompts from the validation split
-rm_path = "out/rm.pt"  # the reward model; its log goes beside it, out/rm_log.jsonl
-seed = 1337
-device = "auto"
-# experiment tracking (llama2.c's keys): every row of the log also goes to Weights & Biases
-wandb_log = False
-wandb_project = "tinystories-rl"
-wandb_run_name = ""  # empty: wandb names the run
-epochs = 3
-batch_size = 16  # pairs per step
-learning_rate = 3e-4
-weight_decay = 0.0
-grad_clip = 1.0  # 0.0 = off
-# -----------------------------------------------------------------------------
-config = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+config = dict(
+    checkpoint="out/ckpt.pt",  # the pretrained model: the trunk the reward model starts from
+    pairs="data/prefs_train.jsonl",  # written by prefs.py
+    eval_pairs="data/prefs_eval.jsonl",  # held out: prompts from the validation split
+    rm_path="out/rm.pt",  # the reward model; its log goes beside it, out/rm_log.jsonl
+    seed=1337,
+    device="auto",
+    # experiment tracking (llama2.c's keys): every row of the log also goes to Weights & Biases
+    wandb_log=False,
+    wandb_project="tinystories-rl",
+    wandb_run_name="",  # empty: wandb names the run
+    epochs=(3, "> 0"),
+    batch_size=(16, "> 0"),  # pairs per step
+    learning_rate=(3e-4, "> 0"),
+    weight_decay=(0.0, ">= 0"),
+    grad_clip=(1.0, ">= 0"),  # 0.0 = off
+)
 # -----------------------------------------------------------------------------
 
 
@@ -140,25 +140,18 @@ def train_reward_model(rm, train_set, eval_set, epochs, batch_size, learning_rat
 
 def load_reward_model(path, device="cpu"):
     """The reward model written by reward_model.py, in eval mode and frozen, with its tokenizer."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no reward model at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args", "tokenizer"} <= ckpt.keys() or "head.weight" not in ckpt["model"]:
-        raise ValueError(f"{path} is not a reward model written by reward_model.py")
+    ckpt = checkpoint.load(path, device, kinds=("reward_model",))
     rm = RewardModel(Transformer(ModelArgs(**ckpt["model_args"])))
     rm.load_state_dict(ckpt["model"])
-    rm.tokenizer = checked_tokenizer(ckpt, path)
+    rm.tokenizer = checkpoint.tokenizer_of(ckpt, path)
     return rm.to(device).eval().requires_grad_(False)
 
 
 def main(cfg):
     with one_line_errors():
         device = resolve_device_dtype(cfg["device"], "float32")[0]
-        ckpt = load_checkpoint(cfg["checkpoint"])
-        tok = checked_tokenizer(ckpt, cfg["checkpoint"])
+        ckpt = checkpoint.load(cfg["checkpoint"], kinds=("pretrain", "sft", "import"))
+        tok = checkpoint.tokenizer_of(ckpt, cfg["checkpoint"])
         L = ckpt["model_args"]["max_seq_len"]
 
         def encoded(path):
@@ -171,7 +164,7 @@ def main(cfg):
         os.makedirs(os.path.dirname(cfg["rm_path"]) or ".", exist_ok=True)
         wandb_run = start_wandb(cfg, os.path.dirname(cfg["rm_path"]) or ".")
     torch.manual_seed(cfg["seed"])
-    reward_model = RewardModel(model_from_checkpoint(ckpt)).to(device)
+    reward_model = RewardModel(checkpoint.model_from(ckpt)).to(device)
     log_path = os.path.splitext(cfg["rm_path"])[0] + "_log.jsonl"
     log = jsonl_log(log_path, wandb_run=wandb_run)
     before = evaluate(reward_model, eval_set, cfg["batch_size"], device)
@@ -182,10 +175,10 @@ def main(cfg):
     print(f"held-out pairwise accuracy {history[-1]['accuracy']:.3f} on {len(eval_set)} pairs "
           f"(the rule 'the shorter story is better' gets {shorter:.3f}); log in {log_path}")
     with one_line_errors():  # e.g. a full disk
-        save_atomic({"model": reward_model.state_dict(), "model_args": ckpt["model_args"], "tokenizer": ckpt["tokenizer"],
-                     "base_checkpoint": cfg["checkpoint"], "config": cfg, "eval": history[-1]}, cfg["rm_path"])
+        checkpoint.save(cfg["rm_path"], "reward_model", reward_model.state_dict(), ckpt["model_args"], ckpt["tokenizer"],
+                        ckpt["data_dir"], config=cfg, base_checkpoint=cfg["checkpoint"], eval=history[-1])
     print(f"saved the reward model to {cfg['rm_path']}")
 
 
 if __name__ == "__main__":
-    main(configurator.configure(config))
+    main(configurator.configure(config)[0])

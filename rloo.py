@@ -4,29 +4,26 @@ RLOOTrainer: group_size samples of each prompt; a response's reward is its score
 KL to the reference (k1, summed over its tokens, TRL's choice); its advantage is that reward minus the
 mean reward of the other group_size - 1 samples of the same prompt, an unbiased baseline that needs
 no value head. The whole response is one action: the ratio is that of the response's probability,
-clipped as in PPO (with one epoch and one minibatch this is REINFORCE). rl.py holds the rest.
+clipped as in PPO (with one epoch and one minibatch this is REINFORCE). rl.py and rl_train.py hold
+the rest.
 
     python train.py --rl=rloo --reward=length --target_len=170     # out/ckpt.pt -> out/rloo_ckpt.pt
 """
-import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 import rl
 
-# -----------------------------------------------------------------------------
-# config: rl.py's groups and RLOO's own keys; the KL defaults are TRL RLOOTrainer's
-config = {
-    **rl.RUN, **rl.SAMPLING, **rl.REWARD, **rl.ROLLOUTS, **rl.KL,
-    "init_kl_coef": 0.05,  # TRL's kl_coef
-    "adap_kl_ctrl": False,
-    "group_size": 4,  # k, samples per prompt (TRL: rloo_k); rollouts per iteration must be a multiple
-    "score_norm": False,  # reward normalisation: whiten each batch's scores before the KL is subtracted
-    "whiten_advantages": False,  # whiten the batch's advantages (TRL: normalize_advantage)
-}
-# -----------------------------------------------------------------------------
+UNIT = "groups"
+config = rl.method_config(
+    rl.RUN, rl.SAMPLING, rl.ONLINE,
+    init_kl_coef=(0.05, ">= 0"),  # TRL's kl_coef
+    adap_kl_ctrl=False,
+    group_size=(4, ">= 2"),  # k, samples per prompt (TRL: rloo_k); must divide batch_size
+    score_norm=False,  # reward normalisation: whiten each batch's scores before the KL is subtracted
+    whiten_advantages=False,  # whiten the batch's advantages (TRL: normalize_advantage)
+)
 
 
 def leave_one_out_advantages(rewards, group_size):
@@ -46,44 +43,28 @@ def rloo_loss(logprobs, old_logprobs, advantages, mask, cliprange):
     return losses.mean(), ((ratio - 1).abs() > cliprange).float().mean(), ratio
 
 
-def iteration(policy, reference, optimizer, prompts, score_fn, kl_coef, cfg, generator, shuffle, stop_tokens, ctx=nullcontext(),
-              gen_ctx=nullcontext(), scaler=None, ddp=False, ptx_batches=None):
-    """One RLOO iteration: group_size rollouts of each prompt (prompts (N, P)), rewards with the KL
-    subtracted (kl_in='reward') and leave-one-out advantages, then ppo_epochs passes of clipped updates
-    in shuffled minibatches of batch_size. Returns the batch and the statistics, with TRL's names."""
-    k = cfg["group_size"]
-    batch, timing = rl.rollout(rl.unwrap(policy), reference, prompts.repeat_interleave(k, 0), score_fn, cfg, generator,
-                               stop_tokens, ctx, gen_ctx)
-    scores = rl.whiten_scores(batch["scores"]) if cfg["score_norm"] else batch["scores"]
-    kl = rl.kl_penalty(rl.kl_estimate(batch["logprobs"], batch["ref_logprobs"], cfg["kl_estimator"]), batch["mask"],
-                       cfg["kl_reduction"]).sum(1)  # (B,)
-    non_score_reward = -kl_coef * kl if cfg["kl_in"] == "reward" else torch.zeros_like(kl)
-    rewards = scores + non_score_reward
-    advantages = leave_one_out_advantages(rewards, k)
-    if cfg["whiten_advantages"]:
-        advantages = rl.whiten_scores(advantages)
-    batch["advantages"] = advantages
+def iteration(run, batch):
+    """One RLOO iteration on the loop's groups of rollouts: rewards with the KL subtracted (kl_in='reward')
+    and leave-one-out advantages, then ppo_epochs passes of clipped updates (rl.optimize). Returns the
+    statistics, with TRL's names."""
+    cfg = run.cfg
     t0 = time.perf_counter()
+    scores = rl.whiten(batch.scores) if cfg["score_norm"] else batch.scores
+    kl = rl.kl_penalty(rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg["kl_estimator"]), batch.mask,
+                       cfg["kl_reduction"]).sum(1)  # (B,)
+    non_score_reward = -run.kl_ctl.value * kl if cfg["kl_in"] == "reward" else torch.zeros_like(kl)
+    rewards = scores + non_score_reward
+    advantages = leave_one_out_advantages(rewards, batch.group_size)
+    batch.advantages = rl.whiten(advantages) if cfg["whiten_advantages"] else advantages
 
     def policy_loss(mb, logprobs, logp, _):
-        loss, clipfrac, ratio = rloo_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg["cliprange"])
+        loss, clipfrac, ratio = rloo_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg["cliprange"])
         with torch.no_grad():
             return loss, {"loss/policy_avg": loss, "policy/clipfrac_avg": clipfrac, "val/ratio": ratio.mean(),
-                          "policy/approxkl_avg": 0.5 * rl.masked_mean((logprobs - mb["logprobs"]) ** 2, mb["mask"]),
-                          "policy/entropy_avg": rl.masked_mean(rl.entropy_from_logprobs(logp), mb["mask"])}
-    stats, _ = rl.update(policy, optimizer, batch, kl_coef, cfg, shuffle, policy_loss, ctx, scaler, ptx_batches)
-    return batch, {**stats, "objective/scores": batch["scores"].mean().item(),
-                   "objective/non_score_reward": non_score_reward.mean().item(), "objective/rlhf_reward": rewards.mean().item(),
-                   "time/optimize_step": time.perf_counter() - t0, **timing}
+                          "policy/approxkl_avg": 0.5 * rl.masked_mean((logprobs - mb.logprobs) ** 2, mb.mask),
+                          "policy/entropy_avg": rl.masked_mean(rl.entropy_from_logprobs(logp), mb.mask)}
 
-
-def step(run, rng):
-    return rl.online_step(run, rng, iteration, run.cfg["group_size"])
-
-
-def main(argv):
-    rl.main(argv, config, "rloo", rl.Policy, step, rl.check_group_size)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    stats = rl.optimize(run, batch, policy_loss)
+    return {**stats, "objective/scores": batch.scores.mean().item(),
+            "objective/non_score_reward": non_score_reward.mean().item(), "objective/rlhf_reward": rewards.mean().item(),
+            "time/optimize_step": time.perf_counter() - t0}

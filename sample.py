@@ -3,36 +3,46 @@ Sample stories from a trained checkpoint (KV-cache generation in PyTorch).
 
     python sample.py                                    # out/ckpt.pt, 3 stories
     python sample.py --prompt="Once upon a time" --temperature=0.8 --top_k=50 --seed=7
+    python sample.py --checkpoint=out/grpo_ckpt.pt --prompt="$(printf 'Words: dog, jump, happy\nStory:\n')"
+
+A prompt is the story's beginning, or an instruction header for a model fine-tuned on them
+(train.py --sft=True): the text up to and with the header's last line.
 """
+
 import torch
 
+import checkpoint
 import configurator
 from common import DataError, one_line_errors, resolve_device_dtype
-from model import load_checkpoint, model_from_checkpoint
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
-checkpoint = "out/ckpt.pt"
-tokenizer = ""  # sentencepiece .model; default: the one the checkpoint was trained with
-prompt = ""  # the story's beginning; empty = BOS only
-num_samples = 3
-max_new_tokens = 256  # at most; generation also stops at the end of a story (BOS or EOS)
-temperature = 1.0  # 0.0 = greedy
-top_k = 0  # 0 = no top-k filtering
-top_p = 0.9  # 1.0 = no nucleus filtering
-seed = 1337
-device = "auto"  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', ...
+config = dict(
+    checkpoint="out/ckpt.pt",
+    tokenizer="",  # sentencepiece .model; default: the one the checkpoint was trained with
+    prompt="",  # the story's beginning (or an instruction header); empty = BOS only
+    num_samples=(3, "> 0"),
+    max_new_tokens=(256, "> 0"),  # at most; generation also stops at the end of a story (BOS or EOS)
+    temperature=(1.0, ">= 0"),  # 0.0 = greedy
+    top_k=(0, ">= 0"),  # 0 = no top-k filtering
+    top_p=(0.9, "(0, 1]"),  # 1.0 = no nucleus filtering
+    seed=1337,
+    device="auto",  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', ...
+)
 # -----------------------------------------------------------------------------
 
 
 def main(cfg):
     with one_line_errors():
         device = resolve_device_dtype(cfg["device"], "float32")[0]
-        ckpt = load_checkpoint(cfg["checkpoint"])
-        model = model_from_checkpoint(ckpt).to(device).eval()
-        tok = Tokenizer(cfg["tokenizer"] or ckpt["tokenizer"]["tokenizer"])
-        if tok.n_words != model.params.vocab_size:
-            raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}")
+        ckpt = checkpoint.load(cfg["checkpoint"])
+        model = checkpoint.model_from(ckpt).to(device).eval()
+        if cfg["tokenizer"]:
+            tok = Tokenizer(cfg["tokenizer"])
+            if tok.n_words != model.params.vocab_size:
+                raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}")
+        else:
+            tok = checkpoint.tokenizer_of(ckpt, cfg["checkpoint"])
         ids = tok.encode(cfg["prompt"], bos=True) if cfg["prompt"] else [tok.bos_id]
         room = model.params.max_seq_len - len(ids)
         if room <= 0:
@@ -48,6 +58,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(configurator.configure({k: v for k, v in globals().items() if k in (
-        "checkpoint", "tokenizer", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
-        "seed", "device")}))
+    main(configurator.configure(config)[0])

@@ -386,6 +386,17 @@ def token_dir(data_dir, vocab_size):
     return os.path.join(data_dir, f"tok{vocab_size}")
 
 
+def read_token_meta(data_dir, vocab_size):
+    """What a model trained on data_dir's token files records of its tokenizer: the model's path, its
+    sha256, vocab_size and bos_id (from the meta.json pretokenize wrote)."""
+    path = os.path.join(token_dir(data_dir, vocab_size), "meta.json")
+    if not os.path.exists(path):
+        hint = 0 if vocab_size == 32000 else vocab_size
+        raise DataError(f"no token files in {os.path.dirname(path)}; run `python tinystories.py pretokenize --vocab_size={hint}` first")
+    meta = json.loads(Path(path).read_text())
+    return {k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_id")}
+
+
 def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_workers=None, quiet=False,
                 chunk_bytes=CHUNK_BYTES):
     """Encode both splits; returns the meta dict written beside the token files.
@@ -467,6 +478,35 @@ def iter_batches(bin_path, batch_size, seq_len, device="cpu", seed=1337, rank=0,
         x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
         if pin:
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        yield x, y
+        step += 1
+
+
+def iter_instruct_batches(bin_dir, split, batch_size, seq_len, device="cpu", seed=1337, rank=0, start_step=0):
+    """Endless (x, y) batches of supervised fine-tuning examples (tinystories.py instruct): batch_size
+    random examples of a split, each BOS + header + story + end, right-padded to the longest; y is x
+    shifted by one with -1 (ignored by the loss) where it would predict a header token or padding, so
+    that the loss counts the story's tokens only. Batch `step` of `rank` depends only on (seed, rank, step)."""
+    import instruct
+
+    data, starts, prompt_lens = instruct.read_examples(bin_dir, split)
+    ends = np.append(starts[1:], len(data))
+    pin = str(device).startswith("cuda")
+    step = start_step
+    while True:
+        rng = np.random.default_rng([seed, rank, step])
+        picks = rng.integers(0, len(starts), size=batch_size)
+        T = min(seq_len, int((ends[picks] - starts[picks]).max()) - 1)
+        x = torch.zeros(batch_size, T, dtype=torch.long)
+        y = torch.full((batch_size, T), -1, dtype=torch.long)
+        for row, i in enumerate(picks):
+            ex = torch.from_numpy(data[starts[i] : min(ends[i], starts[i] + T + 1)].astype(np.int64))
+            x[row, : len(ex) - 1] = ex[:-1]
+            y[row, prompt_lens[i] - 1 : len(ex) - 1] = ex[prompt_lens[i] :]
+        if pin:
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        else:
+            x, y = x.to(device), y.to(device)
         yield x, y
         step += 1
 

@@ -21,6 +21,16 @@ def first_stories(path, n):
     return tinystories.read_stories(path)[:n]
 
 
+def real_story_parts(n, offset=0):
+    """(prompt, rest) of real stories: the first sentence, then the next six (about 60 words)."""
+    parts = []
+    for story in first_stories(SHARED / "tinystories" / "train-000.txt", offset + n * 3)[offset:]:
+        sents = [s.strip() for s in story.replace("\n", " ").split(". ") if s.strip()]
+        if len(sents) >= 7 and all(len(s) > 20 for s in sents[:7]):
+            parts.append((sents[0] + ".", " " + ". ".join(sents[1:7]).rstrip(".") + "."))
+    return parts[:n]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: more threads than free cores is 100x slower."""
@@ -180,24 +190,48 @@ def tiny_model(seed=0, vocab_size=64, std=None):
 
 
 def bos_prompts(n, length=1, seed=0):
+    """n prompts (token lists) of BOS and length - 1 random tokens."""
     import torch
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.ones(n, 1, dtype=torch.long), torch.randint(3, 64, (n, length - 1), generator=g)], 1)
+    return torch.cat([torch.ones(n, 1, dtype=torch.long), torch.randint(3, 64, (n, length - 1), generator=g)], 1).tolist()
 
 
-def learn(iteration, policy, reference, score_fn, iters, cfg, prompts_per_iter, stop=STOP):
-    """iters calls of a method's real iteration(), with the optimizer and KL controller of rl.setup, on
-    BOS-only prompts. Returns each iteration's mean score and statistics."""
+def tiny_run(method, policy, reference, score, cfg, prompts=None):
+    """An rl_train.Run for a method on tiny models, without a checkpoint: the optimizer and KL controller
+    of rl_train.setup, BOS-only prompts (or `prompts`), and score(rollouts) -> (B,) as the reward."""
+    import rl
+    import rl_train
+    import tasks
+
+    prompts = prompts or [[1]]
+    task = tasks.Task("test", lambda rng, n: [prompts[i % len(prompts)] for i in range(n)], prompts, score,
+                      lambda *args: {})
+    optimizer = policy.model.configure_optimizers(0.0, cfg["learning_rate"], (0.9, 0.95), "cpu")
+    if policy.value_head is not None:
+        optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
+    return rl_train.Run(cfg=cfg, method=method, policy=policy, train_policy=policy, reference=reference,
+                        model_args=policy.model.params.__dict__, optimizer=optimizer, kl_ctl=rl.kl_controller(cfg),
+                        task=task, stop_tokens=STOP)
+
+
+def learn(run, iters):
+    """iters iterations of the run's method through the loop's own pieces (rl_train.next_batch, the
+    method's iteration, the KL controller). Returns each iteration's mean score and statistics."""
+    import numpy as np
     import torch
 
     import rl
-    optimizer, kl_ctl, history = rl.make_optimizer(policy, cfg, "cpu"), rl.kl_controller(cfg), []
+    import rl_train
+
+    history = []
     for it in range(iters):
-        generator = torch.Generator().manual_seed(it)
-        batch, stats = iteration(policy, reference, optimizer, bos_prompts(prompts_per_iter), score_fn, kl_ctl.value, cfg,
-                                 generator, torch.Generator().manual_seed(1000 + it), stop)
-        kl_ctl.update(rl.rollout_stats(batch)["objective/kl"], len(batch["tokens"]))
-        history.append((batch["scores"].mean().item(), stats))
+        run.iter_num = it
+        run.rng = np.random.default_rng([0, 0, it])
+        run.shuffle = torch.Generator().manual_seed(1000 + it)
+        batch = rl_train.next_batch(run)
+        stats = run.method.iteration(run, batch)
+        run.kl_ctl.update(rl.rollout_stats(batch)["objective/kl"], len(batch.tokens))
+        history.append((batch.scores.mean().item(), stats))
     return history
 
 
@@ -207,23 +241,22 @@ def learn_short_stories(module, **overrides):
     and of the last three iterations, and the history."""
     import copy
 
+    import configurator
     import rl
-    policy = rl.Policy(tiny_model())
+    policy = rl.Policy(tiny_model(), value_head=getattr(module, "VALUE_HEAD", False))
     reference = rl.Policy(copy.deepcopy(policy.model)).requires_grad_(False)
-    cfg = {**module.config, "batch_size": 16, "num_mini_batches": 2, "max_new_tokens": 12, "learning_rate": 3e-3,
-           "init_kl_coef": 0.01, **overrides}
-    history = learn(module.iteration, policy, reference, length_score(4), 30, cfg, 32 // cfg.get("group_size", 1))
+    cfg = {**configurator.split(module.config)[0], "batch_size": 16, "num_mini_batches": 2, "max_new_tokens": 12,
+           "learning_rate": 3e-3, "init_kl_coef": 0.01, **overrides}
+    history = learn(tiny_run(module, policy, reference, length_score(4), cfg), 30)
     before, after = (sum(s for s, _ in h) / 3 for h in (history[:3], history[-3:]))
     return before, after, history
 
 
 def length_score(target_len):
-    """The length reward at target_len (BOS prompts of one token), as the RL stages score it."""
-    import rl
+    """The length reward at target_len, as the RL stages score it."""
+    import tasks
 
-    def score_fn(tokens, mask, ended):
-        return rl.score_rollouts(tokens, mask, ended, 1, {"length": 1.0}, target_len=target_len, missing_eos_penalty=1.0)
-    return score_fn
+    return lambda batch: tasks.score_rollouts(batch, {"length": 1.0}, {"target_len": target_len, "missing_eos_penalty": 1.0})
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,13 @@ import os
 import pytest
 import torch
 
+from common import DataError
+import configurator
 import dpo
 import rl
-from conftest import tiny_model
+from conftest import tiny_model, tiny_run
 from dpo import collate_pairs, dpo_loss, encode_pairs
-from prefs import END
+from tinystories import SEPARATOR as END
 from tokenizer import Tokenizer
 
 
@@ -37,7 +39,8 @@ def test_pairs_split_at_the_prompt_and_mask_only_the_responses(small_data):
     assert tokens.shape == (2, len(chosen)) and mask.shape == (2, len(chosen) - 1)
     assert mask[0].tolist() == [0.0] * (P - 1) + [1.0] * (len(chosen) - P)  # position t predicts token t + 1
     assert mask[1].sum() == len(rejected) - P and mask[1, len(rejected) - 1:].sum() == 0  # not the padding
-    assert encode_pairs(tok, [{"prompt": "word " * 80, "chosen": " a", "rejected": " b"}], 64) == []  # no room for a response
+    with pytest.raises(DataError, match="no pair has a response that fits"):  # no room for a response
+        encode_pairs(tok, [{"prompt": "word " * 80, "chosen": " a", "rejected": " b"}], 64)
 
 
 def test_dpo_learns_a_preference_and_the_nll_term_keeps_the_chosen_likely():
@@ -54,18 +57,22 @@ def test_dpo_learns_a_preference_and_the_nll_term_keeps_the_chosen_likely():
             out.append((prompt + even.tolist(), prompt + odd.tolist(), 4))
         return out
     train, held_out = pairs(64), pairs(32)
-    cfg = {**dpo.config, "learning_rate": 3e-3, "beta": 0.1}
+    cfg = {**configurator.split(dpo.config)[0], "learning_rate": 3e-3, "beta": 0.1}
     runs = {}
     for rpo_alpha in (0.0, 1.0):
         policy = rl.Policy(tiny_model())
         reference = rl.Policy(copy.deepcopy(policy.model)).requires_grad_(False)
-        optimizer = rl.make_optimizer(policy, cfg, "cpu")
+        run = tiny_run(dpo, policy, reference, None, {**cfg, "rpo_alpha": rpo_alpha})
+        optimizer = run.optimizer
 
         def measure(pairs):  # the statistics of a step that changes nothing
-            return dpo.iteration(policy, reference, torch.optim.SGD(policy.parameters(), lr=0.0), pairs, cfg)[0]
+            run.optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+            stats = dpo.iteration(run, pairs)
+            run.optimizer = optimizer
+            return stats
         first = measure(held_out)
         for step in range(30):
-            dpo.iteration(policy, reference, optimizer, train[step % 4 * 16:][:16], {**cfg, "rpo_alpha": rpo_alpha})
+            dpo.iteration(run, train[step % 4 * 16:][:16])
         runs[rpo_alpha] = first, measure(held_out), measure(train)
     for first, last, _ in runs.values():
         assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(math.log(2))  # policy == reference

@@ -13,8 +13,8 @@ import torch
 import export
 from conftest import ROOT, SHARED
 from csrc import engine, formats
-import model as model_module
-from model import PRESETS, ModelArgs, Transformer, load_checkpoint
+import checkpoint
+from model import PRESETS, ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 STORIES260K = SHARED / "models" / "llama2c" / "stories260K.bin"
@@ -36,12 +36,9 @@ def torch_logits(model, tokens):
     """PyTorch's logits through its own SDPA attention: the reference the C engine must match. (At head
     size 8 model.py trains through csrc/train/attention.c, 4.5e-5 from SDPA on stories260K; the engine is
     6.9e-5 from SDPA, so the two rounding errors could add up past the issue's 1e-4.)"""
-    limit, model_module.C_ATTENTION_MAX_HEAD_DIM = model_module.C_ATTENTION_MAX_HEAD_DIM, 0
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([tokens]))[0][0].numpy()  # (T, vocab)
-    finally:
-        model_module.C_ATTENTION_MAX_HEAD_DIM = limit
+    model.set_attention("torch")
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0][0].numpy()  # (T, vocab)
 
 
 def c_logits(path, tokens):
@@ -114,17 +111,16 @@ def test_export_refuses_a_missing_or_foreign_checkpoint(tmp_path):
 
 
 def test_export_into_a_missing_directory_is_a_one_line_error(stories260k, tmp_path):
-    import argparse
     torch.save({"model": stories260k.state_dict(), "model_args": {**PRESETS["260K"], "dropout": 0.0}}, tmp_path / "ckpt.pt")
     target = tmp_path / "missing" / "dir" / "m.bin"
     p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(target), f"--checkpoint={tmp_path / 'ckpt.pt'}"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and p.stderr == f"error: no directory {target.parent} to write {target} into\n"
     for output, version in (("m.gguf", 1), ("ckpt.pt", 1), ("hf", -1)):  # the other formats, in-process
-        args = argparse.Namespace(filepath=str(target.parent / output), checkpoint=str(tmp_path / "ckpt.pt"), hf="",
-                                  version=version, dtype="fp32", tokenizer="")
+        cfg = {"filepath": str(target.parent / output), "checkpoint": str(tmp_path / "ckpt.pt"), "hf": "", "version": version,
+               "dtype": "fp32", "tokenizer": ""}
         with pytest.raises(FileNotFoundError, match=f"no directory {target.parent} to write"):
-            export.main(args)
+            export.main(cfg)
 
 
 # ---------------------------------------------------------------------------
@@ -141,7 +137,7 @@ def export_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(stories260k, small_data, tmp_path_factory):
+def stories260k_ckpt(stories260k, small_data, tmp_path_factory):
     """out/ckpt.pt as train.py writes it, holding stories260K's weights and a 512-token tokenizer of ours
     trained on real stories (stories260K's own is lost, so its text is gibberish in ours; ids are ids)."""
     path = tmp_path_factory.mktemp("out") / "ckpt.pt"
@@ -153,9 +149,9 @@ def checkpoint(stories260k, small_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(checkpoint, tmp_path_factory):
+def hf_dir(stories260k_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf") / "stories260K"
-    export_cli(out, f"--checkpoint={checkpoint}", "--version=-1")
+    export_cli(out, f"--checkpoint={stories260k_ckpt}", "--version=-1")
     return out
 
 
@@ -233,9 +229,9 @@ def test_a_text_generation_pipeline_continues_a_prompt_as_model_py_does(hf_dir, 
     assert text == tok.decode(ids[1:] + [t for t in ours if t not in (tok.bos_id, tok.eos_id)]) and len(text) > len(prompt) + 20
 
 
-def test_fp16_export_holds_the_weights_in_half_precision(checkpoint, stories260k, tmp_path):
+def test_fp16_export_holds_the_weights_in_half_precision(stories260k_ckpt, stories260k, tmp_path):
     from safetensors.torch import load_file
-    export_cli(tmp_path / "hf16", f"--checkpoint={checkpoint}", "--version=-1", "--dtype=fp16")
+    export_cli(tmp_path / "hf16", f"--checkpoint={stories260k_ckpt}", "--version=-1", "--dtype=fp16")
     weights = load_file(tmp_path / "hf16" / "model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float16}
     assert json.load(open(tmp_path / "hf16" / "config.json"))["torch_dtype"] == "float16"
@@ -243,16 +239,17 @@ def test_fp16_export_holds_the_weights_in_half_precision(checkpoint, stories260k
     assert torch.equal(embed, stories260k.tok_embeddings.weight.detach().half())
 
 
-def test_ours_to_transformers_and_back_is_bit_identical_and_trains_samples_and_runs(checkpoint, hf_dir, small_data, tmp_path, capsys):
+def test_ours_to_transformers_and_back_is_bit_identical_and_trains_samples_and_runs(stories260k_ckpt, hf_dir, small_data, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     export_cli(out / "ckpt.pt", f"--hf={hf_dir}")
-    before, after = load_checkpoint(str(checkpoint)), load_checkpoint(str(out / "ckpt.pt"))
+    before, after = checkpoint.load(str(stories260k_ckpt)), checkpoint.load(str(out / "ckpt.pt"))
+    assert after["kind"] == "import" and after["format"] == checkpoint.FORMAT
     assert before["model"].keys() == after["model"].keys()
     assert all(torch.equal(w, after["model"][k]) for k, w in before["model"].items())
     assert after["model_args"]["hidden_dim"] == 172 and after["tokenizer"]["tokenizer"] == str(hf_dir / "tokenizer.model")
     # ./run: the .bin made from the transformers directory is the .bin made from the checkpoint, byte for byte
-    export.export(model_module.model_from_checkpoint(before), tmp_path / "a.bin")
+    export.export(checkpoint.model_from(before), tmp_path / "a.bin")
     export.export(export.load_hf(hf_dir), tmp_path / "b.bin")
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
     # sample.py, train.py --init_from=resume and PPO start from it
@@ -263,14 +260,14 @@ def test_ours_to_transformers_and_back_is_bit_identical_and_trains_samples_and_r
     assert capsys.readouterr().out.startswith("Once upon a time")
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data_dir={small_data}", f"--out_dir={out}",
                         "--init_from=resume", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=2",
-                        "--max_seq_len=32", "--dtype=float32", "--device=cpu"], capture_output=True, text=True, cwd=ROOT,
+                        "--dtype=float32", "--device=cpu"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0 and "resuming from" in p.stdout and "iteration 0" in p.stdout, p.stderr[-2000:]
-    import ppo
-    ppo.main([f"--out_dir={out}", f"--data_dir={small_data}", "--vocab_size=512", "--max_seq_len=512", "--batch_size=2",
-              "--num_mini_batches=1", "--max_new_tokens=8", "--target_len=4", "--ppo_epochs=1", "--max_iters=1",
-              "--device=cpu", "--dtype=float32", "--eval_interval=1", "--init_from=resume"])
-    assert load_checkpoint(str(out / "ppo_ckpt.pt"))["iter_num"] == 1
+    from test_rl import rl_main
+    rl_main([f"--out_dir={out}", "--rl=ppo", "--vocab_size=512", "--max_seq_len=512", "--batch_size=2",
+             "--num_mini_batches=1", "--max_new_tokens=8", "--target_len=4", "--ppo_epochs=1", "--max_iters=1",
+             "--device=cpu", "--dtype=float32", "--eval_interval=1", "--init_from=resume"])
+    assert checkpoint.load(str(out / "ppo_ckpt.pt"))["iter_num"] == 1
 
 
 def test_import_refuses_a_model_that_model_py_cannot_hold(hf_dir, tmp_path):
@@ -290,9 +287,9 @@ def test_import_refuses_a_model_that_model_py_cannot_hold(hf_dir, tmp_path):
 # GGUF, for llama.cpp
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "q8_0"])
-def test_gguf_holds_our_weights_shape_and_vocabulary(checkpoint, stories260k, tok, tmp_path, dtype):
+def test_gguf_holds_our_weights_shape_and_vocabulary(stories260k_ckpt, stories260k, tok, tmp_path, dtype):
     import gguf
-    export_cli(tmp_path / "m.gguf", f"--checkpoint={checkpoint}", f"--dtype={dtype}")
+    export_cli(tmp_path / "m.gguf", f"--checkpoint={stories260k_ckpt}", f"--dtype={dtype}")
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     field = lambda key: r.fields[key].contents()
     assert field("general.architecture") == "llama"
@@ -319,13 +316,13 @@ def test_gguf_holds_our_weights_shape_and_vocabulary(checkpoint, stories260k, to
             assert np.abs(got - w).max() <= np.abs(w).max() / 127, name  # a step of the widest block (scales are fp16)
 
 
-def test_llama_cpp_generates_the_same_100_greedy_tokens_as_run(checkpoint, stories260k, run_binary, tmp_path):
+def test_llama_cpp_generates_the_same_100_greedy_tokens_as_run(stories260k_ckpt, stories260k, run_binary, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
                                                          "builds llama.cpp from source, see README)")
     # fixed files, so that the story is the same everywhere: stories260K with llama2.c's tok512 (a sentencepiece
     # model with remove_extra_whitespaces), whose greedy continuation of "One day" runs 100 tokens without BOS
     tok = Tokenizer(str(SHARED / "models" / "llama2c" / "tok512.model"))
-    export_cli(tmp_path / "m.gguf", f"--checkpoint={checkpoint}", f"--tokenizer={tok.model_path}")
+    export_cli(tmp_path / "m.gguf", f"--checkpoint={stories260k_ckpt}", f"--tokenizer={tok.model_path}")
     export.export(stories260k, tmp_path / "m.bin")
     prompt = "One day"
     # fp32 keys and values in the cache, no flash attention: llama.cpp's defaults (an fp16 cache) move these logits by 0.04

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED
-from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, CausalAttentionCPU, ModelArgs, Transformer, apply_rope, c_attention_available, rope_tables
+from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, CausalAttentionCPU, ModelArgs, Transformer, apply_rope, rope_tables
 
 STORIES260K = SHARED / "models" / "llama2c" / "stories260K.bin"
 
@@ -122,14 +122,14 @@ def test_c_attention_kernel_equals_causal_sdpa_and_its_gradients(shape, kernel_b
         assert ours.dtype == torch.float32 and (ours.double() - theirs).abs().max() < 1e-5
 
 
-def test_a_model_at_head_size_8_trains_the_same_through_the_c_kernel_as_through_sdpa(monkeypatch):
-    import model as model_module
+def test_a_model_at_head_size_8_trains_the_same_through_the_c_kernel_as_through_sdpa():
     model = tiny_model(dim=32, n_heads=4, n_kv_heads=2)  # head size 8: the C kernel's range, with GQA
-    assert model.layers[0].attention.head_dim <= C_ATTENTION_MAX_HEAD_DIM and c_attention_available()
+    assert model.layers[0].attention.head_dim <= C_ATTENTION_MAX_HEAD_DIM
+    assert model.set_attention("auto") == "c"  # where it is faster, by default
     tokens = random_tokens(3, 20)
     runs = []
-    for limit in (C_ATTENTION_MAX_HEAD_DIM, 0):  # 0: every layer goes to SDPA
-        monkeypatch.setattr(model_module, "C_ATTENTION_MAX_HEAD_DIM", limit)
+    for kernel in ("c", "torch"):
+        assert model.set_attention(kernel) == kernel
         model.zero_grad()
         loss = model(tokens[:, :-1], tokens[:, 1:])[1]
         loss.backward()
@@ -137,6 +137,17 @@ def test_a_model_at_head_size_8_trains_the_same_through_the_c_kernel_as_through_
     (c_loss, c_grads), (sdpa_loss, sdpa_grads) = runs
     assert c_loss == pytest.approx(sdpa_loss, abs=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(c_grads, sdpa_grads))
+
+
+def test_the_attention_switch_is_explicit_and_refuses_what_it_cannot_do():
+    model = tiny_model(dim=64, n_heads=4, n_kv_heads=2)  # head size 16: PyTorch's kernel is faster there
+    assert model.set_attention("auto") == "torch" and model.set_attention("c") == "c"
+    assert all(layer.attention.c_kernel for layer in model.layers)
+    assert model.set_attention("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        model.set_attention("c", "cuda")
+    with pytest.raises(ValueError, match="must be one of auto, c, torch"):
+        model.set_attention("flash")
 
 
 def test_rope_scores_depend_only_on_the_relative_position():

@@ -6,22 +6,32 @@ import math
 import pytest
 import torch
 
+import configurator
 import ppo
 import rl
-from conftest import bos_prompts, learn, length_score, tiny_model
-from ppo import PolicyWithValueHead, compute_gae, make_experience, ppo_loss
+from conftest import bos_prompts, learn, length_score, tiny_model, tiny_run
+from ppo import compute_gae, ppo_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 
 def cfg(**overrides):
-    return {**ppo.config, "batch_size": 16, "num_mini_batches": 2, "max_new_tokens": 12, "temperature": 1.0, **overrides}
+    defaults = configurator.split(ppo.config)[0]
+    return {**defaults, "batch_size": 16, "num_mini_batches": 2, "max_new_tokens": 12, "temperature": 1.0, **overrides}
 
 
 def policy_and_reference(std=0.3):
-    policy = PolicyWithValueHead(tiny_model(std=std)).eval()
+    policy = rl.Policy(tiny_model(std=std), value_head=True).eval()
     return policy, rl.Policy(copy.deepcopy(policy.model)).requires_grad_(False)
+
+
+def experience(policy, reference, settings, stop, kl_coef=0.1, score=None):
+    """The loop's rollouts of 32 prompts of 3 tokens, then PPO's rewards and advantages."""
+    score = score or (lambda batch: torch.ones(len(batch.tokens)))
+    batch, _ = rl.rollout(policy, reference, bos_prompts(32, 3), score, settings, torch.Generator().manual_seed(0), stop)
+    rewards = ppo.advantages(batch, kl_coef, settings)
+    return batch, rewards
 
 
 # ---------------------------------------------------------------------------
@@ -75,21 +85,21 @@ def test_everything_after_a_rows_end_is_masked():
     torch.nn.init.normal_(policy.value_head.weight)  # non-zero values, so that masking them shows
     stop = tuple(range(0, 64, 5))  # frequent stop tokens: rows end at different steps
     reference = rl.Policy(tiny_model(seed=1, std=0.3)).requires_grad_(False)
-    batch, _ = make_experience(policy, reference, bos_prompts(32, 3), lambda t, m, e: torch.ones(len(t)), 0.1,
-                               cfg(max_new_tokens=10), torch.Generator().manual_seed(0), stop)
-    mask, response = batch["mask"], batch["tokens"][:, 3:]
+    batch, rewards = experience(policy, reference, cfg(max_new_tokens=10), stop)
+    mask, response = batch.mask, batch.responses()
     ends = mask.sum(1).long()
-    assert 1 < len(set(ends.tolist())) and batch["ended"].any() and not batch["ended"].all()
+    assert 1 < len(set(ends.tolist())) and batch.ended.any() and not batch.ended.all()
     for i, n in enumerate(ends.tolist()):
         assert mask[i, :n].all() and not mask[i, n:].any()
-        assert batch["ended"][i] == (response[i, n - 1].item() in stop)  # the stop token is the last masked-in token
+        assert batch.ended[i] == (response[i, n - 1].item() in stop)  # the stop token is the last masked-in token
         assert not any(t in stop for t in response[i, :n - 1].tolist())
-    for key in ("logprobs", "ref_logprobs", "values", "kl", "rewards", "advantages", "returns"):
-        assert (batch[key][mask == 0] == 0).all(), key
-        assert (batch[key][mask == 1] != 0).any(), key
+    kl = (batch.logprobs - batch.ref_logprobs) * mask
+    for name, t in (("logprobs", batch.logprobs), ("ref_logprobs", batch.ref_logprobs), ("values", batch.values),
+                    ("rewards", rewards), ("advantages", batch.advantages), ("returns", batch.returns)):
+        assert (t[mask == 0] == 0).all(), name
+        assert (t[mask == 1] != 0).any(), name
     last = torch.nn.functional.one_hot(ends - 1, mask.size(1))
-    torch.testing.assert_close(batch["kl"], (batch["logprobs"] - batch["ref_logprobs"]) * mask)  # k1, summed: each token its own
-    torch.testing.assert_close(batch["rewards"], -0.1 * batch["kl"] + last)  # the KL penalty everywhere, the score of 1 at the end
+    torch.testing.assert_close(rewards, -0.1 * kl + last)  # k1, summed: each token its own penalty; the score of 1 at the end
 
 
 def test_the_kl_penalty_per_token_or_in_the_loss_instead_of_the_rewards():
@@ -97,45 +107,51 @@ def test_the_kl_penalty_per_token_or_in_the_loss_instead_of_the_rewards():
     reference = rl.Policy(tiny_model(seed=1, std=0.3)).requires_grad_(False)
     stop = tuple(range(0, 64, 5))
 
-    def experience(**overrides):
-        return make_experience(policy, reference, bos_prompts(32, 3), lambda t, m, e: torch.ones(len(t)), 0.1,
-                               cfg(max_new_tokens=10, **overrides), torch.Generator().manual_seed(0), stop)[0]
-    summed, mean, in_loss = experience(), experience(kl_reduction="mean"), experience(kl_in="loss")
-    mask = summed["mask"]
+    def rewards(**overrides):
+        return experience(policy, reference, cfg(max_new_tokens=10, **overrides), stop)
+
+    (summed, sum_rewards), (_, mean_rewards) = rewards(), rewards(kl_reduction="mean")
+    in_loss, loss_rewards = rewards(kl_in="loss")
+    mask = summed.mask
+    kl = (summed.logprobs - summed.ref_logprobs) * mask
     last = torch.nn.functional.one_hot(mask.sum(1).long() - 1, mask.size(1))
     # 'mean': each token carries its KL over the response's length, so a response's total is its mean per-token KL
-    torch.testing.assert_close(mean["rewards"], -0.1 * summed["kl"] / mask.sum(1, keepdim=True) + last)
-    torch.testing.assert_close(in_loss["rewards"], last.float())  # the KL left the rewards: only the score remains
-    k3 = rl.kl_estimate(summed["logprobs"], summed["ref_logprobs"], "k3") * mask
-    torch.testing.assert_close(experience(kl_estimator="k3")["rewards"], -0.1 * k3 + last)
+    torch.testing.assert_close(mean_rewards, -0.1 * kl / mask.sum(1, keepdim=True) + last)
+    torch.testing.assert_close(loss_rewards, last.float())  # the KL left the rewards: only the score remains
+    k3 = rl.kl_estimate(summed.logprobs, summed.ref_logprobs, "k3") * mask
+    torch.testing.assert_close(rewards(kl_estimator="k3")[1], -0.1 * k3 + last)
 
     # in the loss: the responses' KL (k1, summed) is a term of the loss, differentiated through the policy's log-probs
-    generator = torch.Generator().manual_seed(0)
-    with_kl = ppo.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), in_loss, 0.5, cfg(kl_in="loss"), generator)
-    assert with_kl["loss/kl"] == pytest.approx((in_loss["logprobs"] - in_loss["ref_logprobs"]).sum(1).mean().item(), rel=1e-4)
-    assert "loss/kl" not in ppo.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), summed, 0.5, cfg(), generator)
+    def update(batch, settings):
+        run = tiny_run(ppo, policy, reference, None, settings)
+        run.optimizer, run.shuffle = torch.optim.SGD(policy.parameters(), lr=0.0), torch.Generator().manual_seed(0)
+        run.kl_ctl.value = 0.5
+        return ppo.iteration(run, batch)
+
+    with_kl = update(in_loss, cfg(kl_in="loss", ppo_epochs=1))
+    assert with_kl["loss/kl"] == pytest.approx((in_loss.logprobs - in_loss.ref_logprobs).sum(1).mean().item(), rel=1e-4)
+    assert "loss/kl" not in update(summed, cfg(ppo_epochs=1))
 
 
 def test_kl_estimate_is_zero_against_itself_and_positive_after_the_policy_moves():
     policy, reference = policy_and_reference()
-    prompts, score = bos_prompts(64), (lambda t, m, e: torch.zeros(len(t)))
-    batch, _ = make_experience(policy, reference, prompts, score, 0.1, cfg(), torch.Generator().manual_seed(0), ())
-    assert (batch["kl"] == 0).all()
+    batch, _ = experience(policy, reference, cfg(), ())
+    assert ((batch.logprobs - batch.ref_logprobs) == 0).all()
     with torch.no_grad():
         for p in policy.model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    batch, _ = make_experience(policy, reference, prompts, score, 0.1, cfg(), torch.Generator().manual_seed(0), ())
-    assert batch["kl"].sum(1).mean() > 0.5  # nats per response, estimated from the policy's own samples
+    batch, _ = experience(policy, reference, cfg(), ())
+    assert (batch.logprobs - batch.ref_logprobs).sum(1).mean() > 0.5  # nats per response, from the policy's own samples
 
 
 # ---------------------------------------------------------------------------
-# iterations on a tiny model: ppo.iteration, as the training loop and the bench call it
+# iterations on a tiny model: ppo.iteration, as the training loop calls it
 
 def test_ppo_learns_to_end_stories_at_a_short_target_length_and_never_touches_the_reference():
     torch.manual_seed(0)
     policy, reference = policy_and_reference(std=None)
     frozen = copy.deepcopy(reference.state_dict())
-    history = learn(ppo.iteration, policy, reference, length_score(4), 30, cfg(learning_rate=3e-3, init_kl_coef=0.01), 32)
+    history = learn(tiny_run(ppo, policy, reference, length_score(4), cfg(learning_rate=3e-3, init_kl_coef=0.01)), 30)
     before = sum(s for s, _ in history[:3]) / 3
     after = sum(s for s, _ in history[-3:]) / 3
     # at the start a row rarely emits one of the two stop tokens out of 64 (mostly cut off at 12 tokens: score -3)
@@ -149,11 +165,12 @@ def test_ppo_learns_to_end_stories_at_a_short_target_length_and_never_touches_th
 
 
 def test_early_stop_ends_the_epochs_once_the_approx_kl_exceeds_the_threshold():
-    score = lambda t, m, e: (t[:, 1:] < 32).float().sum(1)  # noqa: E731  (varies across rollouts: a gradient to follow)
-    policy, reference = policy_and_reference()
-    (_, stats), = learn(ppo.iteration, policy, reference, score, 1, cfg(learning_rate=0.05, ppo_epochs=4, early_stop_kl=1e-6), 32, ())
-    assert stats["ppo/epochs"] == 1
-    policy, reference = policy_and_reference()
-    (_, stats), = learn(ppo.iteration, policy, reference, score, 1, cfg(learning_rate=1e-5, ppo_epochs=4, early_stop_kl=1.0), 32, ())
-    assert stats["ppo/epochs"] == 4
+    def score(batch):  # varies across rollouts: a gradient to follow
+        return ((batch.responses() < 32) & (batch.mask > 0)).float().sum(1)
 
+    for lr, threshold, epochs in ((0.05, 1e-6, 1), (1e-5, 1.0, 4)):
+        policy, reference = policy_and_reference()
+        run = tiny_run(ppo, policy, reference, score, cfg(learning_rate=lr, ppo_epochs=4, early_stop_kl=threshold))
+        run.stop_tokens = ()
+        (_, stats), = learn(run, 1)
+        assert stats["ppo/epochs"] == epochs

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from common import save_atomic
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, real_story_parts
+from metrics import judge
 from model import ModelArgs, Transformer
-from prefs import END, encode_story, judge, pad_right, write_pairs
+from prefs import encode_story, pad_right, write_pairs
 from reward_model import RewardModel, bradley_terry_loss, encode_pairs, evaluate, load_reward_model, pairwise_accuracy, train_reward_model
-from test_prefs import real_story_parts
+from tinystories import SEPARATOR as END
 from tokenizer import Tokenizer
 
 

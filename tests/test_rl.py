@@ -1,6 +1,7 @@
-"""rl.py, what the RL methods share: log-probabilities and masked statistics, the KL estimators,
-penalties and controller, rewards, PPO-ptx, dropout off, the fluency metrics; and the training loop of
-every method from the command line (train.py --rl=..., the fork's --ppo=True, resume, DDP, errors)."""
+"""rl.py and rl_train.py, what the RL methods share: log-probabilities and masked statistics, the KL
+estimators, penalties and controller, rollouts and minibatches, rewards, PPO-ptx, dropout off, the
+fluency measures; and the training loop of every method from the command line (train.py --rl=...,
+the fork's --ppo=True, recipes, resume, DDP, errors)."""
 import json
 import math
 import os
@@ -11,16 +12,21 @@ import sys
 import pytest
 import torch
 
-import dpo
+import checkpoint
+import common
+import configurator
 import grpo
+import metrics
 import ppo
 import rl
-import rloo
+import rl_train
+import tasks
 import train
-from conftest import ROOT, STOP, bos_prompts, tiny_model, wandb_history
-from model import ModelArgs, Transformer, load_checkpoint, model_from_checkpoint
-from prefs import END, write_pairs
-from test_prefs import real_story_parts
+from conftest import ROOT, STOP, bos_prompts, real_story_parts, tiny_model, tiny_run, wandb_history
+from common import DataError
+from model import ModelArgs, Transformer
+from prefs import write_pairs
+from tinystories import SEPARATOR as END
 from tinystories import load_text
 from tokenizer import Tokenizer
 
@@ -36,7 +42,7 @@ def test_log_probs_and_entropy_of_the_tempered_distribution():
     tokens = torch.randint(7, (2, 3), generator=torch.Generator().manual_seed(1))
     for temperature in (1.0, 0.7):
         p = (logits / temperature).softmax(-1)
-        taken = rl.logprobs_from_logits(logits, tokens, temperature)
+        taken = rl.logprobs_of(rl.log_softmax(logits, temperature), tokens)
         assert torch.allclose(taken, p.gather(-1, tokens[..., None]).squeeze(-1).log(), atol=1e-6)
         entropy = rl.entropy_from_logprobs(rl.log_softmax(logits, temperature))
         assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-6)
@@ -54,7 +60,7 @@ def test_whitening_gives_mean_0_and_std_1_over_the_masked_entries_only():
     assert kept.mean().item() == pytest.approx(x[mask.bool()].mean().item(), abs=1e-5)
     assert kept.std().item() == pytest.approx(1.0, abs=1e-4)
     scores = torch.tensor([1.0, 3.0, 5.0])  # reward normalisation: mean 3, std 2
-    assert rl.whiten_scores(scores).tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+    assert rl.whiten(scores).tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
 
 
 def test_kl_estimators_on_a_hand_example_and_unbiased_on_samples():
@@ -93,7 +99,7 @@ def test_adaptive_kl_controller_raises_the_coefficient_above_target_and_lowers_i
     assert ctl.value == pytest.approx(up * (1 - 0.2 * 400 / 10000)) and ctl.value < up
     ctl.update(6.0, n_steps=400)  # on target: unchanged
     assert ctl.value == pytest.approx(up * (1 - 0.2 * 400 / 10000))
-    fixed = rl.kl_controller({**ppo.config, "adap_kl_ctrl": False, "init_kl_coef": 0.0})
+    fixed = rl.kl_controller({**configurator.split(ppo.config)[0], "adap_kl_ctrl": False, "init_kl_coef": 0.0})
     fixed.update(100.0, n_steps=400)
     assert fixed.value == 0.0
 
@@ -103,33 +109,64 @@ def test_adaptive_kl_controller_raises_the_coefficient_above_target_and_lowers_i
 
 def test_length_reward_peaks_at_the_target_and_a_cut_off_response_pays_the_missing_eos_penalty():
     lengths = torch.arange(0, 401).float()
-    r = rl.length_reward(lengths, 200)
+    r = tasks.length_reward(lengths, 200)
     assert r.argmax().item() == 200 and r[200] == 0
     assert (r[1:201] > r[:200]).all() and (r[201:] < r[200:400]).all()  # strictly better toward the target
     # two responses of 6 story tokens: one ended (its stop token is the 7th), one cut off at the cap of 6
-    tokens, mask, ended = rl.collate(bos_prompts(2), [[5, 6, 7, 8, 9, 10, 1], [5, 6, 7, 8, 9, 10]], STOP)
-    assert ended.tolist() == [True, False]
-    score = rl.score_rollouts(tokens, mask, ended, 1, {"length": 1.0}, target_len=6, missing_eos_penalty=0.7)
+    batch = rl.collate(bos_prompts(2), [[5, 6, 7, 8, 9, 10, 1], [5, 6, 7, 8, 9, 10]], STOP, "cpu")
+    assert batch.ended.tolist() == [True, False] and batch.lengths().tolist() == [6, 6]
+    score = tasks.score_rollouts(batch, {"length": 1.0}, {"target_len": 6, "missing_eos_penalty": 0.7})
     assert score.tolist() == pytest.approx([0.0, -0.7])
 
 
 def test_reward_specs_and_the_reward_model_wiring():
-    assert rl.parse_reward("length") == {"length": 1.0}
-    assert rl.parse_reward("length:1.0,rm:0.5") == {"length": 1.0, "rm": 0.5}
+    assert tasks.parse_reward("length") == {"length": 1.0}
+    assert tasks.parse_reward("length:1.0,rm:0.5") == {"length": 1.0, "rm": 0.5}
     for bad in ("lenght", "length:x", "rm:1,judge:2"):
-        with pytest.raises(ValueError, match="--reward="):
-            rl.parse_reward(bad)
+        with pytest.raises(DataError, match="--reward="):
+            tasks.parse_reward(bad)
 
     class StandInRewardModel:  # reward_model.load_reward_model's interface: score(tokens, lengths) -> (B,)
         def score(self, tokens, lengths):
             assert (tokens[:, 0] == 1).all()  # BOS first
             return torch.tensor([float(tokens[i, :n].sum()) for i, n in enumerate(lengths)])
 
-    prompts = torch.tensor([[1, 40, 41], [1, 50, 51]])
-    tokens, mask, ended = rl.collate(prompts, [[5, 1], [6, 7, 8, 9]], STOP)
-    score = rl.score_rollouts(tokens, mask, ended, 3, {"rm": 2.0, "length": 0.0}, 4, 0.0, StandInRewardModel(), chunk=1)
+    batch = rl.collate([[1, 40, 41], [1, 50]], [[5, 1], [6, 7, 8, 9]], STOP, "cpu")  # prompts of two lengths
+    cfg = {"target_len": 4, "missing_eos_penalty": 0.0, "batch_size": 1}
+    score = tasks.score_rollouts(batch, {"rm": 2.0, "length": 0.0}, cfg, StandInRewardModel())
     # the reward model sees prompt + response up to and with the stop token, never the padding
-    assert score.tolist() == [2.0 * (1 + 40 + 41 + 5 + 1), 2.0 * (1 + 50 + 51 + 6 + 7 + 8 + 9)]
+    assert score.tolist() == [2.0 * (1 + 40 + 41 + 5 + 1), 2.0 * (1 + 50 + 6 + 7 + 8 + 9)]
+
+
+def test_rollouts_of_prompts_of_different_lengths_line_up_with_their_responses():
+    policy = rl.Policy(tiny_model(std=0.3))
+    prompts = [[1, 7], [1, 9, 10, 11, 12], [1]]
+    batch, _ = rl.rollout(policy, policy, prompts, lambda b: torch.zeros(3), {"max_new_tokens": 6, "temperature": 1.0,
+                          "batch_size": 2}, torch.Generator().manual_seed(0), ())
+    assert batch.prompt_lens.tolist() == [2, 5, 1] and batch.mask.sum(1).tolist() == [6, 6, 6]
+    for i, p in enumerate(prompts):
+        assert batch.tokens[i, : len(p)].tolist() == p
+        assert batch.responses()[i].tolist() == batch.tokens[i, len(p) : len(p) + 6].tolist()
+    # the log-probs of each row's response tokens, as one forward pass of that row alone gives them
+    for i, p in enumerate(prompts):
+        row = batch.tokens[i : i + 1, : len(p) + 6]
+        logits, _ = policy(row, len(p), 6)
+        expected = rl.logprobs_of(rl.log_softmax(logits, 1.0), row[:, len(p) :])
+        torch.testing.assert_close(batch.logprobs[i], expected[0], atol=1e-5, rtol=1e-5)
+    assert (batch.logprobs == batch.ref_logprobs).all()
+
+
+def test_minibatches_keep_each_group_whole_and_cover_every_row_once_an_epoch():
+    batch = rl.collate([[1]] * 12, [[5 + i] for i in range(12)], STOP, "cpu")
+    batch.group_size = 3
+    seen = []
+    for epoch, mb in rl.minibatches(batch, 6, 2, torch.Generator().manual_seed(0)):
+        rows = [int(t) - 5 for t in mb.responses()[:, 0]]
+        assert len(rows) == 6 and rows[0] % 3 == 0 and rows[:3] == list(range(rows[0], rows[0] + 3))  # whole groups
+        seen.append((epoch, rows))
+    for epoch in (0, 1):
+        assert sorted(r for e, rows in seen if e == epoch for r in rows) == list(range(12))
+    assert seen[0][1] != seen[2][1] or seen[1][1] != seen[3][1]  # shuffled anew each epoch
 
 
 # ---------------------------------------------------------------------------
@@ -141,14 +178,13 @@ def test_ptx_adds_its_coefficient_times_the_pretraining_gradient_to_the_step():
     batches = iter([(X[:, :-1], X[:, 1:])] * 2)
 
     def rl_loss():
-        logits, _ = policy(X, 3)
+        logits, _ = policy(X, 3, 6)
         return logits.square().mean(), {}
 
     def grads(ptx_coef):
-        policy.zero_grad()
-        sgd = torch.optim.SGD(policy.parameters(), lr=0.0)
-        stats = rl.optimizer_step(policy, sgd, rl_loss, {"ptx_coef": ptx_coef, "grad_clip": 0.0},
-                                  torch.amp.GradScaler(enabled=False), batches if ptx_coef else None)
+        run = tiny_run(None, policy, policy, None, {"ptx_coef": ptx_coef, "grad_clip": 0.0, "learning_rate": 1.0})
+        run.optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+        stats = rl.optimizer_step(run, rl_loss, batches if ptx_coef else None)
         return [p.grad.clone() for p in policy.parameters()], stats
     (with_ptx, stats), (alone, _) = grads(0.5), grads(0.0)
     _, ce = policy.model(X[:, :-1], X[:, 1:])  # the pretraining loss, by the model's own forward
@@ -161,9 +197,10 @@ def test_ptx_adds_its_coefficient_times_the_pretraining_gradient_to_the_step():
 def test_dropout_is_off_in_every_rl_stage(small_data, pretrained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(pretrained, out)
-    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "model_args": {**ckpt["model_args"], "dropout": 0.3}}, out / "ckpt.pt")  # trained with dropout
-    run = rl.setup({**grpo.config, "out_dir": str(out), "data_dir": small_data, "device": "cpu"}, "grpo", rl.Policy)
+    cfg = {**configurator.split(grpo.config)[0], "out_dir": str(out), "data_dir": small_data, "device": "cpu"}
+    run = rl_train.setup(cfg, {}, grpo)
     assert run.model_args["dropout"] == 0.0
     model = run.policy.model.train()  # even in training mode: nothing to drop
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
@@ -175,25 +212,25 @@ def test_dropout_is_off_in_every_rl_stage(small_data, pretrained, tmp_path):
 # evaluation and the fluency metrics
 
 def test_word_share_counts_letter_words_found_in_the_training_text():
-    assert rl.letter_words("Lily's 2 big-dogs, ÉTÉ!") == ["lily", "s", "big", "dogs", "été"]
+    assert metrics.letter_words("Lily's 2 big-dogs, ÉTÉ!") == ["lily", "s", "big", "dogs", "été"]
     vocabulary = {"the", "cat", "sat"}
-    assert rl.word_share(["The cat sat.", "the ca7t zq"], vocabulary) == pytest.approx(4 / 7)  # the cat sat the | ca t zq
-    assert rl.word_share([""], vocabulary) == 0.0
+    assert metrics.word_share(["The cat sat.", "the ca7t zq"], vocabulary) == pytest.approx(4 / 7)  # the cat sat the | ca t zq
+    assert metrics.word_share([""], vocabulary) == 0.0
 
 
 def test_the_starting_models_own_samples_are_the_fluency_baseline_and_byte_soup_falls_short(small_data, tiny_ckpt):
-    trained = model_from_checkpoint(load_checkpoint(tiny_ckpt)).eval()
+    trained = checkpoint.model_from(checkpoint.load(tiny_ckpt)).eval()
     tok = Tokenizer(os.path.join(small_data, "tok512.model"))
-    data, starts = rl.story_starts(os.path.join(small_data, "tok512", "val.bin"), tok.bos_id, 16)
-    prompts = rl.prompts_at(data, starts[:16], 16, "cpu")
-    vocabulary = rl.training_words(small_data)
-    cfg = {"max_new_tokens": 40, "temperature": 1.0, "batch_size": 16, "target_len": 20}
-    start, _ = rl.evaluate(trained, trained, prompts, cfg, tok, 0, vocabulary)
+    cfg = {**configurator.split(grpo.config)[0], "max_new_tokens": 40, "batch_size": 16, "target_len": 20, "start_len": 16,
+           "eval_prompts": 16}
+    task = tasks.make_task(cfg, tok, small_data, trained.params.max_seq_len)
+    vocabulary = metrics.training_words(small_data)
+    start, _ = rl_train.evaluate_model(trained, trained, task, cfg, tok, 0, vocabulary)
     assert start["kl"] == 0.0 and start["nll"] > 0
     soup = Transformer(ModelArgs(**trained.params.__dict__))  # a random model: nearly uniform over tokens, byte soup
-    after, samples = rl.evaluate(soup, trained, prompts, cfg, tok, 0, vocabulary, ref_nll=start["nll"])
+    after, samples = rl_train.evaluate_model(soup, trained, task, cfg, tok, 0, vocabulary, ref_nll=start["nll"])
     assert after["nll_ratio"] > 1.3 and after["kl"] > 20  # measured: 1.75 and 90 nats
-    assert after["word_share"] < 0.5 < 0.9 < rl.word_share(load_text(small_data, "val"), vocabulary)  # real stories: nearly all
+    assert after["word_share"] < 0.5 < 0.9 < metrics.word_share(load_text(small_data, "val"), vocabulary)  # real stories
     assert len(samples["texts"]) == 16 and 0 <= after["within_10pct"] <= 1 and 0 <= after["judge"] <= 1
 
 
@@ -207,12 +244,13 @@ FORK = ["--out_dir={out}", "--batch_size=50", "--max_seq_len=512", "--gradient_a
         "--always_save_checkpoint=True", "--start_len=30", "--init_kl_coef=0.0"]  # the llama2.c PPO fork's line, on a CPU
 SMALL = ["--batch_size=4", "--num_mini_batches=2", "--max_new_tokens=8", "--target_len=4", "--device=cpu", "--dtype=float32",
          "--eval_interval=2", "--eval_prompts=4"]
-METHODS = {"ppo": ppo, "grpo": grpo, "rloo": rloo, "dpo": dpo}
-FLAGS = {"ppo": ["--ppo_epochs=2"], "grpo": ["--group_size=4"], "rloo": ["--group_size=2", "--ptx_coef=0.5"],
+FLAGS = {"ppo": ["--ppo_epochs=2"], "grpo": ["--group_size=4", "--ptx_coef=0.5"], "rloo": ["--group_size=2", "--ptx_coef=0.5"],
+         "reinforce_pp": ["--ppo_epochs=2", "--ptx_coef=0.5"],  # ptx: the policy moves even where every score ties
          "dpo": ["--batch_size=4", "--device=cpu", "--dtype=float32", "--eval_interval=2", "--eval_prompts=4", "--max_new_tokens=8",
                  "--target_len=4"]}
 STATS = {"ppo": ("ppo/loss/total", "ppo/policy/clipfrac", "ppo/val/vpred"), "grpo": ("loss", "kl", "clip_ratio/region_mean", "reward_std"),
-         "rloo": ("loss/policy_avg", "objective/rlhf_reward", "ptx/loss"), "dpo": ("loss", "rewards/accuracies", "rewards/margins")}
+         "rloo": ("loss/policy_avg", "objective/rlhf_reward", "ptx/loss"), "reinforce_pp": ("loss", "clipfrac", "returns_mean"),
+         "dpo": ("loss", "rewards/accuracies", "rewards/margins")}
 
 
 def run_dir(pretrained, tmp_path, name):
@@ -226,6 +264,11 @@ def method_argv(method, small_data, out, pairs=None):
     if method == "dpo":
         return common + FLAGS["dpo"] + [f"--pairs={pairs}"]
     return common + SMALL + FLAGS[method]
+
+
+def rl_main(argv):
+    """What `python train.py ARGV` runs for an RL stage, in this process."""
+    rl_train.main(train.stage(argv), argv, ignored=configurator.split(train.config)[0])
 
 
 @pytest.fixture(scope="module")
@@ -250,29 +293,31 @@ def test_the_forks_command_line_runs_and_a_second_run_resumes_where_the_first_st
     p = train_py(*argv(whole, 3))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "PPO from" in p.stdout and "ckpt.pt at iteration 0" in p.stdout
-    ppo.main(argv(part, 2))
-    ppo.main(argv(part, 3))
-    assert "ppo_ckpt.pt at iteration 2" in capsys.readouterr().out
+    rl_main(argv(part, 2))
+    rl_main(argv(part, 3))
+    out = capsys.readouterr().out
+    assert "ppo_ckpt.pt at iteration 2" in out and "resuming with max_iters 3 (was 2)" in out
     a, b = log_rows(whole / "ppo_log.jsonl"), log_rows(part / "ppo_log.jsonl")
     assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 1, 2, 3]
     for key in ("env/reward_mean", "objective/kl", "ppo/loss/total", "tokens/responses_len_mean", "eval/kl", "eval/nll_ratio"):
         assert [r.get(key) for r in a] == pytest.approx([r.get(key) for r in b], abs=1e-6), key
-    ckpt = load_checkpoint(str(part / "ppo_ckpt.pt"))
-    assert ckpt["iter_num"] == 3 and ckpt["kl_coef"] == 0.0 and ckpt["config"]["batch_size"] == 4 and ckpt["method"] == "ppo"
+    ckpt = checkpoint.load(str(part / "ppo_ckpt.pt"))
+    assert ckpt["format"] == checkpoint.FORMAT and ckpt["kind"] == "rl" and ckpt["data_dir"] == small_data
+    assert ckpt["iter_num"] == 3 and ckpt["rl"]["kl_coef"] == 0.0 and ckpt["config"]["batch_size"] == 4
     assert ckpt["config"]["weight_decay"] == 0.01 and ckpt["config"]["beta2"] == 0.99  # the fork's optimizer keys are read
-    assert {"model", "model_args", "tokenizer", "optimizer", "heads", "reference"} <= ckpt.keys() and "value_head" in ckpt["heads"]
+    assert ckpt["rl"]["method"] == "ppo" and "value_head" in ckpt["rl"]["heads"] and "optimizer" in ckpt
     assert os.path.exists(part / "ppo_log.png")
     start = torch.load(pretrained / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(v, start[k]) for k, v in ckpt["reference"].items())  # the reference is the starting model
-    assert not torch.equal(model_from_checkpoint(ckpt).output.weight, start["output.weight"])  # loads like any checkpoint
+    assert all(torch.equal(v, start[k]) for k, v in ckpt["rl"]["reference"].items())  # the reference is the starting model
+    assert not torch.equal(checkpoint.model_from(ckpt).output.weight, start["output.weight"])  # loads like any checkpoint
 
 
-@pytest.mark.parametrize("method", ["grpo", "rloo", "dpo"])
+@pytest.mark.parametrize("method", ["grpo", "rloo", "reinforce_pp", "dpo"])
 def test_each_method_trains_logs_its_stats_and_resumes_exactly(method, small_data, pretrained, pairs_file, tmp_path, capsys):
     whole, part = run_dir(pretrained, tmp_path, "whole"), run_dir(pretrained, tmp_path, "part")
     for out, iters in ((whole, [3]), (part, [2, 3])):
         for n in iters:
-            METHODS[method].main(method_argv(method, small_data, out, pairs_file) + [f"--max_iters={n}"])
+            rl_main(method_argv(method, small_data, out, pairs_file) + [f"--max_iters={n}"])
     assert f"{method}_ckpt.pt at iteration 2" in capsys.readouterr().out
     a, b = log_rows(whole / f"{method}_log.jsonl"), log_rows(part / f"{method}_log.jsonl")
     assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 1, 2, 3]
@@ -282,9 +327,22 @@ def test_each_method_trains_logs_its_stats_and_resumes_exactly(method, small_dat
         values = [r[key] for r in a[1:] if key in r]
         assert values and all(math.isfinite(v) for v in values), key
     assert all(r["time/cpu"] > 0 for r in a[1:]) and "time/eval_cpu" in a[-1]  # CPU seconds: a shared machine's fair cost
-    ckpt = load_checkpoint(str(part / f"{method}_ckpt.pt"))
-    assert ckpt["iter_num"] == 3 and ckpt["method"] == method and ckpt["heads"] == {}
+    ckpt = checkpoint.load(str(part / f"{method}_ckpt.pt"))
+    assert ckpt["iter_num"] == 3 and ckpt["rl"]["method"] == method and ckpt["rl"]["heads"] == {}
     assert a[-1]["episode"] == 3 * (4 if method == "dpo" else 8)  # rollouts (DPO: pairs) so far
+
+
+def test_a_recipe_file_sets_the_method_and_its_settings_and_flags_win_over_it(small_data, pretrained, tmp_path):
+    out = run_dir(pretrained, tmp_path, "recipe")
+    recipe = tmp_path / "tiny_grpo.conf"
+    recipe.write_text("# a GRPO recipe\nrl = grpo\ngroup_size = 4\nmax_iters = 5  # overridden below\n")
+    p = train_py(str(recipe), f"--out_dir={out}", f"--data_dir={small_data}", *SMALL, "--max_iters=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    ckpt = checkpoint.load(str(out / "grpo_ckpt.pt"))
+    assert ckpt["iter_num"] == 1 and ckpt["config"]["group_size"] == 4
+    recipe.write_text("rl = grpo\ngroup_sise = 4\n")
+    p = train_py(str(recipe), f"--out_dir={out}", *SMALL)
+    assert p.returncode != 0 and p.stderr.strip() == f"error: {recipe}:2: unknown config key group_sise"
 
 
 def test_two_process_gloo_ddp_keeps_the_ranks_in_sync_on_different_data(small_data, pretrained, pairs_file, tmp_path):
@@ -319,33 +377,36 @@ def test_ppo_as_typed_in_the_usage_line_starts_from_out_dirs_checkpoint(small_da
     out = run_dir(pretrained, tmp_path, "typed")
     p = train_py("--ppo=True", f"--out_dir={out}", f"--data_dir={small_data}", *SMALL, "--max_iters=1")  # no --init_from
     assert p.returncode == 0, p.stderr[-2000:]
-    assert load_checkpoint(str(out / "ppo_ckpt.pt"))["iter_num"] == 1
+    assert checkpoint.load(str(out / "ppo_ckpt.pt"))["iter_num"] == 1
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--rl=ppo", "--reward=lenght"], "error: --reward=lenght: unknown reward 'lenght'"),
-    (["--rl=ppo", "--init_from=scratch"], "error: RL starts from a trained model"),
+    (["--rl=ppo", "--init_from=scratch"], "error: --init_from=scratch: must be resume"),
     (["--rl=grpo", "--no_such_key=1"], "error: unknown config key --no_such_key"),
     (["--rl=ppo", "--max_new_tokens=8", "--target_len=8"], "error: --target_len=8 is not below the response cap of 8 tokens"),
     (["--rl=rloo", "--out_dir=/nonexistent/run"], "error: no checkpoint at /nonexistent/run/ckpt.pt"),
-    (["--rl=grpo", "--batch_size=4", "--num_mini_batches=2", "--group_size=3"], "error: --group_size=3 must be at least 2 and divide the 8 rollouts"),
-    (["--rl=grpo", "--loss_type=bnpo"], "error: --loss_type must be one of grpo, dapo, dr_grpo, not 'bnpo'"),
-    (["--rl=ppo", "--kl_estimator=k2"], "error: --kl_estimator must be one of k1, k3, not 'k2'"),
+    (["--rl=grpo", "--batch_size=4", "--group_size=3"], "error: --group_size=3 must divide --batch_size=4"),
+    (["--rl=grpo", "--loss_type=bnpo"], "error: --loss_type=bnpo: must be one of grpo, dapo, dr_grpo"),
+    (["--rl=ppo", "--kl_estimator=k2"], "error: --kl_estimator=k2: must be one of k1, k3"),
     (["--rl=dpo", "--pairs=/nonexistent.jsonl"], "error: no pairs file /nonexistent.jsonl"),
     (["--rl=dpo", "--start_len=1", "--num_mini_batches=2"], "error: unknown config key --num_mini_batches"),
-    (["--rl=a2c"], "error: unknown --rl=a2c; choose from ppo, grpo, rloo, dpo"),
+    (["--rl=a2c"], "error: unknown --rl=a2c; choose from dpo, grpo, ppo, reinforce_pp, rloo"),
     (["--ppo=True", "--rl=dpo"], "error: --ppo=True means --rl=ppo, not --rl=dpo"),
+    (["--rl=grpo", "--vocab_size=4096"], "error: --vocab_size=4096 contradicts"),
+    (["--rl=grpo", "--dim=128"], "error: --dim=128 contradicts"),
 ])
 def test_bad_input_is_a_one_line_error(small_data, pretrained, flags, message):
     argv = [f"--out_dir={pretrained}", f"--data_dir={small_data}", "--device=cpu", "--max_iters=1", *flags]
     with pytest.raises(SystemExit) as e:
-        METHODS[train.rl_method(argv)].main(argv)  # what `python train.py ...` runs
+        with common.one_line_errors():  # what `python train.py ...` runs
+            rl_main(argv)
     assert str(e.value.code).startswith(message) and "\n" not in str(e.value.code), e.value.code
 
 
 def test_train_py_imports_no_rl_module_until_asked():
     """The pretraining script stands alone: the RL stages hang off it, not the other way round."""
-    code = "import sys, train; print(sorted(m for m in ('rl', 'ppo', 'grpo', 'rloo', 'dpo', 'report') if m in sys.modules))"
+    modules = ("rl", "rl_train", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "report", "tasks", "metrics")
+    code = f"import sys, train; print(sorted(m for m in {modules} if m in sys.modules))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr
-

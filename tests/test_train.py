@@ -72,7 +72,7 @@ def test_truncated_or_foreign_checkpoint_is_a_one_line_error(small_data, tmp_pat
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "ckpt.pt" in p.stderr, p.stderr
     torch.save({"something": 1}, ckpt)
     p = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}"], capture_output=True, text=True)
-    assert p.stderr.strip() == f"error: {ckpt} is not a checkpoint written by train.py"
+    assert p.stderr.strip() == f"error: {ckpt} is not a checkpoint written by this project"
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -80,7 +80,7 @@ def test_truncated_or_foreign_checkpoint_is_a_one_line_error(small_data, tmp_pat
     ("--batch_size=abc", "error: --batch_size expects int, got 'abc'"),
     ("--compile=maybe", "error: --compile expects True or False, got 'maybe'"),
     ("--preset=7B", "error: unknown --preset=7B"),
-    ("--dtype=float64", "error: --dtype=float64: choose auto, float32, bfloat16, float16"),
+    ("--dtype=float64", "error: --dtype=float64: must be one of auto, float32, bfloat16, float16"),
     pytest.param("--device=cuda", "error: --device=cuda, but torch sees no CUDA GPU here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
