@@ -75,7 +75,7 @@ from functools import lru_cache
 
 import lemminflect
 import numpy as np
-from lemminflect import getAllLemmas, getAllLemmasOOV
+from lemminflect import getAllInflections, getAllLemmas, getAllLemmasOOV
 
 from common import DataError, atomic_open
 
@@ -142,10 +142,14 @@ def readings(word):
 
 @lru_cache(maxsize=1 << 18)
 def lemmas(word, pos):
-    """The lemmas of a lowercase word under a part of speech; of a word the dictionary lacks
-    (made up, misspelt) by lemminflect's rules."""
+    """The lemmas of a lowercase word under a part of speech. Where the dictionary has no such reading,
+    lemminflect's rules guess; a word it knows keeps a guess only if the dictionary inflects the
+    guessed lemma to the word ("soaps" is only a VERB there, yet the plural of the NOUN soap)."""
     r = readings(word)
-    return r.get(pos, ()) if r else getAllLemmasOOV(word, pos).get(pos, ())
+    if pos in r:
+        return r[pos]
+    guesses = getAllLemmasOOV(word, pos).get(pos, ())
+    return tuple(g for g in guesses if not r or any(word in forms for forms in getAllInflections(g, upos=pos).values()))
 
 
 @lru_cache(maxsize=1 << 16)

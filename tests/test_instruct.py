@@ -64,6 +64,12 @@ def test_the_name_counts_spelt_with_its_capital_and_as_a_possessive():
     assert not met("One day she picked a white lily in the big green park.", ["dog", "run", "green"], name="Lily")["name"]
 
 
+def test_names_are_the_names_prefs_finds_counted(small_data):
+    import prefs
+    for story in tinystories.load_text(small_data, "train")[:100]:
+        assert set(instruct.name_counts(story)) == prefs.names(story) - instruct.NOT_NAMES
+
+
 def test_the_main_character_is_the_most_frequent_name_that_is_no_parent():
     story = ("Once upon a time, there was a girl named Lily. Mom told Lily to play with Ben. "
              "Lily and Ben played. \"Mom, look!\" said Lily. Mom smiled at Ben.")
@@ -185,6 +191,16 @@ def test_every_example_meets_its_own_header(prepared):
             result = instruct.check(r["story"], r["header"])
             assert result["all"] and not result["listed"], (r["header"], r["story"])
             assert r["constraints"]["dialogue"] is instruct.has_dialogue(r["story"])
+
+
+def test_every_inflection_lemminflect_lists_for_a_header_word_counts(prepared):
+    from lemminflect import getAllInflections
+    out, _ = prepared
+    words = {tuple(w) for split in ("train", "val", "ood") for r in read_jsonl(os.path.join(out, f"instruct_{split}.jsonl"))
+             for w in r["constraints"]["words"]}
+    forms = [(lemma, pos, f) for lemma, pos in words for fs in getAllInflections(lemma, upos=pos).values() for f in fs]
+    assert len(forms) > 2 * len(words)
+    assert [(lemma, pos, f) for lemma, pos, f in forms if (lemma, pos) not in instruct.counts_for(f)] == []
 
 
 def test_training_stories_have_several_different_headers(prepared):
