@@ -4,6 +4,7 @@ TinyStories (Eldan & Li 2023): download, tokenizer training, pretokenization, ba
     python tinystories.py download [--source=DIR]     # text -> data/TinyStories/
     python tinystories.py train_vocab --vocab_size=N  # -> data/tok{N}.model (+ .vocab)
     python tinystories.py pretokenize --vocab_size=N  # -> data/tok{N}/{train,val}.bin
+    python tinystories.py instruct --vocab_size=N     # -> data/tok{N}/instruct_* (instruct.py)
 
 The internal form every source is normalised into: data/TinyStories/{train,val}-NNN.txt,
 UTF-8, each story stripped and followed by a line `<|endoftext|>` (TinyStoriesV2's own
@@ -457,6 +458,28 @@ def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_
 
 
 # -----------------------------------------------------------------------------
+# instruct: stories behind headers of constraints that code can check (instruct.py)
+
+def instruct(vocab_size, data_dir=DATA_DIR, max_seq_len=256, headers_per_story=None, seed=1337, quiet=False,
+             chunk_bytes=CHUNK_BYTES):
+    """Write the instruction data beside the token files; returns its meta dict."""
+    import instruct as ins  # lemminflect's tables load only for this stage
+    tok = Tokenizer(resolve_tokenizer(data_dir, vocab_size))
+    if tok.n_words > 65536:
+        raise DataError(f"{tok.model_path} has {tok.n_words} tokens: too many for uint16 token files")
+
+    def stories(split, desc):  # one split's stories, a chunk at a time, with a bar over its bytes
+        files = text_files(data_dir, split)
+        with tqdm(total=sum(map(os.path.getsize, files)), desc=f"instruct: {desc}", unit="B", unit_scale=True,
+                  disable=quiet or None) as bar:
+            for chunk, nbytes in read_files(files, chunk_bytes):
+                yield from chunk
+                bar.update(nbytes)
+    return ins.prepare(stories, tok, token_dir(data_dir, tok.n_words), max_seq_len,
+                       ins.HEADERS_PER_STORY if headers_per_story is None else headers_per_story, seed, quiet)
+
+
+# -----------------------------------------------------------------------------
 # batches for training
 
 def iter_batches(bin_path, batch_size, seq_len, device="cpu", seed=1337, rank=0, start_step=0):
@@ -515,13 +538,16 @@ def iter_instruct_batches(bin_dir, split, batch_size, seq_len, device="cpu", see
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument("stage", choices=["download", "train_vocab", "pretokenize"])
+    parser.add_argument("stage", choices=["download", "train_vocab", "pretokenize", "instruct"])
     parser.add_argument("--vocab_size", type=int, default=0, help="tokenizer size; 0 = Llama 2's 32000 (pretokenize)")
     parser.add_argument("--source", type=str, default=None, help="local copy of TinyStories (default: $TINYSTORIES_DIR, ../shared/tinystories, then the hub)")
     parser.add_argument("--tokenizer", type=str, default=None, help="pretokenize with this sentencepiece model")
     parser.add_argument("--data_dir", type=str, default=DATA_DIR)
     parser.add_argument("--num_workers", type=int, default=None, help="processes for pretokenize (default: all cores)")
     parser.add_argument("--force", action="store_true", help="pretokenize even if up to date")
+    parser.add_argument("--max_seq_len", type=int, default=256, help="instruct: the context an example fits in")
+    parser.add_argument("--headers_per_story", type=int, default=None, help="instruct: training examples per story (default: instruct.py's)")
+    parser.add_argument("--seed", type=int, default=1337, help="instruct: the seed of the words a header names")
     parser.add_argument("--chunk_mb", type=float, default=CHUNK_BYTES / 2**20, help="MiB of text download and pretokenize read at a time")
     args = parser.parse_args()
     chunk_bytes = max(1, int(args.chunk_mb * 2**20))
@@ -534,6 +560,8 @@ if __name__ == "__main__":
             if args.vocab_size <= 0:
                 raise DataError("train_vocab needs --vocab_size=N, e.g. 512 or 4096")
             train_vocab(args.vocab_size, args.data_dir)
+        elif args.stage == "instruct":
+            instruct(args.vocab_size, args.data_dir, args.max_seq_len, args.headers_per_story, args.seed, chunk_bytes=chunk_bytes)
         else:
             pretokenize(args.vocab_size, args.data_dir, args.tokenizer, args.force, args.num_workers,
                         chunk_bytes=chunk_bytes)
