@@ -329,6 +329,7 @@ class Transformer(nn.Module):
         then one token a step.
 
         prompts: list of token-id lists (lengths may differ) or a (B, T) LongTensor.
+        max_new_tokens: the most tokens a row may add, one for all rows or a list of one per row.
         temperature 0 is greedy; top_k keeps the k most likely tokens, top_p the smallest set of
         most likely tokens whose probability reaches top_p (nucleus).
         stop_tokens: ids (e.g. EOS, BOS) after which a row stops; finished rows leave the batch.
@@ -339,16 +340,20 @@ class Transformer(nn.Module):
         """
         prompts = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
         B, P = len(prompts), max(len(p) for p in prompts)
+        budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
-        if P + max_new_tokens > self.params.max_seq_len:
-            raise ValueError(f"generate: prompt length {P} + max_new_tokens {max_new_tokens} "
-                             f"exceeds max_seq_len {self.params.max_seq_len}")
+        for p, n in zip(prompts, budgets):
+            if len(p) + n > self.params.max_seq_len:
+                raise ValueError(f"generate: prompt length {len(p)} + max_new_tokens {n} "
+                                 f"exceeds max_seq_len {self.params.max_seq_len}")
+        max_new_tokens = max(budgets)
         device = self.freqs_cos.device
         # left padding puts every row's next token in the same cache column
         tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
         pad = torch.tensor([P - len(p) for p in prompts], device=device) if min(map(len, prompts)) < P else None  # (B,)
         rows = torch.arange(B, device=device)  # the prompt each active row belongs to
+        last_step = torch.tensor(budgets, device=device) - 1  # the step at which each row has used its budget
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
         out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)  # -1: not generated
         kv_cache = self.new_kv_cache(B, P + max_new_tokens)
@@ -359,7 +364,7 @@ class Transformer(nn.Module):
             out[rows, step] = next_token
             start += tokens.size(1)
             tokens = next_token[:, None]
-            done = torch.isin(next_token, stop)
+            done = torch.isin(next_token, stop) | (last_step[rows] == step)
             if done.any():
                 # finished rows leave the batch: move the active rows' cache to the front, shrink the view
                 keep = (~done).nonzero().squeeze(1)

@@ -47,6 +47,7 @@ from tinystories import iter_batches
 RUN = dict(  # every method
     out_dir="out",  # starts from out_dir/ckpt.pt (sft_ckpt.pt for --reward=instruct); writes, and resumes from, {method}_ckpt.pt
     init_from=("resume", "resume"),  # RL starts from a trained model: train.py's key, with its one meaning here
+    overwrite=False,  # start afresh from the starting checkpoint even where {method}_ckpt.pt exists, replacing it
     eval_interval=(10, "> 0"),  # evaluate and write the checkpoint every this many iterations, and at the end
     eval_prompts=(64, "> 0"),  # held-out prompts of that evaluation, one sample each
     seed=1337,
@@ -303,9 +304,9 @@ def rollout(policy, reference, prompts, score, cfg, generator, stop_tokens, ctx=
     score(rollouts) -> (B,). Returns the Rollouts and their timings."""
     t0 = time.perf_counter()
     device = policy.model.freqs_cos.device
-    max_new = min(cfg["max_new_tokens"], policy.model.params.max_seq_len - max(map(len, prompts)))
+    budgets = [min(cfg["max_new_tokens"], policy.model.params.max_seq_len - len(p)) for p in prompts]  # the context's room
     with gen_ctx:
-        responses = policy.model.generate(prompts, max_new, cfg["temperature"], stop_tokens=stop_tokens, generator=generator)
+        responses = policy.model.generate(prompts, budgets, cfg["temperature"], stop_tokens=stop_tokens, generator=generator)
     batch = collate(prompts, responses, stop_tokens, device)
     t1 = time.perf_counter()
     logprobs, ref_logprobs, values = [], [], []

@@ -116,11 +116,12 @@ def setup(cfg, given, method):
 
     out_dir = cfg["out_dir"]
     ckpt_path = os.path.join(out_dir, f"{name}_ckpt.pt")
-    resuming = os.path.exists(ckpt_path)
+    resuming = os.path.exists(ckpt_path) and not cfg["overwrite"]
     start_path = ckpt_path if resuming else os.path.join(out_dir, tasks.start_checkpoint(cfg))
     ckpt = checkpoint.load(start_path, device, kinds=("rl",) if resuming else ("pretrain", "sft", "import"))
-    if resuming and ckpt["rl"]["method"] != name:
-        raise DataError(f"{start_path} was written by {ckpt['rl']['method']}, not {name}")
+    if resuming and ckpt["config"].get("reward") != cfg["reward"]:
+        raise DataError(f"{start_path} is a run on --reward={ckpt['config'].get('reward')}, not {cfg['reward']}: "
+                        "--overwrite=True starts afresh in its place, or choose another --out_dir")
     checkpoint.check_given(ckpt, start_path, given)
     if resuming and rank == 0:
         for note in checkpoint.changed_settings(ckpt, cfg):

@@ -26,6 +26,7 @@ CONFIG = dict(  # every RL method's reward keys; report.py and prefs.py read the
     target_len=(200, "> 0"),  # length: the target RESPONSE length in tokens (the fork also counted the prompt)
     missing_eos_penalty=(1.0, ">= 0"),  # subtracted from the score of a response cut off at max_new_tokens
     rm_path="out/rm.pt",  # rm: a reward model written by reward_model.py
+    eval_set=("val", "val | ood"),  # instruct: the held-out headers: the validation stories' or unseen word combinations
 )
 REWARDS = ("length", "rm", "instruct")
 

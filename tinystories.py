@@ -10,14 +10,13 @@ The internal form every source is normalised into: data/TinyStories/{train,val}-
 UTF-8, each story stripped and followed by a line `<|endoftext|>` (TinyStoriesV2's own
 format), at most STORIES_PER_SHARD stories a file, plus manifest.json (source, counts,
 sha256 of every shard). download and pretokenize read the text CHUNK_BYTES at a time
-(--chunk_mb), so their memory stays flat however large the data.
+(--chunk_mb), so their memory stays flat however large the data; sources.py reads each of the
+dataset's layouts.
 """
-import argparse
-import codecs
+
 import collections
 import glob
 import hashlib
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -31,197 +30,34 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import configurator
 from common import DataError, atomic_open, one_line_errors
+from sources import CHUNK_BYTES, HUB_DATASET, SEPARATOR, SPLITS, hub_chunks, local_files, read_files
 from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+config = dict(  # the command line's keys: which apply to which stage is said beside each
+    data_dir="data",
+    source="",  # download: a local copy of TinyStories (default: $TINYSTORIES_DIR, ../shared/tinystories, then the hub)
+    vocab_size=(0, ">= 0"),  # train_vocab, pretokenize, instruct: the tokenizer's size; 0 = Llama 2's 32000
+    tokenizer="",  # pretokenize: with this sentencepiece model instead of data/tok{vocab_size}.model
+    num_workers=(0, ">= 0"),  # pretokenize: processes; 0 = one per core
+    force=False,  # pretokenize even if up to date
+    chunk_mb=(1.0, "> 0"),  # MiB of text download and pretokenize read at a time
+    max_seq_len=(256, "> 8"),  # instruct: the context an example fits in
+    headers_per_story=(4, "> 0"),  # instruct: training examples a story gives, each with other words
+    seed=1337,  # instruct: the seed of the words a header names
+)
+STAGES = ("download", "train_vocab", "pretokenize", "instruct")
 
 DATA_DIR = "data"
 SHARED_DIR = Path(__file__).resolve().parent.parent / "shared" / "tinystories"
-HUB_DATASET = "roneneldan/TinyStories"
-SEPARATOR = "<|endoftext|>"
 STORIES_PER_SHARD = 100_000
 MAX_VOCAB_TRAIN_BYTES = 200 * 2**20  # train_vocab reads at most this much text (~10% of V1)
-CHUNK_BYTES = 2**20  # download and pretokenize read this much text at a time
-SPLITS = ("train", "val")
 
 
 # -----------------------------------------------------------------------------
 # download: any accepted source -> the internal form, a chunk of text at a time
-
-def split_of(path):
-    """'train', 'val' or None from a file name, e.g. TinyStoriesV2-GPT4-valid.txt,
-    validation-00000-of-00001.parquet, train-000.txt."""
-    name = Path(path).name.lower()
-    if re.search(r"valid|(?<![a-z])val(?![a-z])", name):
-        return "val"
-    if "train" in name:
-        return "train"
-    return None
-
-
-def clean(texts):
-    """Stories as the internal form keeps them: stripped, \r\n made \n, empty ones dropped."""
-    stories = (t.replace("\r\n", "\n").strip() for t in texts if isinstance(t, str))
-    return [s for s in stories if s]
-
-
-def _read_text(path, chunk_bytes):
-    """A file's UTF-8 text in pieces of whole characters: yields (text, bytes read)."""
-    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk_bytes)
-            held = len(decoder.getstate()[0])  # bytes of a character the last block cut in two
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not valid UTF-8 (byte {offset - held + e.start})") from None
-            if not block:
-                return
-            offset += len(block)
-            yield text, len(block)
-
-
-def _delimited(pieces, delimiter):
-    """Text up to the last `delimiter` read so far (without it), so that no story or line
-    is cut in two: yields (text, bytes read), and the rest of the file last."""
-    rest = ""
-    for text, nbytes in pieces:
-        head, _, rest = (rest + text).rpartition(delimiter)
-        yield head, nbytes
-    yield rest, 0
-
-
-JSON_SPACE = re.compile(r"[ \t\n\r]*")
-JSON_EXPECTED = {"[": "'['", ",": "',' or ']'", "": "the end of the file"}
-
-
-def _json_array(pieces):
-    """The elements of a file holding one JSON array (a V1 file: ~100 MB), decoded with
-    JSONDecoder.raw_decode as the text arrives: yields (elements, bytes read)."""
-    decoder, buf, pos, start = json.JSONDecoder(), "", 0, 0  # start: characters dropped from buf
-    expect = "["  # next: "[", "first" (an element or "]"), "element", "," (or "]"), "" (nothing)
-    for text, nbytes in itertools.chain(pieces, [(None, 0)]):  # None: the end of the file
-        start, buf, pos, elements = start + pos, buf[pos:] + (text or ""), 0, []
-        while (pos := JSON_SPACE.match(buf, pos).end()) < len(buf):
-            c = buf[pos]
-            if expect in ("first", "element"):
-                if expect == "first" and c == "]":
-                    expect, pos = "", pos + 1
-                    continue
-                try:
-                    element, pos = decoder.raw_decode(buf, pos)
-                except json.JSONDecodeError as e:
-                    # a cut number, literal or escape fails within the last few characters, a cut
-                    # string as unterminated: the text read so far may end inside this element
-                    if text is None or (e.pos < len(buf) - 8 and not e.msg.startswith("Unterminated string")):
-                        raise ValueError(f"{e.msg} (character {start + e.pos})") from None
-                    break
-                elements.append(element)
-                expect = ","
-            elif (expect, c) in (("[", "["), (",", ",")):
-                expect, pos = ("first" if c == "[" else "element"), pos + 1
-            elif (expect, c) == (",", "]"):
-                expect, pos = "", pos + 1
-            else:
-                raise ValueError(f"expected {JSON_EXPECTED[expect]} at character {start + pos}, not {c!r}")
-        yield elements, nbytes
-    if expect:
-        raise ValueError("the file ends inside the JSON array")
-
-
-def _parquet_texts(path, chunk_bytes):
-    """The `text` (or `story`) column of a .parquet file (the hub's layout), about
-    chunk_bytes of text a batch: yields (texts, bytes of the file)."""
-    import pyarrow.parquet as pq
-    # buffer_size: read a column chunk (up to a whole row group) a piece at a time
-    with pq.ParquetFile(path, buffer_size=chunk_bytes, pre_buffer=False) as pf:
-        column = "text" if "text" in pf.schema_arrow.names else "story"
-        meta, file_bytes = pf.metadata, os.path.getsize(path)
-        text_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        batch_rows = max(1, chunk_bytes * meta.num_rows // max(1, text_bytes))
-        rows, read = 0, 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
-            rows += batch.num_rows
-            upto = file_bytes * rows // meta.num_rows
-            yield batch.column(0).to_pylist(), upto - read
-            read = upto
-
-
-def read_file(path, chunk_bytes=CHUNK_BYTES):
-    """The stories of one file, a chunk of about chunk_bytes at a time: yields (stories,
-    bytes of the file they came from). A file is .txt with <|endoftext|> separators, a .json
-    list of {"story": ...} (V1 TinyStories_all_data), .jsonl, or .parquet (the hub's layout)."""
-    suffix, found = Path(path).suffix, False
-    try:
-        if suffix == ".parquet":
-            texts = _parquet_texts(path, chunk_bytes)
-        elif suffix == ".txt":
-            texts = ((t.split(SEPARATOR), n) for t, n in _delimited(_read_text(path, chunk_bytes), SEPARATOR))
-        else:
-            rows = (_json_array(_read_text(path, chunk_bytes)) if suffix == ".json" else
-                    (([json.loads(line) for line in t.splitlines() if line.strip()], n)  # .jsonl
-                     for t, n in _delimited(_read_text(path, chunk_bytes), "\n")))
-            texts = (([r.get("story", r.get("text")) for r in rs], n) for rs, n in rows)
-        for t, nbytes in texts:
-            stories = clean(t)
-            found = found or bool(stories)
-            yield stories, nbytes
-    except (ValueError, KeyError, AttributeError, TypeError, OSError) as e:
-        raise DataError(f"cannot read stories from {path}: {e}") from None
-    if not found:
-        raise DataError(f"{path} holds no stories")
-
-
-def read_stories(path):
-    """All the stories of one file, as a list (download and pretokenize stream instead)."""
-    return [s for stories, _ in read_file(path) for s in stories]
-
-
-def read_files(paths, chunk_bytes=CHUNK_BYTES):
-    """read_file over several files, one after another."""
-    return itertools.chain.from_iterable(read_file(p, chunk_bytes) for p in paths)
-
-
-def local_files(source):
-    """{'train': [paths], 'val': [paths]} of a directory holding the dataset in one of its
-    layouts. Files are assigned to splits by name; if no name says, the first file (in
-    sorted order) is validation and the rest train, as llama2.c does with data00.json."""
-    source = Path(source)
-    if not source.is_dir():
-        raise DataError(f"source directory {source} does not exist")
-    files = sorted(p for ext in ("txt", "json", "jsonl", "parquet") for p in source.rglob(f"*.{ext}"))
-    if not files:
-        raise DataError(f"no .txt, .json, .jsonl or .parquet files in {source}")
-    splits = [split_of(f) for f in files]
-    if all(s is None for s in splits):
-        splits = ["val"] + ["train"] * (len(files) - 1)
-    unknown = [f.name for f, s in zip(files, splits) if s is None]
-    if unknown:
-        raise DataError(f"cannot tell the split (train or valid) of {', '.join(unknown)} in {source}")
-    data = {s: [f for f, fs in zip(files, splits) if fs == s] for s in SPLITS}
-    for s in SPLITS:
-        if not data[s]:
-            raise DataError(f"no {s} stories in {source}")
-    return data
-
-
-def hub_chunks(chunk_bytes):
-    """(total bytes, {split: chunks}) of the dataset on the Hugging Face hub. `datasets`
-    keeps it as memory-mapped Arrow files in its cache; it is read a batch at a time."""
-    try:
-        from datasets import load_dataset
-        ds = load_dataset(HUB_DATASET)
-        splits = {"train": ds["train"], "val": ds["validation"]}
-    except Exception as e:
-        raise DataError(f"could not get {HUB_DATASET} from the Hugging Face hub ({type(e).__name__}); "
-                        f"point --source=DIR or TINYSTORIES_DIR at a local copy") from None
-
-    def chunks(split):
-        rows = max(1, chunk_bytes * len(split) // max(1, split.data.nbytes))
-        for batch in split.with_format("arrow").iter(batch_size=rows):
-            yield clean(batch.column("text").to_pylist()), batch.nbytes
-    return sum(s.data.nbytes for s in splits.values()), {name: chunks(s) for name, s in splits.items()}
-
 
 def text_dir(data_dir):
     return os.path.join(data_dir, "TinyStories")
@@ -460,10 +296,10 @@ def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_
 # -----------------------------------------------------------------------------
 # instruct: stories behind headers of constraints that code can check (instruct.py)
 
-def instruct(vocab_size, data_dir=DATA_DIR, max_seq_len=256, headers_per_story=None, seed=1337, quiet=False,
+def instruct(vocab_size, data_dir=DATA_DIR, max_seq_len=256, headers_per_story=4, seed=1337, quiet=False,
              chunk_bytes=CHUNK_BYTES):
     """Write the instruction data beside the token files; returns its meta dict."""
-    import instruct as ins  # lemminflect's tables load only for this stage
+    import instruct_data  # lemminflect's tables load only for this stage
     tok = Tokenizer(resolve_tokenizer(data_dir, vocab_size))
     if tok.n_words > 65536:
         raise DataError(f"{tok.model_path} has {tok.n_words} tokens: too many for uint16 token files")
@@ -475,8 +311,7 @@ def instruct(vocab_size, data_dir=DATA_DIR, max_seq_len=256, headers_per_story=N
             for chunk, nbytes in read_files(files, chunk_bytes):
                 yield from chunk
                 bar.update(nbytes)
-    return ins.prepare(stories, tok, token_dir(data_dir, tok.n_words), max_seq_len,
-                       ins.HEADERS_PER_STORY if headers_per_story is None else headers_per_story, seed, quiet)
+    return instruct_data.prepare(stories, tok, token_dir(data_dir, tok.n_words), max_seq_len, headers_per_story, seed, quiet)
 
 
 # -----------------------------------------------------------------------------
@@ -510,58 +345,43 @@ def iter_instruct_batches(bin_dir, split, batch_size, seq_len, device="cpu", see
     random examples of a split, each BOS + header + story + end, right-padded to the longest; y is x
     shifted by one with -1 (ignored by the loss) where it would predict a header token or padding, so
     that the loss counts the story's tokens only. Batch `step` of `rank` depends only on (seed, rank, step)."""
-    import instruct
+    import instruct_data
 
-    data, starts, prompt_lens = instruct.read_examples(bin_dir, split)
-    ends = np.append(starts[1:], len(data))
+    data, starts, prompt_lens, lengths = instruct_data.read_examples(bin_dir, split, seq_len)
     pin = str(device).startswith("cuda")
     step = start_step
     while True:
         rng = np.random.default_rng([seed, rank, step])
         picks = rng.integers(0, len(starts), size=batch_size)
-        T = min(seq_len, int((ends[picks] - starts[picks]).max()) - 1)
+        T = int(lengths[picks].max()) - 1
         x = torch.zeros(batch_size, T, dtype=torch.long)
         y = torch.full((batch_size, T), -1, dtype=torch.long)
         for row, i in enumerate(picks):
-            ex = torch.from_numpy(data[starts[i] : min(ends[i], starts[i] + T + 1)].astype(np.int64))
-            x[row, : len(ex) - 1] = ex[:-1]
-            y[row, prompt_lens[i] - 1 : len(ex) - 1] = ex[prompt_lens[i] :]
+            n = int(lengths[i])
+            example = torch.from_numpy(data[starts[i] : starts[i] + n].astype(np.int64))
+            x[row, : n - 1] = example[:-1]
+            y[row, prompt_lens[i] - 1 : n - 1] = example[prompt_lens[i] :]
         if pin:
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        else:
-            x, y = x.to(device), y.to(device)
-        yield x, y
+        yield x.to(device), y.to(device)
         step += 1
 
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument("stage", choices=["download", "train_vocab", "pretokenize", "instruct"])
-    parser.add_argument("--vocab_size", type=int, default=0, help="tokenizer size; 0 = Llama 2's 32000 (pretokenize)")
-    parser.add_argument("--source", type=str, default=None, help="local copy of TinyStories (default: $TINYSTORIES_DIR, ../shared/tinystories, then the hub)")
-    parser.add_argument("--tokenizer", type=str, default=None, help="pretokenize with this sentencepiece model")
-    parser.add_argument("--data_dir", type=str, default=DATA_DIR)
-    parser.add_argument("--num_workers", type=int, default=None, help="processes for pretokenize (default: all cores)")
-    parser.add_argument("--force", action="store_true", help="pretokenize even if up to date")
-    parser.add_argument("--max_seq_len", type=int, default=256, help="instruct: the context an example fits in")
-    parser.add_argument("--headers_per_story", type=int, default=None, help="instruct: training examples per story (default: instruct.py's)")
-    parser.add_argument("--seed", type=int, default=1337, help="instruct: the seed of the words a header names")
-    parser.add_argument("--chunk_mb", type=float, default=CHUNK_BYTES / 2**20, help="MiB of text download and pretokenize read at a time")
-    args = parser.parse_args()
-    chunk_bytes = max(1, int(args.chunk_mb * 2**20))
+    cfg, _ = configurator.configure({"stage": (None, " | ".join(STAGES)), **config}, positional=("stage",))
+    chunk_bytes = max(1, int(cfg["chunk_mb"] * 2**20))
     with one_line_errors():
-        if args.chunk_mb <= 0:
-            raise DataError(f"--chunk_mb must be positive, not {args.chunk_mb}")
-        if args.stage == "download":
-            download(args.data_dir, args.source, chunk_bytes)
-        elif args.stage == "train_vocab":
-            if args.vocab_size <= 0:
+        if cfg["stage"] == "download":
+            download(cfg["data_dir"], cfg["source"] or None, chunk_bytes)
+        elif cfg["stage"] == "train_vocab":
+            if cfg["vocab_size"] <= 0:
                 raise DataError("train_vocab needs --vocab_size=N, e.g. 512 or 4096")
-            train_vocab(args.vocab_size, args.data_dir)
-        elif args.stage == "instruct":
-            instruct(args.vocab_size, args.data_dir, args.max_seq_len, args.headers_per_story, args.seed, chunk_bytes=chunk_bytes)
+            train_vocab(cfg["vocab_size"], cfg["data_dir"])
+        elif cfg["stage"] == "instruct":
+            instruct(cfg["vocab_size"], cfg["data_dir"], cfg["max_seq_len"], cfg["headers_per_story"], cfg["seed"],
+                     chunk_bytes=chunk_bytes)
         else:
-            pretokenize(args.vocab_size, args.data_dir, args.tokenizer, args.force, args.num_workers,
+            pretokenize(cfg["vocab_size"], cfg["data_dir"], cfg["tokenizer"] or None, cfg["force"], cfg["num_workers"] or None,
                         chunk_bytes=chunk_bytes)
