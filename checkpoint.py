@@ -31,8 +31,13 @@ from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 FORMAT = 2
-WRITERS = {"pretrain": "train.py", "sft": "train.py --sft=True", "rl": "an RL stage (train.py --rl=...)",
-           "reward_model": "reward_model.py", "import": "export.py --hf"}
+WRITERS = {
+    "pretrain": "train.py",
+    "sft": "train.py --sft=True",
+    "rl": "an RL stage (train.py --rl=...)",
+    "reward_model": "reward_model.py",
+    "import": "export.py --hf",
+}
 KINDS = tuple(WRITERS)
 RL_KEYS = ("method", "reference", "heads", "kl_coef")
 
@@ -44,8 +49,18 @@ def save(path, kind, model, model_args, tokenizer, data_dir, **fields):
     for name, tensor in model.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise DataError(f"not saving {path}: {name} holds NaN or inf weights")
-    save_atomic({"format": FORMAT, "kind": kind, "model": model, "model_args": dict(model_args),
-                 "tokenizer": tokenizer, "data_dir": data_dir, **fields}, path)
+    save_atomic(
+        {
+            "format": FORMAT,
+            "kind": kind,
+            "model": model,
+            "model_args": dict(model_args),
+            "tokenizer": tokenizer,
+            "data_dir": data_dir,
+            **fields,
+        },
+        path,
+    )
 
 
 def upgrade(ckpt):
@@ -74,8 +89,10 @@ def load(path, map_location="cpu", kinds=KINDS):
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first object it refused
         if "Weights only load failed" not in str(e) or not found:
             raise DataError(f"{path} is truncated or not a PyTorch checkpoint (UnpicklingError)") from None
-        raise DataError(f"{path} contains pickled objects that weights-only loading refuses ({found[1]}); "
-                        "checkpoints written here hold none") from None
+        raise DataError(
+            f"{path} contains pickled objects that weights-only loading refuses ({found[1]}); "
+            "checkpoints written here hold none"
+        ) from None
     except Exception as e:
         raise DataError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
@@ -85,8 +102,10 @@ def load(path, map_location="cpu", kinds=KINDS):
     elif ckpt["format"] > FORMAT:
         raise DataError(f"{path} has checkpoint format {ckpt['format']}; this code reads up to {FORMAT}")
     if ckpt["kind"] not in kinds:
-        raise DataError(f"{path} was written by {WRITERS[ckpt['kind']]}; this needs one written by "
-                        + " or ".join(WRITERS[k] for k in kinds))
+        raise DataError(
+            f"{path} was written by {WRITERS[ckpt['kind']]}; this needs one written by "
+            + " or ".join(WRITERS[k] for k in kinds)
+        )
     return ckpt
 
 
@@ -115,8 +134,10 @@ def tokenizer_of(ckpt, path):
         raise DataError(f"{info['tokenizer']} has changed since {path} was trained with it (its sha256 differs)")
     tok = Tokenizer(info["tokenizer"])
     if tok.n_words != ckpt["model_args"]["vocab_size"]:
-        raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model in {path} "
-                        f"{ckpt['model_args']['vocab_size']}")
+        raise DataError(
+            f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model in {path} "
+            f"{ckpt['model_args']['vocab_size']}"
+        )
     return tok
 
 
@@ -143,8 +164,10 @@ def check_given(ckpt, path, given):
         if key in recorded and value not in (recorded[key], "", 0) and recorded[key] not in (None, ""):
             if key == "data_dir" and os.path.abspath(value) == os.path.abspath(recorded[key]):
                 continue
-            raise DataError(f"--{key}={value} contradicts {path}, trained with {key} {recorded[key]}; "
-                            "leave it out: a stage that starts from a checkpoint takes it from there")
+            raise DataError(
+                f"--{key}={value} contradicts {path}, trained with {key} {recorded[key]}; "
+                "leave it out: a stage that starts from a checkpoint takes it from there"
+            )
 
 
 def changed_settings(ckpt, cfg):

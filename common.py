@@ -3,6 +3,7 @@ What the scripts share: bad input as one error line, atomic writes, the out_dir 
 dtype, DDP, the learning-rate schedule and the metrics log. Small functions; nothing here imports the
 project's other modules, so any of them can import this one.
 """
+
 import ctypes
 import fcntl
 import json
@@ -88,7 +89,9 @@ def out_dir_lock(out_dir):
         f.seek(0)
         pid = f.read().strip() or "?"
         f.close()
-        raise DataError(f"{out_dir} is in use by another run (PID {pid}); wait for it to finish or choose another --out_dir") from None
+        raise DataError(
+            f"{out_dir} is in use by another run (PID {pid}); wait for it to finish or choose another --out_dir"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -121,8 +124,14 @@ def resolve_device_dtype(device, dtype):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if "cuda" in device else device
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device={device}, but torch sees no CUDA GPU here (torch {torch.__version__}); use --device=cpu")
-    if device_type == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise DataError(
+            f"--device={device}, but torch sees no CUDA GPU here (torch {torch.__version__}); use --device=cpu"
+        )
+    if (
+        device_type == "cuda"
+        and torch.device(device).index is not None
+        and torch.device(device).index >= torch.cuda.device_count()
+    ):
         raise DataError(f"--device={device}, but torch sees {torch.cuda.device_count()} CUDA GPUs")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise DataError("--device=mps, but this machine has no MPS (Apple GPU) backend; use --device=cpu")
@@ -215,8 +224,11 @@ def mean_over_ranks(stats, device):
 def rank_sums(model, batch):
     """Every rank's parameter sum and batch sum, to show that the ranks stay in sync (the same
     parameters) while reading different data: {'ddp/param_sum': [...], 'ddp/batch_sum': [...]}."""
-    local = torch.tensor([sum(p.double().sum().item() for p in model.parameters()), batch.double().sum().item()],
-                         dtype=torch.float64, device=batch.device)
+    local = torch.tensor(
+        [sum(p.double().sum().item() for p in model.parameters()), batch.double().sum().item()],
+        dtype=torch.float64,
+        device=batch.device,
+    )
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     collective(dist.all_gather, gathered, local)
     return {"ddp/param_sum": [g[0].item() for g in gathered], "ddp/batch_sum": [g[1].item() for g in gathered]}
@@ -277,6 +289,7 @@ def jsonl_log(path, resume_iter=None, enabled=True, wandb_run=None):
                 f.write(json.dumps(row) + "\n")
             if wandb_run is not None:
                 wandb_run.log(row, step=row.get("iter", row.get("step")))
+
     return log
 
 

@@ -125,10 +125,11 @@ def usage(config, positional):
 def configure(config, argv=None, positional=(), presets=None, ignored=()):
     """The settings of a script: the declared config (see split) with argv's recipes and flags
     applied and every rule checked. Returns (cfg, given): the settings, and {key: value} of what a
-    recipe or flag set explicitly, ignored keys included. `positional` names arguments that come bare (export.py's output path);
-    they join cfg. `--preset=NAME` fills presets[NAME] first; explicit settings win over it. Keys
-    in `ignored` are accepted and dropped: another script's keys that a shared command line may
-    carry; a dict of their defaults types their values. Any error exits with one line."""
+    recipe or flag set explicitly, ignored keys included. `positional` names arguments that come bare
+    (export.py's output path); they join cfg. `--preset=NAME` fills presets[NAME] first; explicit
+    settings win over it. Keys in `ignored` are accepted and dropped: another script's keys that a
+    shared command line may carry; a dict of their defaults types their values. Any error exits with
+    one line."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(usage(config, positional))
@@ -142,7 +143,11 @@ def configure(config, argv=None, positional=(), presets=None, ignored=()):
                 given[key] = parse_value(key, text, ignored[key] if isinstance(ignored, dict) else None)
                 continue
             if key not in cfg:
-                raise ValueError(f"unknown config key --{key}" if where == "the command line" else f"{where}: unknown config key {key}")
+                raise ValueError(
+                    f"unknown config key --{key}"
+                    if where == "the command line"
+                    else f"{where}: unknown config key {key}"
+                )
             given[key] = parse_value(key, text, cfg[key])
         preset = given.get("preset") or cfg.get("preset")
         if preset:

@@ -12,6 +12,7 @@ An iteration is one optimizer step on batch_size pairs that the loop draws at ra
 rank and iteration) from the pairs file. The evaluation still samples stories, on held-out prompts, and
 scores them with --reward, so that DPO's runs compare with the online methods'.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +22,8 @@ from prefs import encode_story
 
 UNIT = "pairs"
 config = rl.method_config(
-    rl.RUN, rl.SAMPLING,
+    rl.RUN,
+    rl.SAMPLING,
     learning_rate=(1e-5, "> 0"),
     pairs="data/prefs_train.jsonl",  # written by prefs.py: {"prompt", "chosen", "rejected"} a line
     beta=(0.1, "> 0"),  # the strength of the implicit KL to the reference: larger stays closer
@@ -87,10 +89,16 @@ def iteration(run, pairs):
         loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], cfg["beta"])
         nll = -(logprobs[:B] * mask[:B]).sum() / mask[:B].sum()
         with torch.no_grad():
-            stats = {"loss": loss, "nll_loss": nll, "rewards/chosen": chosen_rewards.mean(),
-                     "rewards/rejected": rejected_rewards.mean(), "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-                     "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-                     "logps/chosen": logps[:B].mean(), "logps/rejected": logps[B:].mean()}
+            stats = {
+                "loss": loss,
+                "nll_loss": nll,
+                "rewards/chosen": chosen_rewards.mean(),
+                "rewards/rejected": rejected_rewards.mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                "logps/chosen": logps[:B].mean(),
+                "logps/rejected": logps[B:].mean(),
+            }
         return loss + cfg["rpo_alpha"] * nll, stats
 
     return rl.optimizer_step(run, loss_fn, rl.ptx_batches(run) if cfg["ptx_coef"] else None)

@@ -16,6 +16,7 @@ byte-level writers live in csrc/formats.py beside the engine that reads them. RE
 layout tables. The suffix picks the format: .gguf, .pt, else --version (-1: a transformers
 directory).
 """
+
 import json
 import os
 from dataclasses import asdict
@@ -35,7 +36,10 @@ config = dict(
     checkpoint="out/ckpt.pt",  # a checkpoint of any stage: train.py's, SFT's, an RL method's
     hf="",  # read a transformers Llama directory instead of --checkpoint
     version=(1, "-1 | 0 | 1 | 2"),  # -1: a transformers directory; .bin: 0 legacy fp32, 1 fp32, 2 int8 Q8_0
-    dtype=("fp32", "fp32 | fp16 | q8_0"),  # weights of a transformers directory (fp32, fp16) or a GGUF file (fp32, fp16, q8_0)
+    dtype=(
+        "fp32",
+        "fp32 | fp16 | q8_0",
+    ),  # weights of a transformers directory (fp32, fp16) or a GGUF file (fp32, fp16, q8_0)
     tokenizer="",  # sentencepiece .model; default: the checkpoint's
 )
 # -----------------------------------------------------------------------------
@@ -43,18 +47,20 @@ config = dict(
 
 def llama2c_weights(model):
     """The model's weights as csrc/formats.py's dict of llama2.c names, all layers stacked."""
+
     def stack(get):
         return np.stack([get(layer).detach().float().numpy() for layer in model.layers])
+
     w = {
         "token_embedding_table": model.tok_embeddings.weight.detach().float().numpy(),
-        "rms_att_weight": stack(lambda l: l.attention_norm.weight),
-        "rms_ffn_weight": stack(lambda l: l.ffn_norm.weight),
+        "rms_att_weight": stack(lambda layer: layer.attention_norm.weight),
+        "rms_ffn_weight": stack(lambda layer: layer.ffn_norm.weight),
         "rms_final_weight": model.norm.weight.detach().float().numpy(),
     }
     for name in ("wq", "wk", "wv", "wo"):
-        w[name] = stack(lambda l: getattr(l.attention, name).weight)
+        w[name] = stack(lambda layer: getattr(layer.attention, name).weight)
     for name in ("w1", "w2", "w3"):
-        w[name] = stack(lambda l: getattr(l.feed_forward, name).weight)
+        w[name] = stack(lambda layer: getattr(layer.feed_forward, name).weight)
     shared = model.output.weight is model.tok_embeddings.weight
     w["wcls"] = None if shared else model.output.weight.detach().float().numpy()
     return w
@@ -64,8 +70,15 @@ def model_from_llama2c(config, w):
     """The inverse of llama2c_weights: a Transformer holding the weights of a llama2.c file
     (e.g. `formats.read_v0("stories260K.bin")`), so its models can be run, sampled and
     fine-tuned here."""
-    args = ModelArgs(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
-                     vocab_size=config.vocab_size, hidden_dim=config.hidden_dim, max_seq_len=config.seq_len)
+    args = ModelArgs(
+        dim=config.dim,
+        n_layers=config.n_layers,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_kv_heads,
+        vocab_size=config.vocab_size,
+        hidden_dim=config.hidden_dim,
+        max_seq_len=config.seq_len,
+    )
     model = Transformer(args)
     state = {"tok_embeddings.weight": w["token_embedding_table"], "norm.weight": w["rms_final_weight"]}
     for i in range(config.n_layers):
@@ -96,7 +109,7 @@ def max_q80_error(w, group_size):
     for name, t in w.items():
         if t is None or name.startswith("rms"):
             continue  # norms stay fp32
-        for m in (t if t.ndim == 3 else t[None]):
+        for m in t if t.ndim == 3 else t[None]:
             q, s = formats.quantize_q80(m, group_size)
             errors.append(np.abs(formats.dequantize_q80(q, s, m.shape) - m).max())
     return float(max(errors))
@@ -106,8 +119,10 @@ def export(model, path, version=1):
     """Write `model` to `path` in llama2.c's format `version` (0, 1 or 2), atomically."""
     p = model.params
     if p.rope_theta != 10000.0 or p.norm_eps != 1e-5:
-        raise ValueError(f"llama2.c's .bin has no room for rope_theta {p.rope_theta} or norm_eps {p.norm_eps} "
-                         "(the engine assumes 10000 and 1e-5)")
+        raise ValueError(
+            f"llama2.c's .bin has no room for rope_theta {p.rope_theta} or norm_eps {p.norm_eps} "
+            "(the engine assumes 10000 and 1e-5)"
+        )
     config = formats.Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len)
     w = llama2c_weights(model)
     group_size = q80_group_size(p.dim, p.hidden_dim) if version == 2 else 64
@@ -168,19 +183,37 @@ def rope_to_pairs(w, n_heads):
 
 
 def hf_config(p, tok, dtype):
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": p.vocab_size,
-            "hidden_size": p.dim, "intermediate_size": p.hidden_dim, "num_hidden_layers": p.n_layers,
-            "num_attention_heads": p.n_heads, "num_key_value_heads": p.n_kv_heads, "head_dim": p.dim // p.n_heads,
-            "hidden_act": "silu", "max_position_embeddings": p.max_seq_len, "rms_norm_eps": p.norm_eps,
-            "rope_theta": p.rope_theta, "rope_scaling": None, "tie_word_embeddings": True, "attention_bias": False,
-            "mlp_bias": False, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "torch_dtype": dtype,
-            "initializer_range": 0.02, "use_cache": True}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": p.vocab_size,
+        "hidden_size": p.dim,
+        "intermediate_size": p.hidden_dim,
+        "num_hidden_layers": p.n_layers,
+        "num_attention_heads": p.n_heads,
+        "num_key_value_heads": p.n_kv_heads,
+        "head_dim": p.dim // p.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": p.max_seq_len,
+        "rms_norm_eps": p.norm_eps,
+        "rope_theta": p.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "torch_dtype": dtype,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
 
 
 def export_hf(model, out_dir, tok, dtype="fp32"):
     """A directory that transformers' AutoModelForCausalLM and AutoTokenizer load: config.json,
     model.safetensors, generation_config.json and the tokenizer files. Each file is written atomically."""
     from safetensors.torch import save
+
     p = model.params
     if tok.n_words != p.vocab_size:
         raise ValueError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {p.vocab_size}")
@@ -196,8 +229,10 @@ def export_hf(model, out_dir, tok, dtype="fp32"):
         f.write(save(state, metadata={"format": "pt"}))
     # stories end where the next one's BOS begins (pretokenize writes no EOS), so generation stops at either
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.bos_id], "pad_token_id": tok.eos_id}
-    for name, obj in (("config.json", hf_config(p, tok, str(torch_dtype).removeprefix("torch."))),
-                      ("generation_config.json", generation)):
+    for name, obj in (
+        ("config.json", hf_config(p, tok, str(torch_dtype).removeprefix("torch."))),
+        ("generation_config.json", generation),
+    ):
         with atomic_open(os.path.join(out_dir, name), "w") as f:
             json.dump(obj, f, indent=2)
     tok.export_hf(out_dir, p.max_seq_len)
@@ -210,33 +245,54 @@ def read_hf_config(hf_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {hf_dir}")
     c = json.load(open(path))
-    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "rms_norm_eps",
-              "max_position_embeddings")
+    needed = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+        "rms_norm_eps",
+        "max_position_embeddings",
+    )
     if c.get("model_type") != "llama" or not all(k in c for k in needed):
         raise ValueError(f"{path}: not a transformers Llama config (model_type {c.get('model_type')!r})")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
-    unsupported = {"hidden_act": c.get("hidden_act", "silu") != "silu",
-                   "rope_scaling": rope.get("rope_type", rope.get("type", "default")) != "default",
-                   "attention_bias": c.get("attention_bias", False), "mlp_bias": c.get("mlp_bias", False),
-                   "head_dim": c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]) * c["num_attention_heads"] != c["hidden_size"],
-                   "tie_word_embeddings (model.py ties the output head to the embedding)": not c.get("tie_word_embeddings", False)}
+    unsupported = {
+        "hidden_act": c.get("hidden_act", "silu") != "silu",
+        "rope_scaling": rope.get("rope_type", rope.get("type", "default")) != "default",
+        "attention_bias": c.get("attention_bias", False),
+        "mlp_bias": c.get("mlp_bias", False),
+        "head_dim": c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]) * c["num_attention_heads"]
+        != c["hidden_size"],
+        "tie_word_embeddings (model.py ties the output head to the embedding)": not c.get("tie_word_embeddings", False),
+    }
     wrong = [k for k, bad in unsupported.items() if bad]
     if wrong:
         raise ValueError(f"{path}: not a Llama that model.py can hold ({', '.join(wrong)})")
-    return ModelArgs(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                     n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], vocab_size=c["vocab_size"],
-                     hidden_dim=c["intermediate_size"], norm_eps=c["rms_norm_eps"], max_seq_len=c["max_position_embeddings"],
-                     rope_theta=float(theta))
+    return ModelArgs(
+        dim=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=c["num_attention_heads"],
+        n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        vocab_size=c["vocab_size"],
+        hidden_dim=c["intermediate_size"],
+        norm_eps=c["rms_norm_eps"],
+        max_seq_len=c["max_position_embeddings"],
+        rope_theta=float(theta),
+    )
 
 
 def load_hf(hf_dir):
     """The inverse of export_hf: a Transformer holding a transformers Llama's weights (model.safetensors,
     or shards listed in model.safetensors.index.json), in fp32."""
     from safetensors.torch import load_file
+
     args = read_hf_config(hf_dir)
     index = os.path.join(hf_dir, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    files = (
+        sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    )
     hf = {}
     for name in files:
         if not os.path.isfile(os.path.join(hf_dir, name)):
@@ -261,10 +317,23 @@ def load_hf(hf_dir):
 def save_as_checkpoint(model, path, tok):
     """A checkpoint of kind 'import' (no optimizer state: training starts afresh at iteration 0), for
     train.py --init_from=resume, the RL stages and sample.py. It names the tokenizer by its absolute path."""
-    tokenizer = {"tokenizer": os.path.abspath(tok.model_path), "tokenizer_sha256": checkpoint.file_sha256(tok.model_path),
-                 "vocab_size": tok.n_words, "bos_id": tok.bos_id}
-    checkpoint.save(path, "import", model.state_dict(), asdict(model.params), tokenizer, None, iter_num=0,
-                    best_val_loss=float("inf"), config={})
+    tokenizer = {
+        "tokenizer": os.path.abspath(tok.model_path),
+        "tokenizer_sha256": checkpoint.file_sha256(tok.model_path),
+        "vocab_size": tok.n_words,
+        "bos_id": tok.bos_id,
+    }
+    checkpoint.save(
+        path,
+        "import",
+        model.state_dict(),
+        asdict(model.params),
+        tokenizer,
+        None,
+        iter_num=0,
+        best_val_loss=float("inf"),
+        config={},
+    )
     print(f"wrote {path}")
 
 
@@ -273,13 +342,19 @@ def export_gguf(model, path, tok, dtype="fp32"):
     ggml's own gguf package. llama.cpp's RoPE is llama2.c's interleaved pairs, so q and k go as they are.
     fp16 and q8_0 store the matrices so; norms stay fp32, as llama.cpp's converter keeps them."""
     import gguf
+
     p = model.params
     if tok.n_words != p.vocab_size:
         raise ValueError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {p.vocab_size}")
     w = gguf.GGUFWriter(None, "llama")
     w.add_name(os.path.splitext(os.path.basename(path))[0])
-    w.add_file_type({"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    w.add_file_type(
+        {
+            "fp32": gguf.LlamaFileType.ALL_F32,
+            "fp16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[dtype]
+    )
     w.add_vocab_size(p.vocab_size)
     w.add_context_length(p.max_seq_len)
     w.add_embedding_length(p.dim)
@@ -296,8 +371,20 @@ def export_gguf(model, path, tok, dtype="fp32"):
     w.add_tokenizer_model("llama")  # sentencepiece BPE with byte fallback
     w.add_token_list([sp.id_to_piece(i) for i in range(tok.n_words)])
     w.add_token_scores([sp.get_score(i) for i in range(tok.n_words)])
-    w.add_token_types([T.CONTROL if sp.is_control(i) else T.UNKNOWN if sp.is_unknown(i) else T.BYTE if sp.is_byte(i)
-                       else T.UNUSED if sp.is_unused(i) else T.NORMAL for i in range(tok.n_words)])
+    w.add_token_types(
+        [
+            T.CONTROL
+            if sp.is_control(i)
+            else T.UNKNOWN
+            if sp.is_unknown(i)
+            else T.BYTE
+            if sp.is_byte(i)
+            else T.UNUSED
+            if sp.is_unused(i)
+            else T.NORMAL
+            for i in range(tok.n_words)
+        ]
+    )
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(tok.eos_id)
     w.add_unk_token_id(sp.unk_id())
@@ -311,7 +398,9 @@ def export_gguf(model, path, tok, dtype="fp32"):
         if a.ndim == 1 or dtype == "fp32":
             w.add_tensor(name, a)
         elif dtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-            w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(
+                name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
         else:  # fp16, or rows that are not whole Q8_0 blocks of 32 (llama.cpp's converter falls back to fp16 too)
             w.add_tensor(name, a.astype(np.float16))
     with atomic_path(path) as tmp:
@@ -327,10 +416,14 @@ DTYPES = {"gguf": ("fp32", "fp16", "q8_0"), "hf": ("fp32", "fp16"), "bin": ("fp3
 
 def main(cfg):
     path = cfg["filepath"]
-    fmt = "gguf" if path.endswith(".gguf") else "pt" if path.endswith(".pt") else "hf" if cfg["version"] == -1 else "bin"
+    fmt = (
+        "gguf" if path.endswith(".gguf") else "pt" if path.endswith(".pt") else "hf" if cfg["version"] == -1 else "bin"
+    )
     if cfg["dtype"] not in DTYPES[fmt]:
-        raise ValueError(f"--dtype={cfg['dtype']} does not apply to {fmt} output, which takes {', '.join(DTYPES[fmt])}"
-                         + (" (int8 is --version=2)" if fmt == "bin" else ""))
+        raise ValueError(
+            f"--dtype={cfg['dtype']} does not apply to {fmt} output, which takes {', '.join(DTYPES[fmt])}"
+            + (" (int8 is --version=2)" if fmt == "bin" else "")
+        )
     out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"no directory {out_dir} to write {path} into")

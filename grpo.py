@@ -16,6 +16,7 @@ The loss types differ in how the token losses of a minibatch are averaged:
   dr_grpo  the sum over tokens divided by a constant, rows x max_new_tokens (Liu et al. 2025, Dr. GRPO),
            with scale_rewards=False: no length bias and no bias from the group's spread
 """
+
 import time
 
 import torch
@@ -25,7 +26,9 @@ from rl import masked_mean
 
 UNIT = "groups"
 config = rl.method_config(
-    rl.RUN, rl.SAMPLING, rl.ONLINE,
+    rl.RUN,
+    rl.SAMPLING,
+    rl.ONLINE,
     init_kl_coef=(0.04, ">= 0"),  # beta (TRL's former default)
     adap_kl_ctrl=False,
     kl_estimator=("k3", "k1 | k3"),
@@ -76,15 +79,30 @@ def iteration(run, batch):
     batch.advantages = group_advantages(scores, G, cfg["scale_rewards"])
 
     def policy_loss(mb, logprobs, logp, _):
-        loss, clip_ratio = grpo_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg["cliprange"], cfg["loss_type"],
-                                     min(cfg["max_new_tokens"], run.model_args["max_seq_len"] - 1))
+        loss, clip_ratio = grpo_loss(
+            logprobs,
+            mb.logprobs,
+            mb.advantages,
+            mb.mask,
+            cfg["cliprange"],
+            cfg["loss_type"],
+            min(cfg["max_new_tokens"], run.model_args["max_seq_len"] - 1),
+        )
         with torch.no_grad():
-            return loss, {"loss": loss, "clip_ratio/region_mean": clip_ratio,
-                          "entropy": masked_mean(rl.entropy_from_logprobs(logp), mb.mask),
-                          "kl": masked_mean(rl.kl_estimate(logprobs, mb.ref_logprobs, "k3"), mb.mask)}
+            return loss, {
+                "loss": loss,
+                "clip_ratio/region_mean": clip_ratio,
+                "entropy": masked_mean(rl.entropy_from_logprobs(logp), mb.mask),
+                "kl": masked_mean(rl.kl_estimate(logprobs, mb.ref_logprobs, "k3"), mb.mask),
+            }
 
     stats = rl.optimize(run, batch, policy_loss)
     groups = batch.scores.view(-1, G)
-    return {**stats, "reward": batch.scores.mean().item(), "reward_std": groups.std(1).mean().item(),
-            "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
-            "completions/mean_length": batch.lengths().mean().item(), "time/optimize_step": time.perf_counter() - t0}
+    return {
+        **stats,
+        "reward": batch.scores.mean().item(),
+        "reward_std": groups.std(1).mean().item(),
+        "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item(),
+        "completions/mean_length": batch.lengths().mean().item(),
+        "time/optimize_step": time.perf_counter() - t0,
+    }

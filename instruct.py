@@ -28,6 +28,7 @@ says that the text holds such a list. reward() is the share of the constraints m
 The RL stages' instruct task (tasks.py) draws its prompts from the headers of the training
 examples, scores a response by reward(), and measures held-out responses by measures().
 """
+
 import collections
 import json
 import os
@@ -53,10 +54,32 @@ QUOTATION = re.compile(r"\"([^\"\n]*)\"|“([^”\n]*)”")  # "..." or “...�
 LIST_SEPARATOR = re.compile(r"\s*[,;/&]\s*")
 NAME = re.compile(r"\b[A-Z][a-z]+\b")
 # capitalised words that are not a character's name: parents, titles, "The End"
-NOT_NAMES = {"Mom", "Mommy", "Mum", "Mummy", "Mama", "Dad", "Daddy", "Papa", "Grandma", "Grandpa", "Granny",
-             "Nana", "Mr", "Mrs", "Ms", "Miss", "Sir", "God", "End", "The", "Little"}
+NOT_NAMES = {
+    "Mom",
+    "Mommy",
+    "Mum",
+    "Mummy",
+    "Mama",
+    "Dad",
+    "Daddy",
+    "Papa",
+    "Grandma",
+    "Grandpa",
+    "Granny",
+    "Nana",
+    "Mr",
+    "Mrs",
+    "Ms",
+    "Miss",
+    "Sir",
+    "God",
+    "End",
+    "The",
+    "Little",
+}
 # function words, which lemminflect files as nouns, verbs or adjectives too ("she" is a NOUN there)
-STOPWORDS = set("""
+STOPWORDS = set(
+    """
 i you he she it we they me him her us them my your his its our their mine yours hers ours theirs myself yourself
 himself herself itself ourselves themselves this that these those who whom whose what which where when why how
 there here one ones some any all each every both either neither no none nothing something anything everything
@@ -66,13 +89,66 @@ very so too just also only even still then now again once upon up down out off o
 be am is are was were been being have has had having do does did done doing can could will would shall should
 may might must let get got gets getting go went gone goes going say said says saying
 two three four five six seven eight nine ten hundred
-""".split())
-DETERMINERS = {"a", "an", "the", "my", "your", "his", "its", "our", "their", "this", "these", "those", "every",
-               "each", "some"}  # a noun follows; not "her" ("saw her run") nor "that" ("the dog that ran")
-COPULAS = {"very", "too", "was", "were", "is", "are", "am", "be", "been", "felt", "feel", "feels", "looked", "look",
-           "looks", "seemed", "seems", "became", "become"}  # an adjective follows; not "so": "so wanted"
-MODALS = {"can", "could", "will", "would", "should", "must", "might", "may", "shall", "did", "didn't", "don't",
-          "doesn't", "can't", "won't", "couldn't", "wouldn't", "let's"}  # a verb's base form follows
+""".split()
+)
+DETERMINERS = {
+    "a",
+    "an",
+    "the",
+    "my",
+    "your",
+    "his",
+    "its",
+    "our",
+    "their",
+    "this",
+    "these",
+    "those",
+    "every",
+    "each",
+    "some",
+}  # a noun follows; not "her" ("saw her run") nor "that" ("the dog that ran")
+COPULAS = {
+    "very",
+    "too",
+    "was",
+    "were",
+    "is",
+    "are",
+    "am",
+    "be",
+    "been",
+    "felt",
+    "feel",
+    "feels",
+    "looked",
+    "look",
+    "looks",
+    "seemed",
+    "seems",
+    "became",
+    "become",
+}  # an adjective follows; not "so": "so wanted"
+MODALS = {
+    "can",
+    "could",
+    "will",
+    "would",
+    "should",
+    "must",
+    "might",
+    "may",
+    "shall",
+    "did",
+    "didn't",
+    "don't",
+    "doesn't",
+    "can't",
+    "won't",
+    "couldn't",
+    "wouldn't",
+    "let's",
+}  # a verb's base form follows
 
 
 def bare(token):
@@ -88,8 +164,10 @@ def sentences(text):
     for sentence in SENTENCE.findall(text):
         spans = [m.span() for m in WORD.finditer(sentence)]
         tokens = [sentence[a:b] for a, b in spans]
-        joined = [i > 0 and LIST_SEPARATOR.fullmatch(sentence[spans[i - 1][1]:a]) is not None
-                  for i, (a, _) in enumerate(spans)]
+        joined = [
+            i > 0 and LIST_SEPARATOR.fullmatch(sentence[spans[i - 1][1] : a]) is not None
+            for i, (a, _) in enumerate(spans)
+        ]
         out.append((tokens, [bare(t.lower()) for t in tokens], joined))
     return out
 
@@ -136,8 +214,8 @@ def name_counts(text):
     text = re.sub(r"\w+$", "", text)  # a last word the text may cut in two
     counts = collections.Counter()
     for m in NAME.finditer(text):
-        before = text[:m.start()]
-        if before.endswith(("\"", "“")):  # the first word of a quotation: said, "Wow
+        before = text[: m.start()]
+        if before.endswith(('"', "“")):  # the first word of a quotation: said, "Wow
             continue
         before = before.rstrip(" \t\n\"'”’")  # after a closing quote look further back: "Go," Mom said
         if before and before[-1] not in ".!?:" and m.group() not in NOT_NAMES:
@@ -152,12 +230,16 @@ def main_name(text):
 
 
 # where a reading that is not a word's only one is plain: (previous word, readings of the next word) -> bool
-CONTEXTS = {"anywhere": lambda prev, after: True,
-            "after a determiner": lambda prev, after: prev in DETERMINERS,  # "the play"
-            "after a modal": lambda prev, after: prev in MODALS,  # "can swim"
-            "after a copula": lambda prev, after: prev in COPULAS,  # "was brave"
-            "before a noun": lambda prev, after: (prev in COPULAS  # or "a red ball"
-                                                  or (prev in DETERMINERS and "NOUN" in after and "ADJ" not in after))}
+CONTEXTS = {
+    "anywhere": lambda prev, after: True,
+    "after a determiner": lambda prev, after: prev in DETERMINERS,  # "the play"
+    "after a modal": lambda prev, after: prev in MODALS,  # "can swim"
+    "after a copula": lambda prev, after: prev in COPULAS,  # "was brave"
+    "before a noun": lambda prev, after: (
+        prev in COPULAS  # or "a red ball"
+        or (prev in DETERMINERS and "NOUN" in after and "ADJ" not in after)
+    ),
+}
 
 
 @lru_cache(maxsize=1 << 16)
@@ -204,6 +286,7 @@ def content_words(text):
 # -----------------------------------------------------------------------------
 # constraints and the header
 
+
 def render_header(c):
     """The header of constraints c: the prompt's text, ending where the story starts."""
     lines = ["Words: " + ", ".join(w for w, _ in c["words"])]
@@ -222,13 +305,16 @@ def parse_header(text):
     m = HEADER.fullmatch(text.strip())
     if m is None:
         first = text.strip().split("\n")[0][:60]
-        raise DataError(f"malformed header {first!r}...: expected 'Words: NOUN, VERB, ADJECTIVE', "
-                        "optional 'Features: Dialogue' and 'Name: Name' lines, then 'Story:'")
+        raise DataError(
+            f"malformed header {first!r}...: expected 'Words: NOUN, VERB, ADJECTIVE', "
+            "optional 'Features: Dialogue' and 'Name: Name' lines, then 'Story:'"
+        )
     return {"words": [[m[i + 1], pos] for i, pos in enumerate(POS)], "dialogue": m[4] is not None, "name": m[5]}
 
 
 # -----------------------------------------------------------------------------
 # the checker
+
 
 def lists(ws, joined, hits):
     """The runs of required words (hits) in a sentence that stand as a list: LIST_ITEMS or more,
@@ -238,7 +324,7 @@ def lists(ws, joined, hits):
     for i, h in enumerate(hits):
         if not h:
             continue
-        between = ws[run[-1] + 1:i] if run else []
+        between = ws[run[-1] + 1 : i] if run else []
         if run and ((not between and joined[i]) or (between and set(between) <= {"and", "or"})):
             run.append(i)
         else:
@@ -260,6 +346,7 @@ def check(text, header):
     def meets(token, word):  # the constraints a word of the text meets
         keys = {pos.lower() for lemma, pos in c["words"] if (lemma, pos) in counts_for(word)}
         return keys | {"name"} if c["name"] and bare(token) == c["name"] else keys
+
     for tokens, ws, joined in sentences(text):
         hits = [meets(t, w) for t, w in zip(tokens, ws)]
         real = len(ws) >= MIN_SENTENCE_WORDS and 2 * sum(map(bool, hits)) < len(ws)
@@ -301,8 +388,10 @@ def prompts(tok, data_dir, split, eval_set):
     token_dir = os.path.join(data_dir, f"tok{tok.n_words}")
     train = [tok.encode(h, bos=True) for h in read_headers(os.path.join(token_dir, f"instruct_{split}.jsonl"))]
     held_out = read_headers(os.path.join(token_dir, EVAL_SETS[eval_set]))
-    return (lambda rng, n: [train[i] for i in rng.integers(len(train), size=n)],
-            lambda n: [tok.encode(h, bos=True) for h in held_out[:n]])
+    return (
+        lambda rng, n: [train[i] for i in rng.integers(len(train), size=n)],
+        lambda n: [tok.encode(h, bos=True) for h in held_out[:n]],
+    )
 
 
 def score(batch, tok):

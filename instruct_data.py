@@ -67,8 +67,11 @@ SENTENCE_END = re.compile(r"[.!?][\"'”’)]*(?=\s|$)")  # . ! or ? (and a clos
 
 def sentence_ends(text):
     """Where the text's sentences end (SENTENCE_END), outside quotations: '"Hi. Come here!"' ends once."""
-    return [m.end() for m in SENTENCE_END.finditer(text)
-            if text.count('"', 0, m.end()) % 2 == 0 and text.count("“", 0, m.end()) <= text.count("”", 0, m.end())]
+    return [
+        m.end()
+        for m in SENTENCE_END.finditer(text)
+        if text.count('"', 0, m.end()) % 2 == 0 and text.count("“", 0, m.end()) <= text.count("”", 0, m.end())
+    ]
 
 
 def cut(story, encode, budget):
@@ -81,9 +84,9 @@ def cut(story, encode, budget):
     best, lo, hi = None, 0, len(ends)
     while lo < hi:  # binary search: a longer beginning never has fewer tokens
         mid = (lo + hi) // 2
-        ids = encode(story[:ends[mid]])
+        ids = encode(story[: ends[mid]])
         if len(ids) <= budget:
-            best, lo = (story[:ends[mid]], ids, True), mid + 1
+            best, lo = (story[: ends[mid]], ids, True), mid + 1
         else:
             hi = mid
     return best
@@ -168,16 +171,21 @@ def write_split(stories, path, encode, bos_id, seed, allowed, k, max_seq_len, se
                 fi.write(np.array([offset, 1 + len(header_ids), len(tokens), truncated], np.int64).tobytes())
                 fj.write(json.dumps({"header": header, "constraints": c, "story": text, "truncated": truncated}) + "\n")
                 offset += len(tokens)
-                shares.update(dialogue=c["dialogue"], name=bool(c["name"]), truncated=truncated,
-                              prompt_tokens=1 + len(header_ids))
+                shares.update(
+                    dialogue=c["dialogue"], name=bool(c["name"]), truncated=truncated, prompt_tokens=1 + len(header_ids)
+                )
                 story_tokens[len(ids)] += 1
     n = max(1, int(story_tokens.sum()))
     quantiles = np.searchsorted(np.cumsum(story_tokens), [0.1 * n, 0.5 * n, 0.9 * n])
-    return {"stories": n_stories, "stories_kept": n_kept, "examples": int(story_tokens.sum()),
-            **{f"share_{key}": round(shares[key] / n, 4) for key in ("dialogue", "name", "truncated")},
-            "mean_prompt_tokens": round(shares["prompt_tokens"] / n, 1),
-            "mean_story_tokens": round(float(story_tokens @ np.arange(max_seq_len + 1)) / n, 1),
-            "story_tokens_p10_p50_p90": quantiles.tolist()}
+    return {
+        "stories": n_stories,
+        "stories_kept": n_kept,
+        "examples": int(story_tokens.sum()),
+        **{f"share_{key}": round(shares[key] / n, 4) for key in ("dialogue", "name", "truncated")},
+        "mean_prompt_tokens": round(shares["prompt_tokens"] / n, 1),
+        "mean_story_tokens": round(float(story_tokens @ np.arange(max_seq_len + 1)) / n, 1),
+        "story_tokens_p10_p50_p90": quantiles.tolist(),
+    }
 
 
 def prepare(stories, tok, out_dir, max_seq_len=256, headers_per_story=HEADERS_PER_STORY, seed=1337, quiet=False):
@@ -193,11 +201,19 @@ def prepare(stories, tok, out_dir, max_seq_len=256, headers_per_story=HEADERS_PE
 
     # out-of-distribution words: each common enough in training, their combination in no training story
     rng = random.Random(seed)
-    pools = [sorted(lemma for (lemma, p), n in content_counts.items()
-                    if p == pos and n >= MIN_POOL_STORIES and allowed(lemma, pos)) for pos in POS]
+    pools = [
+        sorted(
+            lemma
+            for (lemma, p), n in content_counts.items()
+            if p == pos and n >= MIN_POOL_STORIES and allowed(lemma, pos)
+        )
+        for pos in POS
+    ]
     if not all(pools):
-        raise DataError(f"too few training stories ({n_train}): no {POS[[bool(p) for p in pools].index(False)]} "
-                        f"is a content word of {MIN_POOL_STORIES} of them")
+        raise DataError(
+            f"too few training stories ({n_train}): no {POS[[bool(p) for p in pools].index(False)]} "
+            f"is a content word of {MIN_POOL_STORIES} of them"
+        )
     drawn = {}  # an ordered set, 4x what is needed: on the full dataset some combinations are in a training story
     for _ in range(40 * N_OOD):  # (the pools of a tiny dataset may hold fewer)
         drawn[tuple((rng.choice(pool), pos) for pool, pos in zip(pools, POS))] = True
@@ -216,41 +232,71 @@ def prepare(stories, tok, out_dir, max_seq_len=256, headers_per_story=HEADERS_PE
 
     encode = tok.sp_model.encode
     with open(tok.model_path, "rb") as f:
-        meta = {"tokenizer": tok.model_path, "tokenizer_sha256": hashlib.sha256(f.read()).hexdigest(),
-                "vocab_size": tok.n_words, "bos_id": tok.bos_id, "max_seq_len": max_seq_len,
-                "headers_per_story": headers_per_story, "seed": seed, "max_word_share": MAX_WORD_SHARE,
-                "min_kept_sentences": MIN_KEPT_SENTENCES, "lemminflect": lemminflect.__version__}
+        meta = {
+            "tokenizer": tok.model_path,
+            "tokenizer_sha256": hashlib.sha256(f.read()).hexdigest(),
+            "vocab_size": tok.n_words,
+            "bos_id": tok.bos_id,
+            "max_seq_len": max_seq_len,
+            "headers_per_story": headers_per_story,
+            "seed": seed,
+            "max_word_share": MAX_WORD_SHARE,
+            "min_kept_sentences": MIN_KEPT_SENTENCES,
+            "lemminflect": lemminflect.__version__,
+        }
     os.makedirs(out_dir, exist_ok=True)
     for split in ("train", "val"):  # one header per validation story: held-out headers, not more SFT data
         k = headers_per_story if split == "train" else 1
-        meta[split] = write_split(stories(split, split), os.path.join(out_dir, f"instruct_{split}"), encode,
-                                  tok.bos_id, seed, allowed, k, max_seq_len, seen if split == "train" else None)
+        meta[split] = write_split(
+            stories(split, split),
+            os.path.join(out_dir, f"instruct_{split}"),
+            encode,
+            tok.bos_id,
+            seed,
+            allowed,
+            k,
+            max_seq_len,
+            seen if split == "train" else None,
+        )
         if not meta[split]["examples"]:
-            raise DataError(f"no {split} story keeps {MIN_KEPT_SENTENCES} sentences beside its header "
-                            f"in --max_seq_len={max_seq_len}")
+            raise DataError(
+                f"no {split} story keeps {MIN_KEPT_SENTENCES} sentences beside its header "
+                f"in --max_seq_len={max_seq_len}"
+            )
 
     # dialogue and a name at the rates of the training examples; a name as often as it is a main character's
     names = sorted((n, count) for n, count in names.items() if count >= MIN_POOL_STORIES)
     ood = []
     for words in list(drawn)[:N_OOD]:
         dialogue, named = rng.random() < meta["train"]["share_dialogue"], rng.random() < meta["train"]["share_name"]
-        ood.append({"words": [list(w) for w in words], "dialogue": dialogue,
-                    "name": rng.choices([n for n, _ in names], [count for _, count in names])[0] if named else None})
+        ood.append(
+            {
+                "words": [list(w) for w in words],
+                "dialogue": dialogue,
+                "name": rng.choices([n for n, _ in names], [count for _, count in names])[0] if named else None,
+            }
+        )
     with atomic_open(os.path.join(out_dir, "instruct_ood.jsonl"), "w") as f:
         f.writelines(json.dumps({"header": render_header(c), "constraints": c}) + "\n" for c in ood)
-    meta["ood"] = {"headers": len(ood), "drawn": n_drawn, "in_training": n_drawn - len(drawn),
-                   "share_dialogue": round(sum(c["dialogue"] for c in ood) / max(1, len(ood)), 4),
-                   "share_name": round(sum(bool(c["name"]) for c in ood) / max(1, len(ood)), 4),
-                   "pools": dict(zip(POS, map(len, pools)))}
+    meta["ood"] = {
+        "headers": len(ood),
+        "drawn": n_drawn,
+        "in_training": n_drawn - len(drawn),
+        "share_dialogue": round(sum(c["dialogue"] for c in ood) / max(1, len(ood)), 4),
+        "share_name": round(sum(bool(c["name"]) for c in ood) / max(1, len(ood)), 4),
+        "pools": dict(zip(POS, map(len, pools))),
+    }
     with atomic_open(os.path.join(out_dir, "instruct_meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     if not quiet:
         for split in ("train", "val"):
             m = meta[split]
-            print(f"{out_dir}/instruct_{split}: {m['examples']:,} examples from {m['stories_kept']:,} of "
-                  f"{m['stories']:,} stories; dialogue {m['share_dialogue']:.0%}, name {m['share_name']:.0%}, "
-                  f"truncated {m['share_truncated']:.0%}; {m['mean_prompt_tokens']} prompt and "
-                  f"{m['mean_story_tokens']} story tokens on average")
+            print(
+                f"{out_dir}/instruct_{split}: {m['examples']:,} examples from {m['stories_kept']:,} of "
+                f"{m['stories']:,} stories; dialogue {m['share_dialogue']:.0%}, name {m['share_name']:.0%}, "
+                f"truncated {m['share_truncated']:.0%}; {m['mean_prompt_tokens']} prompt and "
+                f"{m['mean_story_tokens']} story tokens on average"
+            )
         print(f"{out_dir}/instruct_ood.jsonl: {len(ood)} headers whose words no training story holds together")
     return meta
 
@@ -264,7 +310,9 @@ def read_examples(token_dir, split, max_seq_len):
     with open(os.path.join(token_dir, "instruct_meta.json")) as f:
         built_for = json.load(f)["max_seq_len"]
     if built_for > max_seq_len:
-        raise DataError(f"{path}.bin was built for a context of {built_for} tokens, longer than the model's {max_seq_len}; "
-                        f"run `python tinystories.py instruct --max_seq_len={max_seq_len}`")
+        raise DataError(
+            f"{path}.bin was built for a context of {built_for} tokens, longer than the model's {max_seq_len}; "
+            f"run `python tinystories.py instruct --max_seq_len={max_seq_len}`"
+        )
     index = np.fromfile(path + ".idx", dtype=np.int64).reshape(-1, 4)
     return np.memmap(path + ".bin", dtype=np.uint16, mode="r"), index[:, 0], index[:, 1], index[:, 2]

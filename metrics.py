@@ -59,8 +59,10 @@ def repetition(text):
     sents = [" ".join(s) for s in sentences(text)]
     w = words(text)
     grams = [tuple(w[i : i + 4]) for i in range(len(w) - 3)]
-    return {"dup_sentences": 1 - len(set(sents)) / len(sents) if sents else 0.0,
-            "dup_4grams": 1 - len(set(grams)) / len(grams) if grams else 0.0}
+    return {
+        "dup_sentences": 1 - len(set(sents)) / len(sents) if sents else 0.0,
+        "dup_4grams": 1 - len(set(grams)) / len(grams) if grams else 0.0,
+    }
 
 
 def names(text):
@@ -148,8 +150,13 @@ def of_rollouts(batch, prompts, tok, task, vocabulary, ref_nll=None):
     texts = [response_text(tok, p, r) for p, r in zip(prompts, responses)]
     bodies = [t.removesuffix(END) for t in texts]
     prompt_texts = [tok.decode(p[1:]) for p in prompts]
-    m = {"len_mean": lengths.mean().item(), "len_std": lengths.std().item(), "ended": batch.ended.float().mean().item(),
-         "score": batch.scores.mean().item(), **task.measures(batch, prompt_texts, bodies)}
+    m = {
+        "len_mean": lengths.mean().item(),
+        "len_std": lengths.std().item(),
+        "ended": batch.ended.float().mean().item(),
+        "score": batch.scores.mean().item(),
+        **task.measures(batch, prompt_texts, bodies),
+    }
     m["kl"] = (batch.logprobs - batch.ref_logprobs).sum(1).mean().item()
     m["nll"] = -(batch.ref_logprobs.sum() / batch.mask.sum()).item()
     if ref_nll:

@@ -6,6 +6,7 @@ llama2.c's, so checkpoints and export.py interoperate with its C engine (run.c).
 One attention implementation serves both training (plain causal attention, flash-friendly and
 torch.compile-friendly) and generation (a KV cache over a left-padded, ragged batch).
 """
+
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -37,8 +38,10 @@ class ModelArgs:
             hidden_dim = int(2 * (4 * self.dim) / 3)
             self.hidden_dim = self.multiple_of * ((hidden_dim + self.multiple_of - 1) // self.multiple_of)
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"need n_heads | dim, n_kv_heads | n_heads and an even head size; "
-                             f"got dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}")
+            raise ValueError(
+                f"need n_heads | dim, n_kv_heads | n_heads and an even head size; "
+                f"got dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
+            )
 
 
 # llama2.c's published TinyStories models: stories260K, stories15M, stories42M, stories110M
@@ -104,6 +107,7 @@ class CausalAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lib=None):
         from csrc import attention
+
         lib = lib or attention.lib
         dtype = q.dtype
         q, k, v = (x.float().contiguous() for x in (q, k, v))
@@ -118,12 +122,14 @@ class CausalAttentionCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         from csrc import attention
+
         q, k, v, out, lse = ctx.saved_tensors
         dout = dout.float().contiguous()
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
         B, H, T, D = q.shape
-        if ctx.lib.attention_backward(*map(attention.float_ptr, (q, k, v, out, lse, dout, dq, dk, dv)), B * H, T, D,
-                                      torch.get_num_threads()):
+        if ctx.lib.attention_backward(
+            *map(attention.float_ptr, (q, k, v, out, lse, dout, dq, dk, dv)), B * H, T, D, torch.get_num_threads()
+        ):
             raise MemoryError("attention_backward: out of memory")
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None
 
@@ -159,9 +165,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            k_cache[:, :, start_pos:start_pos + T] = k
-            v_cache[:, :, start_pos:start_pos + T] = v
-            k, v = k_cache[:, :, :start_pos + T], v_cache[:, :, :start_pos + T]  # (B, n_kv_heads, S, head_dim)
+            k_cache[:, :, start_pos : start_pos + T] = k
+            v_cache[:, :, start_pos : start_pos + T] = v
+            k, v = k_cache[:, :, : start_pos + T], v_cache[:, :, : start_pos + T]  # (B, n_kv_heads, S, head_dim)
         n_rep = self.n_heads // self.n_kv_heads
         if T == 1:
             # one decoding step, written out: the n_rep query heads of a KV head read its cache in place
@@ -170,15 +176,28 @@ class Attention(nn.Module):
             att = torch.einsum("bgrd,bgsd->bgrs", q, k) * self.head_dim**-0.5  # (B, n_kv_heads, n_rep, S)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
-            y = torch.einsum("bgrs,bgsd->bgrd", att.float().softmax(-1).type_as(v), v)  # (B, n_kv_heads, n_rep, head_dim)
+            y = torch.einsum(
+                "bgrs,bgsd->bgrd", att.float().softmax(-1).type_as(v), v
+            )  # (B, n_kv_heads, n_rep, head_dim)
         else:
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, n_heads, S, head_dim)
-            if (self.c_kernel and x.device.type == "cpu" and mask is None and kv_cache is None
-                    and not (self.training and self.dropout)):
+            if (
+                self.c_kernel
+                and x.device.type == "cpu"
+                and mask is None
+                and kv_cache is None
+                and not (self.training and self.dropout)
+            ):
                 y = CausalAttentionCPU.apply(q, k, v)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                                   dropout_p=self.dropout if self.training else 0.0)
+                y = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=mask is None and T > 1,
+                    dropout_p=self.dropout if self.training else 0.0,
+                )
         y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
@@ -284,8 +303,10 @@ class Transformer(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW that decays the matrices (embeddings, linears) but not the norm gains."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         # the fused kernel is faster, on CUDA only
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
@@ -300,8 +321,14 @@ class Transformer(nn.Module):
         """Zeroed keys and values for every layer: (n_layers, 2, batch_size, n_kv_heads, max_len, head_dim)."""
         p, device = self.params, self.freqs_cos.device
         # under autocast the keys come out in the autocast dtype; store them as they come
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.output.weight.dtype
-        return torch.zeros(p.n_layers, 2, batch_size, p.n_kv_heads, max_len, p.dim // p.n_heads, dtype=dtype, device=device)
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if torch.is_autocast_enabled(device.type)
+            else self.output.weight.dtype
+        )
+        return torch.zeros(
+            p.n_layers, 2, batch_size, p.n_kv_heads, max_len, p.dim // p.n_heads, dtype=dtype, device=device
+        )
 
     def decode(self, tokens, pad, kv_cache, start_pos):
         """Feed the next columns of a left-padded batch through the KV cache: tokens (B, T) fill cache
@@ -324,7 +351,9 @@ class Transformer(nn.Module):
         return self.output(self.hidden(tokens, positions, mask, kv_cache, start_pos)[:, -1])
 
     @torch.inference_mode()  # no autograd bookkeeping at all: a few percent per decoding step
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), generator=None):
+    def generate(
+        self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=(), generator=None
+    ):
         """Sample continuations of a batch of prompts with a KV cache: one forward over the prompts,
         then one token a step.
 
@@ -345,8 +374,10 @@ class Transformer(nn.Module):
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
         for p, n in zip(prompts, budgets):
             if len(p) + n > self.params.max_seq_len:
-                raise ValueError(f"generate: prompt length {len(p)} + max_new_tokens {n} "
-                                 f"exceeds max_seq_len {self.params.max_seq_len}")
+                raise ValueError(
+                    f"generate: prompt length {len(p)} + max_new_tokens {n} "
+                    f"exceeds max_seq_len {self.params.max_seq_len}"
+                )
         max_new_tokens = max(budgets)
         device = self.freqs_cos.device
         # left padding puts every row's next token in the same cache column
@@ -370,8 +401,8 @@ class Transformer(nn.Module):
                 keep = (~done).nonzero().squeeze(1)
                 if len(keep) == 0:
                     break
-                kv_cache[:, :, :len(keep), :, :start] = kv_cache[:, :, keep, :, :start]
-                kv_cache = kv_cache[:, :, :len(keep)]
+                kv_cache[:, :, : len(keep), :, :start] = kv_cache[:, :, keep, :, :start]
+                kv_cache = kv_cache[:, :, : len(keep)]
                 tokens, rows = tokens[keep], rows[keep]
                 pad = None if pad is None else pad[keep]
         return [[t for t in row if t >= 0] for row in out.tolist()]

@@ -31,7 +31,8 @@ def save(fig, png_path):
 
 
 def losses(log_path, png_path):
-    """train.py's log: the training loss of each logged batch and the evaluations' train and val losses, against tokens."""
+    """train.py's log: the training loss of each logged batch and the evaluations' train and val losses,
+    against tokens."""
     rows = read_jsonl(log_path)
     evals = [r for r in rows if "val/loss" in r]
     steps = [r for r in rows if "train/loss_step" in r]
@@ -46,9 +47,12 @@ def losses(log_path, png_path):
     save(fig, png_path)
 
 
-RL_PANELS = (("env/reward_mean", "eval/score", "score"), ("objective/kl", "eval/kl", "KL to the start (nats/response)"),
-             ("tokens/responses_len_mean", "eval/len_mean", "response length (tokens)"),
-             ("fluency/nll_ratio", "eval/nll_ratio", "NLL ratio (1 = as fluent as the start)"))
+RL_PANELS = (
+    ("env/reward_mean", "eval/score", "score"),
+    ("objective/kl", "eval/kl", "KL to the start (nats/response)"),
+    ("tokens/responses_len_mean", "eval/len_mean", "response length (tokens)"),
+    ("fluency/nll_ratio", "eval/nll_ratio", "NLL ratio (1 = as fluent as the start)"),
+)
 
 
 def rl_log(log_path, png_path, target_len=None):

@@ -28,6 +28,7 @@ rather than random: early value-loss gradients then carry the returns, not noise
 The length reward counts the response's story tokens only (the fork also counted the prompt), and a
 response cut off at max_new_tokens pays missing_eos_penalty (the fork had none).
 """
+
 import time
 
 import torch
@@ -40,7 +41,9 @@ from rl import masked_mean, masked_var, masked_whiten
 UNIT = "rollouts"
 VALUE_HEAD = True
 config = rl.method_config(
-    rl.RUN, rl.SAMPLING, rl.ONLINE,
+    rl.RUN,
+    rl.SAMPLING,
+    rl.ONLINE,
     ppo_epochs=(4, "> 0"),  # passes over an iteration's rollouts (the fork's)
     gamma=(1.0, "[0, 1]"),  # GAE discount
     lam=(0.95, "[0, 1]"),  # GAE lambda
@@ -48,7 +51,7 @@ config = rl.method_config(
     vf_coef=(0.1, ">= 0"),  # value loss coefficient
     ent_coef=(0.0, ">= 0"),  # entropy bonus coefficient
     whiten_rewards=False,  # whiten the per-token rewards before GAE (the advantages always are)
-    score_norm=False,  # reward normalisation: whiten each batch's scores (the KL coefficient is then relative to their spread)
+    score_norm=False,  # reward normalisation: whiten each batch's scores (the KL coefficient then means the same)
     early_stop_kl=(0.0, ">= 0"),  # stop an iteration's epochs once a minibatch's approx KL exceeds this; 0 = never
 )
 
@@ -90,12 +93,14 @@ def ppo_loss(logprobs, vpreds, old_logprobs, old_values, advantages, returns, ma
     pg_losses2 = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
     pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
     with torch.no_grad():
-        stats = {"ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
-                 "ppo/policy/policykl": masked_mean(old_logprobs - logprobs, mask),
-                 "ppo/policy/clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
-                 "ppo/val/vpred": masked_mean(vpreds, mask),
-                 "ppo/val/error": masked_mean((vpreds - returns) ** 2, mask),
-                 "ppo/val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask)}
+        stats = {
+            "ppo/policy/approxkl": 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask),
+            "ppo/policy/policykl": masked_mean(old_logprobs - logprobs, mask),
+            "ppo/policy/clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
+            "ppo/val/vpred": masked_mean(vpreds, mask),
+            "ppo/val/error": masked_mean((vpreds - returns) ** 2, mask),
+            "ppo/val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask),
+        }
     return pg_loss, vf_loss, stats
 
 
@@ -104,7 +109,9 @@ def advantages(batch, kl_coef, cfg):
     batch.advantages (whitened) and batch.returns; returns the per-token rewards (B, R)."""
     mask = batch.mask
     scores = rl.whiten(batch.scores) if cfg["score_norm"] else batch.scores
-    kl = rl.kl_penalty(rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg["kl_estimator"]), mask, cfg["kl_reduction"])
+    kl = rl.kl_penalty(
+        rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg["kl_estimator"]), mask, cfg["kl_reduction"]
+    )
     rewards = compute_rewards(scores, kl, mask, kl_coef if cfg["kl_in"] == "reward" else 0.0)
     if cfg["whiten_rewards"]:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -123,13 +130,27 @@ def iteration(run, batch):
     t1 = time.perf_counter()
 
     def policy_loss(mb, logprobs, logp, vpreds):
-        pg_loss, vf_loss, stats = ppo_loss(logprobs, vpreds, mb.logprobs, mb.values, mb.advantages, mb.returns, mb.mask,
-                                           cfg["cliprange"], cfg["cliprange_value"])
+        pg_loss, vf_loss, stats = ppo_loss(
+            logprobs,
+            vpreds,
+            mb.logprobs,
+            mb.values,
+            mb.advantages,
+            mb.returns,
+            mb.mask,
+            cfg["cliprange"],
+            cfg["cliprange_value"],
+        )
         with torch.enable_grad() if cfg["ent_coef"] else torch.no_grad():
             entropy = masked_mean(rl.entropy_from_logprobs(logp), mb.mask)
         loss = pg_loss + cfg["vf_coef"] * vf_loss - cfg["ent_coef"] * entropy
-        return loss, {**stats, "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
-                      "ppo/policy/entropy": entropy}
+        return loss, {
+            **stats,
+            "ppo/loss/policy": pg_loss,
+            "ppo/loss/value": vf_loss,
+            "ppo/loss/total": loss,
+            "ppo/policy/entropy": entropy,
+        }
 
     def stop(stats):
         if not cfg["early_stop_kl"]:
@@ -143,7 +164,12 @@ def iteration(run, batch):
     stats = rl.optimize(run, batch, policy_loss, stop)
     stats["ppo/epochs"] = stats.pop("epochs")
     m = batch.mask
-    return {**stats, "ppo/returns/mean": masked_mean(batch.returns, m).item(),
-            "ppo/returns/var": masked_var(batch.returns, m).item(), "ppo/val/mean": masked_mean(batch.values, m).item(),
-            "ppo/policy/advantages_mean": masked_mean(batch.advantages, m).item(),
-            "time/compute_advantages": t1 - t0, "time/optimize_step": time.perf_counter() - t1}
+    return {
+        **stats,
+        "ppo/returns/mean": masked_mean(batch.returns, m).item(),
+        "ppo/returns/var": masked_var(batch.returns, m).item(),
+        "ppo/val/mean": masked_mean(batch.values, m).item(),
+        "ppo/policy/advantages_mean": masked_mean(batch.advantages, m).item(),
+        "time/compute_advantages": t1 - t0,
+        "time/optimize_step": time.perf_counter() - t1,
+    }

@@ -3,7 +3,7 @@ The preferences: pairs of the pretrained model's samples, labelled by the judge 
 task's reward, which reward_model.py (a Bradley-Terry reward model) and dpo.py (DPO) both learn from.
 
     python prefs.py --checkpoint=out/ckpt.pt --num_pairs=1000   # -> data/prefs_{train,eval}.jsonl
-    python prefs.py --label=length --target_len=170 --pairs=data/prefs_len_train.jsonl --eval_pairs=data/prefs_len_eval.jsonl
+    python prefs.py --label=length --target_len=170 --pairs=data/len_train.jsonl --eval_pairs=data/len_eval.jsonl
 
 Two samples of the pretrained model continue the same real story beginning, and the one the judge
 scores higher is "chosen". The pairs are plain text,
@@ -11,6 +11,7 @@ scores higher is "chosen". The pairs are plain text,
 ends with END ("<|endoftext|>", TinyStories' own separator) is one whose writer ended the story; as
 tokens that is the BOS that starts the next story, as in the token files.
 """
+
 import json
 import os
 
@@ -36,14 +37,23 @@ config = dict(
     num_pairs=(1000, ">= 0"),
     num_eval_pairs=(200, ">= 0"),
     samples_per_prompt=(2, ">= 2"),  # the label's best and worst of these make one pair; ties are skipped
-    start_len=(30, "> 0"),  # prompt = the first start_len tokens of a real story, BOS included (as the RL stages' start_len)
+    start_len=(
+        30,
+        "> 0",
+    ),  # prompt = the first start_len tokens of a real story, BOS included (as the RL stages' start_len)
     max_new_tokens=(0, ">= 0"),  # 0: up to the model's context
     temperature=(1.0, "> 0"),  # 1.0 and no top-k/top-p: the model's own distribution, what RL samples
     top_k=(0, ">= 0"),  # 0 = off
     top_p=(1.0, "(0, 1]"),  # 1.0 = off
     keyword="",  # a word the judge wants in the story; empty = that component is off
-    label=("judge", "judge | length"),  # who prefers: the judge, or the RL stages' length reward at target_len (DPO on the length task)
-    target_len=(200, "> 0"),  # label=length: the target response length in tokens; a response cut off at the cap pays 1, as there
+    label=(
+        "judge",
+        "judge | length",
+    ),  # who prefers: the judge, or the RL stages' length reward at target_len (DPO on the length task)
+    target_len=(
+        200,
+        "> 0",
+    ),  # label=length: the target response length in tokens; a response cut off at the cap pays 1, as there
     gen_batch_size=(64, "> 0"),  # sequences per generate() call
 )
 # -----------------------------------------------------------------------------
@@ -51,6 +61,7 @@ config = dict(
 
 # -----------------------------------------------------------------------------
 # preference pairs: samples of the pretrained model, labelled by the judge
+
 
 def story_prompts(tok, stories, length):
     """The first `length` tokens (BOS included) of each story long enough to go on after them."""
@@ -64,8 +75,15 @@ def sample_responses(model, tok, prompts, cfg, generator):
     n_new = min(cfg["max_new_tokens"] or room, room)
     out = []
     for i in range(0, len(prompts), cfg["gen_batch_size"]):
-        out += model.generate(prompts[i:i + cfg["gen_batch_size"]], n_new, cfg["temperature"], cfg["top_k"] or None,
-                              cfg["top_p"] if cfg["top_p"] < 1.0 else None, (tok.bos_id, tok.eos_id), generator)
+        out += model.generate(
+            prompts[i : i + cfg["gen_batch_size"]],
+            n_new,
+            cfg["temperature"],
+            cfg["top_k"] or None,
+            cfg["top_p"] if cfg["top_p"] < 1.0 else None,
+            (tok.bos_id, tok.eos_id),
+            generator,
+        )
     return out
 
 
@@ -83,27 +101,39 @@ def make_pairs(model, tok, prompts, n, cfg, generator, desc):
     step = max(1, cfg["gen_batch_size"] // k)  # prompts per round
     bar = tqdm(total=n, desc=desc, unit="pair")
     for i in range(0, len(prompts), step):
-        rows = [p for p in prompts[i:i + step] for _ in range(k)]
+        rows = [p for p in prompts[i : i + step] for _ in range(k)]
         responses = sample_responses(model, tok, rows, cfg, generator)
         for j in range(0, len(rows), k):
             prompt = tok.decode(rows[j][1:])
-            texts = [response_text(tok, rows[j], r) for r in responses[j:j + k]]
-            scores = ([judge(prompt, t, cfg["keyword"]) for t in texts] if cfg["label"] == "judge" else
-                      [length_score(tok, r, cfg["target_len"]) for r in responses[j:j + k]])
+            texts = [response_text(tok, rows[j], r) for r in responses[j : j + k]]
+            scores = (
+                [judge(prompt, t, cfg["keyword"]) for t in texts]
+                if cfg["label"] == "judge"
+                else [length_score(tok, r, cfg["target_len"]) for r in responses[j : j + k]]
+            )
             best, worst = max(range(k), key=scores.__getitem__), min(range(k), key=scores.__getitem__)
             if len(pairs) == n:
                 break
             if scores[best] == scores[worst]:
                 ties += 1
                 continue
-            pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst],
-                          "chosen_score": round(scores[best], 4), "rejected_score": round(scores[worst], 4)})
+            pairs.append(
+                {
+                    "prompt": prompt,
+                    "chosen": texts[best],
+                    "rejected": texts[worst],
+                    "chosen_score": round(scores[best], 4),
+                    "rejected_score": round(scores[worst], 4),
+                }
+            )
             bar.update(1)
         if len(pairs) == n:
             break
     bar.close()
-    print(f"{desc}: {len(pairs)} pairs from {len(pairs) + ties} prompts ({ties} ties skipped)"
-          + (", the prompts ran out" if len(pairs) < n else ""))
+    print(
+        f"{desc}: {len(pairs)} pairs from {len(pairs) + ties} prompts ({ties} ties skipped)"
+        + (", the prompts ran out" if len(pairs) < n else "")
+    )
     return pairs
 
 
@@ -126,7 +156,9 @@ def read_pairs(path):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")
+            ):
                 got = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                 raise DataError(f"{path}:{lineno}: expected string fields prompt, chosen, rejected; got {got}")
             pairs.append(row)
@@ -162,11 +194,15 @@ def main(cfg, given):
         checkpoint.check_given(ckpt, cfg["checkpoint"], given)
         data_dir = checkpoint.data_dir_of(ckpt, cfg["checkpoint"], cfg["data_dir"])
         if cfg["start_len"] >= model.params.max_seq_len:
-            raise DataError(f"--start_len={cfg['start_len']} leaves no room in the model's context of {model.params.max_seq_len}")
+            raise DataError(
+                f"--start_len={cfg['start_len']} leaves no room in the model's context of {model.params.max_seq_len}"
+            )
         # training prompts from the start of the train split, held-out ones from the end of the validation split
         jobs = []
-        for name, path, split, n, order in (("train", cfg["pairs"], "train", cfg["num_pairs"], 1),
-                                            ("eval", cfg["eval_pairs"], "val", cfg["num_eval_pairs"], -1)):
+        for name, path, split, n, order in (
+            ("train", cfg["pairs"], "train", cfg["num_pairs"], 1),
+            ("eval", cfg["eval_pairs"], "val", cfg["num_eval_pairs"], -1),
+        ):
             prompts = story_prompts(tok, load_text(data_dir, split)[::order], cfg["start_len"])
             if not prompts:
                 raise DataError(f"no {split} story is longer than --start_len={cfg['start_len']} tokens")

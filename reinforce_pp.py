@@ -22,7 +22,9 @@ from rl import masked_mean, masked_whiten
 
 UNIT = "rollouts"
 config = rl.method_config(
-    rl.RUN, rl.SAMPLING, rl.ONLINE,
+    rl.RUN,
+    rl.SAMPLING,
+    rl.ONLINE,
     init_kl_coef=(0.01, ">= 0"),  # beta, per token in the reward (OpenRLHF's examples)
     adap_kl_ctrl=False,
     gamma=(1.0, "[0, 1]"),  # discount of the rewards that follow a token
@@ -58,9 +60,15 @@ def iteration(run, batch):
         clipped = -mb.advantages * ratio.clamp(1 - cfg["cliprange"], 1 + cfg["cliprange"])
         loss = masked_mean(torch.max(losses, clipped), mb.mask)
         with torch.no_grad():
-            return loss, {"loss": loss, "clipfrac": masked_mean((clipped > losses).float(), mb.mask),
-                          "entropy": masked_mean(rl.entropy_from_logprobs(logp), mb.mask)}
+            return loss, {
+                "loss": loss,
+                "clipfrac": masked_mean((clipped > losses).float(), mb.mask),
+                "entropy": masked_mean(rl.entropy_from_logprobs(logp), mb.mask),
+            }
 
     stats = rl.optimize(run, batch, policy_loss)
-    return {**stats, "returns_mean": masked_mean(batch.returns, batch.mask).item(),
-            "time/optimize_step": time.perf_counter() - t0}
+    return {
+        **stats,
+        "returns_mean": masked_mean(batch.returns, batch.mask).item(),
+        "time/optimize_step": time.perf_counter() - t0,
+    }

@@ -5,6 +5,7 @@ it (--reward=rm --rm_path=out/rm.pt).
 
     python reward_model.py --checkpoint=out/ckpt.pt --pairs=data/prefs_train.jsonl --rm_path=out/rm.pt
 """
+
 import math
 import os
 
@@ -67,7 +68,7 @@ class RewardModel(nn.Module):
         ids = [encode_story(self.tokenizer, p, r, self.trunk.params.max_seq_len) for p, r in prompt_responses]
         rewards = []
         for i in range(0, len(ids), batch_size):
-            tokens, lengths = pad_right(ids[i:i + batch_size], device)
+            tokens, lengths = pad_right(ids[i : i + batch_size], device)
             rewards += self.score(tokens, lengths).tolist()
         return rewards
 
@@ -83,8 +84,13 @@ def pairwise_accuracy(r_chosen, r_rejected):
 
 
 def encode_pairs(tok, pairs, max_seq_len):
-    return [(encode_story(tok, p["prompt"], p["chosen"], max_seq_len),
-             encode_story(tok, p["prompt"], p["rejected"], max_seq_len)) for p in pairs]
+    return [
+        (
+            encode_story(tok, p["prompt"], p["chosen"], max_seq_len),
+            encode_story(tok, p["prompt"], p["rejected"], max_seq_len),
+        )
+        for p in pairs
+    ]
 
 
 def pair_rewards(rm, batch, device):
@@ -97,15 +103,31 @@ def pair_rewards(rm, batch, device):
 def evaluate(rm, encoded, batch_size, device="cpu"):
     was_training = rm.training
     rm.eval()
-    chosen, rejected = zip(*(pair_rewards(rm, encoded[i:i + batch_size], device) for i in range(0, len(encoded), batch_size)))
+    chosen, rejected = zip(
+        *(pair_rewards(rm, encoded[i : i + batch_size], device) for i in range(0, len(encoded), batch_size))
+    )
     rm.train(was_training)
     r_c, r_r = torch.cat(chosen), torch.cat(rejected)
-    return {"loss": bradley_terry_loss(r_c, r_r).item(), "accuracy": pairwise_accuracy(r_c, r_r),
-            "margin": (r_c - r_r).mean().item()}
+    return {
+        "loss": bradley_terry_loss(r_c, r_r).item(),
+        "accuracy": pairwise_accuracy(r_c, r_r),
+        "margin": (r_c - r_r).mean().item(),
+    }
 
 
-def train_reward_model(rm, train_set, eval_set, epochs, batch_size, learning_rate, weight_decay=0.0, grad_clip=1.0,
-                       seed=1337, device="cpu", log=None):
+def train_reward_model(
+    rm,
+    train_set,
+    eval_set,
+    epochs,
+    batch_size,
+    learning_rate,
+    weight_decay=0.0,
+    grad_clip=1.0,
+    seed=1337,
+    device="cpu",
+    log=None,
+):
     """AdamW on the Bradley-Terry loss over shuffled batches of encoded pairs, evaluated on
     eval_set after every epoch. Returns the list of evaluations."""
     optimizer = torch.optim.AdamW(rm.parameters(), lr=learning_rate, weight_decay=weight_decay)
@@ -117,7 +139,7 @@ def train_reward_model(rm, train_set, eval_set, epochs, batch_size, learning_rat
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train_set), generator=generator).tolist()
         for i in range(0, len(order), batch_size):
-            r_c, r_r = pair_rewards(rm, [train_set[j] for j in order[i:i + batch_size]], device)
+            r_c, r_r = pair_rewards(rm, [train_set[j] for j in order[i : i + batch_size]], device)
             loss = bradley_terry_loss(r_c, r_r)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,7 +150,14 @@ def train_reward_model(rm, train_set, eval_set, epochs, batch_size, learning_rat
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{pairwise_accuracy(r_c, r_r):.2f}")
             if log:
-                log({"step": step, "epoch": epoch, "train/loss": loss.item(), "train/accuracy": pairwise_accuracy(r_c, r_r)})
+                log(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "train/loss": loss.item(),
+                        "train/accuracy": pairwise_accuracy(r_c, r_r),
+                    }
+                )
         result = evaluate(rm, eval_set, batch_size, device)
         history.append(result)
         tqdm.write(f"epoch {epoch}: held-out loss {result['loss']:.4f}, pairwise accuracy {result['accuracy']:.3f}")
@@ -158,8 +187,12 @@ def main(cfg):
             pairs = encode_pairs(tok, read_pairs(path), None)
             cut = sum(len(s) > L for pair in pairs for s in pair)
             if cut:
-                print(f"{path}: {cut} of {2 * len(pairs)} stories are longer than the context; the reward model reads their first {L} tokens")
+                print(
+                    f"{path}: {cut} of {2 * len(pairs)} stories are longer than the context; "
+                    f"the reward model reads their first {L} tokens"
+                )
             return [(c[:L], r[:L]) for c, r in pairs]
+
         train_set, eval_set = encoded(cfg["pairs"]), encoded(cfg["eval_pairs"])
         os.makedirs(os.path.dirname(cfg["rm_path"]) or ".", exist_ok=True)
         wandb_run = start_wandb(cfg, os.path.dirname(cfg["rm_path"]) or ".")
@@ -169,14 +202,36 @@ def main(cfg):
     log = jsonl_log(log_path, wandb_run=wandb_run)
     before = evaluate(reward_model, eval_set, cfg["batch_size"], device)
     log({"step": 0, "epoch": 0, **{f"eval/{k}": v for k, v in before.items()}})
-    history = train_reward_model(reward_model, train_set, eval_set, cfg["epochs"], cfg["batch_size"], cfg["learning_rate"],
-                                 cfg["weight_decay"], cfg["grad_clip"], cfg["seed"], device, log)
+    history = train_reward_model(
+        reward_model,
+        train_set,
+        eval_set,
+        cfg["epochs"],
+        cfg["batch_size"],
+        cfg["learning_rate"],
+        cfg["weight_decay"],
+        cfg["grad_clip"],
+        cfg["seed"],
+        device,
+        log,
+    )
     shorter = sum((len(c) < len(r)) + 0.5 * (len(c) == len(r)) for c, r in eval_set) / len(eval_set)  # ties: a coin
-    print(f"held-out pairwise accuracy {history[-1]['accuracy']:.3f} on {len(eval_set)} pairs "
-          f"(the rule 'the shorter story is better' gets {shorter:.3f}); log in {log_path}")
+    print(
+        f"held-out pairwise accuracy {history[-1]['accuracy']:.3f} on {len(eval_set)} pairs "
+        f"(the rule 'the shorter story is better' gets {shorter:.3f}); log in {log_path}"
+    )
     with one_line_errors():  # e.g. a full disk
-        checkpoint.save(cfg["rm_path"], "reward_model", reward_model.state_dict(), ckpt["model_args"], ckpt["tokenizer"],
-                        ckpt["data_dir"], config=cfg, base_checkpoint=cfg["checkpoint"], eval=history[-1])
+        checkpoint.save(
+            cfg["rm_path"],
+            "reward_model",
+            reward_model.state_dict(),
+            ckpt["model_args"],
+            ckpt["tokenizer"],
+            ckpt["data_dir"],
+            config=cfg,
+            base_checkpoint=cfg["checkpoint"],
+            eval=history[-1],
+        )
     print(f"saved the reward model to {cfg['rm_path']}")
 
 

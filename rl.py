@@ -9,13 +9,13 @@ train.py finds it by its name:
     python train.py --rl=grpo --reward=instruct    # from out/sft_ckpt.pt: stories that follow instructions
     torchrun --standalone --nproc_per_node=2 train.py --rl=rloo
 
-| method      | file            | unit     | advantage                                   | KL to the reference           |
-|-------------|-----------------|----------|---------------------------------------------|-------------------------------|
-| PPO         | ppo.py          | rollouts | GAE on a value head                         | per token, in the reward      |
-| GRPO        | grpo.py         | groups   | score against its group's mean and std      | k3 per token, in the loss     |
-| RLOO        | rloo.py         | groups   | reward against the mean of the others       | k1 summed, in the reward      |
-| REINFORCE++ | reinforce_pp.py | rollouts | return, whitened over the whole batch       | per token, in the reward      |
-| DPO         | dpo.py          | pairs    | (offline: the log-ratio is the reward)      | implicit, beta                |
+| method      | file            | unit     | advantage                              | KL to the reference       |
+|-------------|-----------------|----------|----------------------------------------|---------------------------|
+| PPO         | ppo.py          | rollouts | GAE on a value head                    | per token, in the reward  |
+| GRPO        | grpo.py         | groups   | score against its group's mean and std | k3 per token, in the loss |
+| RLOO        | rloo.py         | groups   | reward against the mean of the others  | k1 summed, in the reward  |
+| REINFORCE++ | reinforce_pp.py | rollouts | return, whitened over the whole batch  | per token, in the reward  |
+| DPO         | dpo.py          | pairs    | (offline: the log-ratio is the reward) | implicit, beta            |
 
 Here, in the order the data flows: the configuration the methods share; the policy, its
 log-probabilities and masked statistics; the KL estimators and controllers; rollouts and
@@ -45,7 +45,7 @@ from tinystories import iter_batches
 # llama2.c PPO fork's) run unchanged; train.py's other keys are accepted and ignored.
 
 RUN = dict(  # every method
-    out_dir="out",  # starts from out_dir/ckpt.pt (sft_ckpt.pt for --reward=instruct); writes, and resumes from, {method}_ckpt.pt
+    out_dir="out",  # from out_dir/ckpt.pt (sft_ckpt.pt for --reward=instruct) to, and resuming from, {method}_ckpt.pt
     init_from=("resume", "resume"),  # RL starts from a trained model: train.py's key, with its one meaning here
     overwrite=False,  # start afresh from the starting checkpoint even where {method}_ckpt.pt exists, replacing it
     eval_interval=(10, "> 0"),  # evaluate and write the checkpoint every this many iterations, and at the end
@@ -87,10 +87,18 @@ ONLINE = dict(  # the methods that sample: PPO, GRPO, RLOO, REINFORCE++
     adap_kl_ctrl=True,  # adapt the coefficient toward target_kl (Ziegler et al.); False: fixed
     target_kl=(6.0, "> 0"),  # nats per response
     kl_horizon=(10000, "> 0"),  # rollouts over which the controller closes a relative error of 1
-    kl_estimator=("k1", "k1 | k3"),  # per token: k1 = log p/p_ref, k3 = r - 1 - log r with r = p_ref/p (both unbiased, k3 >= 0)
-    kl_in=("reward", "reward | loss"),  # a per-token penalty in the rewards (Ziegler, TRL's PPO, RLOO) or a loss term (GRPO)
+    kl_estimator=(
+        "k1",
+        "k1 | k3",
+    ),  # per token: k1 = log p/p_ref, k3 = r - 1 - log r with r = p_ref/p (both unbiased, k3 >= 0)
+    kl_in=(
+        "reward",
+        "reward | loss",
+    ),  # a per-token penalty in the rewards (Ziegler, TRL's PPO, RLOO) or a loss term (GRPO)
     kl_reduction=("sum", "sum | mean"),  # a response's KL: the sum over its tokens, or the mean per token
 )
+
+
 def method_config(*groups, **own):
     """A method's declared config: rl.py's groups, tasks.py's, and its own keys (which win)."""
     config = {}
@@ -304,9 +312,13 @@ def rollout(policy, reference, prompts, score, cfg, generator, stop_tokens, ctx=
     score(rollouts) -> (B,). Returns the Rollouts and their timings."""
     t0 = time.perf_counter()
     device = policy.model.freqs_cos.device
-    budgets = [min(cfg["max_new_tokens"], policy.model.params.max_seq_len - len(p)) for p in prompts]  # the context's room
+    budgets = [
+        min(cfg["max_new_tokens"], policy.model.params.max_seq_len - len(p)) for p in prompts
+    ]  # the context's room
     with gen_ctx:
-        responses = policy.model.generate(prompts, budgets, cfg["temperature"], stop_tokens=stop_tokens, generator=generator)
+        responses = policy.model.generate(
+            prompts, budgets, cfg["temperature"], stop_tokens=stop_tokens, generator=generator
+        )
     batch = collate(prompts, responses, stop_tokens, device)
     t1 = time.perf_counter()
     logprobs, ref_logprobs, values = [], [], []
@@ -386,9 +398,11 @@ def optimizer_step(run, loss_fn, ptx_batches=None):
     max_norm = run.cfg["grad_clip"] or float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.train_policy.parameters(), max_norm)
     if not run.scaler.is_enabled() and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        raise DataError(f"iteration {run.iter_num + 1}: the loss ({loss.item():.4g}) or gradient norm "
-                        f"({grad_norm.item():.4g}) is not finite; check the reward and the learning rate. "
-                        f"Nothing was saved: {run.ckpt_path} is as it was")
+        raise DataError(
+            f"iteration {run.iter_num + 1}: the loss ({loss.item():.4g}) or gradient norm "
+            f"({grad_norm.item():.4g}) is not finite; check the reward and the learning rate. "
+            f"Nothing was saved: {run.ckpt_path} is as it was"
+        )
     run.scaler.step(run.optimizer)
     run.scaler.update()
     stats = {**stats, "grad_norm": grad_norm, **({} if ptx is None else {"ptx/loss": ptx})}
@@ -430,5 +444,11 @@ def mean_stats(steps):
 
 def ptx_batches(run):
     """This iteration's stream of pretraining windows for PPO-ptx (their draws follow from the iteration's rng)."""
-    return iter_batches(run.train_bin, run.cfg["ptx_batch_size"], run.model_args["max_seq_len"], run.device,
-                        seed=int(run.rng.integers(2**31)), rank=run.rank)
+    return iter_batches(
+        run.train_bin,
+        run.cfg["ptx_batch_size"],
+        run.model_args["max_seq_len"],
+        run.device,
+        seed=int(run.rng.integers(2**31)),
+        rank=run.rank,
+    )

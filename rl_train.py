@@ -32,10 +32,23 @@ import metrics
 import plots
 import prefs
 import tasks
-from common import (DataError, autocast, get_lr, init_ddp, jsonl_log, mean_over_ranks, one_line_errors, out_dir_lock,
-                    rank_sums, resolve_device_dtype, reuse_freed_memory, start_wandb)
+from common import (
+    DataError,
+    autocast,
+    get_lr,
+    init_ddp,
+    jsonl_log,
+    mean_over_ranks,
+    one_line_errors,
+    out_dir_lock,
+    rank_sums,
+    resolve_device_dtype,
+    reuse_freed_memory,
+    start_wandb,
+)
 from rl import Policy, kl_controller, rollout, rollout_stats, unwrap
 from tokenizer import Tokenizer
+
 
 @dataclass
 class Run:
@@ -57,7 +70,9 @@ class Run:
     dtype: str = "float32"
     ctx: object = nullcontext()  # autocast of the forward passes and updates
     gen_ctx: object = nullcontext()  # autocast of generation: GPUs only (on a CPU its casts cost more than bf16 saves)
-    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))  # fp16 only
+    scaler: torch.amp.GradScaler = field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
+    )  # fp16 only
     ddp: bool = False
     rank: int = 0
     world_size: int = 1
@@ -89,7 +104,11 @@ def find_method(name):
         module = importlib.import_module(name)
     except ModuleNotFoundError:
         module = None
-    if module is None or not hasattr(module, "iteration") or getattr(module, "UNIT", None) not in ("rollouts", "groups", "pairs"):
+    if (
+        module is None
+        or not hasattr(module, "iteration")
+        or getattr(module, "UNIT", None) not in ("rollouts", "groups", "pairs")
+    ):
         raise DataError(f"unknown --rl={name}; choose from {', '.join(methods())}")
     return module
 
@@ -120,8 +139,10 @@ def setup(cfg, given, method):
     start_path = ckpt_path if resuming else os.path.join(out_dir, tasks.start_checkpoint(cfg))
     ckpt = checkpoint.load(start_path, device, kinds=("rl",) if resuming else ("pretrain", "sft", "import"))
     if resuming and ckpt["config"].get("reward") != cfg["reward"]:
-        raise DataError(f"{start_path} is a run on --reward={ckpt['config'].get('reward')}, not {cfg['reward']}: "
-                        "--overwrite=True starts afresh in its place, or choose another --out_dir")
+        raise DataError(
+            f"{start_path} is a run on --reward={ckpt['config'].get('reward')}, not {cfg['reward']}: "
+            "--overwrite=True starts afresh in its place, or choose another --out_dir"
+        )
     checkpoint.check_given(ckpt, start_path, given)
     if resuming and rank == 0:
         for note in checkpoint.changed_settings(ckpt, cfg):
@@ -142,10 +163,15 @@ def setup(cfg, given, method):
     task = tasks.make_task(cfg, tok, data_dir, model_args["max_seq_len"], device, ctx)
     if method.UNIT == "groups":
         check_groups(cfg)
-    pairs = method.encode_pairs(tok, prefs.read_pairs(cfg["pairs"]), model_args["max_seq_len"]) if method.UNIT == "pairs" else None
+    pairs = (
+        method.encode_pairs(tok, prefs.read_pairs(cfg["pairs"]), model_args["max_seq_len"])
+        if method.UNIT == "pairs"
+        else None
+    )
 
-    optimizer = policy.model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                                  device_type)
+    optimizer = policy.model.configure_optimizers(
+        cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type
+    )
     if policy.value_head is not None:
         optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
     kl_ctl = kl_controller(cfg)
@@ -157,15 +183,36 @@ def setup(cfg, given, method):
             kl_ctl.value = ckpt["rl"]["kl_coef"]
     train_policy = DDP(policy, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else policy
     return Run(
-        cfg=cfg, method=method, device=device, device_type=device_type, dtype=dtype, ctx=ctx,
-        gen_ctx=ctx if device_type == "cuda" else nullcontext(), ddp=ddp, rank=rank, world_size=world_size, tok=tok,
+        cfg=cfg,
+        method=method,
+        device=device,
+        device_type=device_type,
+        dtype=dtype,
+        ctx=ctx,
+        gen_ctx=ctx if device_type == "cuda" else nullcontext(),
+        ddp=ddp,
+        rank=rank,
+        world_size=world_size,
+        tok=tok,
         stop_tokens=(tok.bos_id, tok.eos_id),
-        policy=policy, train_policy=train_policy, reference=reference, model_args=model_args, optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device_type, enabled=dtype == "float16"), kl_ctl=kl_ctl, task=task, pairs=pairs,
+        policy=policy,
+        train_policy=train_policy,
+        reference=reference,
+        model_args=model_args,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device_type, enabled=dtype == "float16"),
+        kl_ctl=kl_ctl,
+        task=task,
+        pairs=pairs,
         start={"tokenizer": ckpt["tokenizer"], "data_dir": data_dir, "best_val_loss": ckpt.get("best_val_loss")},
-        start_path=start_path, ckpt_path=ckpt_path, log_path=os.path.join(out_dir, f"{name}_log.jsonl"),
-        train_bin=os.path.join(bin_dir, "train.bin"), val_bin=os.path.join(bin_dir, "val.bin"), attention=attention,
-        resuming=resuming, iter_num=iter_num,
+        start_path=start_path,
+        ckpt_path=ckpt_path,
+        log_path=os.path.join(out_dir, f"{name}_log.jsonl"),
+        train_bin=os.path.join(bin_dir, "train.bin"),
+        val_bin=os.path.join(bin_dir, "val.bin"),
+        attention=attention,
+        resuming=resuming,
+        iter_num=iter_num,
     )
 
 
@@ -173,8 +220,10 @@ def check_groups(cfg):
     """The set-up check of the methods that sample group_size responses to each prompt: the groups fill
     the minibatches (which keep a group whole) and so the iteration."""
     if cfg["batch_size"] % cfg["group_size"]:
-        raise DataError(f"--group_size={cfg['group_size']} must divide --batch_size={cfg['batch_size']}: "
-                        "a minibatch holds whole groups")
+        raise DataError(
+            f"--group_size={cfg['group_size']} must divide --batch_size={cfg['batch_size']}: "
+            "a minibatch holds whole groups"
+        )
 
 
 def next_batch(run):
@@ -186,8 +235,17 @@ def next_batch(run):
     g = cfg["group_size"] if run.method.UNIT == "groups" else 1
     prompts = run.task.train_prompts(run.rng, cfg["num_mini_batches"] * cfg["batch_size"] // g)
     generator = torch.Generator(run.device).manual_seed(int(run.rng.integers(2**62)))
-    batch, timing = rollout(unwrap(run.train_policy), run.reference, [p for p in prompts for _ in range(g)], run.task.score,
-                            cfg, generator, run.stop_tokens, run.ctx, run.gen_ctx)
+    batch, timing = rollout(
+        unwrap(run.train_policy),
+        run.reference,
+        [p for p in prompts for _ in range(g)],
+        run.task.score,
+        cfg,
+        generator,
+        run.stop_tokens,
+        run.ctx,
+        run.gen_ctx,
+    )
     batch.group_size = g
     run.timing = timing
     return batch
@@ -199,26 +257,42 @@ def evaluate_model(model, reference, task, cfg, tok, seed, vocabulary, ref_nll=N
     with seed, so that two models draw from the same random stream, measured against reference
     (metrics.of_rollouts). Returns the measures and the samples."""
     generator = torch.Generator(model.freqs_cos.device).manual_seed(seed)
-    batch, _ = rollout(Policy(model), Policy(reference), task.eval_prompts, task.score, cfg, generator,
-                       (tok.bos_id, tok.eos_id), ctx)
+    batch, _ = rollout(
+        Policy(model), Policy(reference), task.eval_prompts, task.score, cfg, generator, (tok.bos_id, tok.eos_id), ctx
+    )
     return metrics.of_rollouts(batch, task.eval_prompts, tok, task, vocabulary, ref_nll)
 
 
 def evaluate(run, model):
     """The run's held-out evaluation of model, and the validation perplexity: the 'eval/' columns of the log."""
-    m, _ = evaluate_model(model, run.reference.model, run.task, run.cfg, run.tok, run.cfg["seed"], run.vocabulary,
-                          run.ref_nll, run.ctx)
+    m, _ = evaluate_model(
+        model, run.reference.model, run.task, run.cfg, run.tok, run.cfg["seed"], run.vocabulary, run.ref_nll, run.ctx
+    )
     m["val_ppl"] = metrics.val_perplexity(model, run.val_bin, 32, run.cfg["seed"], ctx=run.ctx)
     return {f"eval/{k}": v for k, v in m.items()}
 
 
 def save(run):
     heads = {"value_head": run.policy.value_head.state_dict()} if run.policy.value_head is not None else {}
-    rl_state = {"method": run.method.__name__, "reference": run.reference.model.state_dict(), "heads": heads,
-                "kl_coef": run.kl_ctl.value if run.kl_ctl else None}
-    checkpoint.save(run.ckpt_path, "rl", run.policy.model.state_dict(), run.model_args, run.start["tokenizer"],
-                    run.start["data_dir"], config=run.cfg, iter_num=run.iter_num, best_val_loss=run.start["best_val_loss"],
-                    optimizer=run.optimizer.state_dict(), rl=rl_state)
+    rl_state = {
+        "method": run.method.__name__,
+        "reference": run.reference.model.state_dict(),
+        "heads": heads,
+        "kl_coef": run.kl_ctl.value if run.kl_ctl else None,
+    }
+    checkpoint.save(
+        run.ckpt_path,
+        "rl",
+        run.policy.model.state_dict(),
+        run.model_args,
+        run.start["tokenizer"],
+        run.start["data_dir"],
+        config=run.cfg,
+        iter_num=run.iter_num,
+        best_val_loss=run.start["best_val_loss"],
+        optimizer=run.optimizer.state_dict(),
+        rl=rl_state,
+    )
     plots.rl_log(run.log_path, os.path.splitext(run.log_path)[0] + ".png", run.cfg.get("target_len"))
 
 
@@ -226,8 +300,10 @@ def check_finite(run, stats):
     """A reward or KL that is not finite stops the run before anything is saved."""
     for key in ("env/reward_mean", "objective/kl", "loss"):
         if key in stats and not math.isfinite(stats[key]):
-            raise DataError(f"iteration {run.iter_num}: {key} is {stats[key]}; check the reward settings "
-                            f"(--reward, --target_len). Nothing was saved: {run.ckpt_path} is as it was")
+            raise DataError(
+                f"iteration {run.iter_num}: {key} is {stats[key]}; check the reward settings "
+                f"(--reward, --target_len). Nothing was saved: {run.ckpt_path} is as it was"
+            )
 
 
 def train(cfg, given, method):
@@ -244,15 +320,20 @@ def train(cfg, given, method):
     log = jsonl_log(run.log_path, run.iter_num if run.resuming else None, master, wandb_run)
     if master:
         unit = "pairs" if method.UNIT == "pairs" else "rollouts"
-        print(f"{method.__name__.upper()} from {run.start_path} at iteration {run.iter_num}: {run.episodes} {unit} per "
-              f"iteration, reward {cfg['reward']}, {run.dtype}, attention {run.attention}")
+        print(
+            f"{method.__name__.upper()} from {run.start_path} at iteration {run.iter_num}: {run.episodes} {unit} per "
+            f"iteration, reward {cfg['reward']}, {run.dtype}, attention {run.attention}"
+        )
         start = evaluate(run, run.reference.model)  # the starting model's own samples: the fluency baseline
         run.ref_nll = start["eval/nll"]
         if not run.resuming:
             log({"iter": 0, "episode": 0, **start, "eval/nll_ratio": 1.0})
     bar = tqdm(total=cfg["max_iters"], initial=run.iter_num, disable=not master, unit="it", dynamic_ncols=True)
     while run.iter_num < cfg["max_iters"]:
-        t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU seconds: a shared machine inflates only the wall
+        t0, c0 = (
+            time.perf_counter(),
+            time.process_time(),
+        )  # wall and CPU seconds: a shared machine inflates only the wall
         lr = get_lr(run.iter_num, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -264,11 +345,18 @@ def train(cfg, given, method):
             stats = method.iteration(run, batch)
         if method.UNIT != "pairs":
             stats = {**rollout_stats(batch), **stats, **run.timing}
-        stats = {**stats, "time/total": time.perf_counter() - t0, "time/cpu": time.process_time() - c0, "learning_rate": lr}
+        stats = {
+            **stats,
+            "time/total": time.perf_counter() - t0,
+            "time/cpu": time.process_time() - c0,
+            "learning_rate": lr,
+        }
         if run.kl_ctl:
             stats["objective/kl_coef"] = run.kl_ctl.value
         if run.ddp:  # the mean over ranks, so that the controller and the log see every rank's data
-            data = batch.tokens if method.UNIT != "pairs" else torch.tensor([len(p[0]) for p in batch], device=run.device)
+            data = (
+                batch.tokens if method.UNIT != "pairs" else torch.tensor([len(p[0]) for p in batch], device=run.device)
+            )
             stats = {**mean_over_ranks(stats, run.device), **rank_sums(run.policy, data)}
         with one_line_errors():
             check_finite(run, stats)

@@ -9,6 +9,7 @@ the rest.
 
     python train.py --rl=rloo --reward=length --target_len=170     # out/ckpt.pt -> out/rloo_ckpt.pt
 """
+
 import time
 
 import torch
@@ -17,7 +18,9 @@ import rl
 
 UNIT = "groups"
 config = rl.method_config(
-    rl.RUN, rl.SAMPLING, rl.ONLINE,
+    rl.RUN,
+    rl.SAMPLING,
+    rl.ONLINE,
     init_kl_coef=(0.05, ">= 0"),  # TRL's kl_coef
     adap_kl_ctrl=False,
     group_size=(4, ">= 2"),  # k, samples per prompt (TRL: rloo_k); must divide batch_size
@@ -50,8 +53,9 @@ def iteration(run, batch):
     cfg = run.cfg
     t0 = time.perf_counter()
     scores = rl.whiten(batch.scores) if cfg["score_norm"] else batch.scores
-    kl = rl.kl_penalty(rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg["kl_estimator"]), batch.mask,
-                       cfg["kl_reduction"]).sum(1)  # (B,)
+    kl = rl.kl_penalty(
+        rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg["kl_estimator"]), batch.mask, cfg["kl_reduction"]
+    ).sum(1)  # (B,)
     non_score_reward = -run.kl_ctl.value * kl if cfg["kl_in"] == "reward" else torch.zeros_like(kl)
     rewards = scores + non_score_reward
     advantages = leave_one_out_advantages(rewards, batch.group_size)
@@ -60,11 +64,19 @@ def iteration(run, batch):
     def policy_loss(mb, logprobs, logp, _):
         loss, clipfrac, ratio = rloo_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg["cliprange"])
         with torch.no_grad():
-            return loss, {"loss/policy_avg": loss, "policy/clipfrac_avg": clipfrac, "val/ratio": ratio.mean(),
-                          "policy/approxkl_avg": 0.5 * rl.masked_mean((logprobs - mb.logprobs) ** 2, mb.mask),
-                          "policy/entropy_avg": rl.masked_mean(rl.entropy_from_logprobs(logp), mb.mask)}
+            return loss, {
+                "loss/policy_avg": loss,
+                "policy/clipfrac_avg": clipfrac,
+                "val/ratio": ratio.mean(),
+                "policy/approxkl_avg": 0.5 * rl.masked_mean((logprobs - mb.logprobs) ** 2, mb.mask),
+                "policy/entropy_avg": rl.masked_mean(rl.entropy_from_logprobs(logp), mb.mask),
+            }
 
     stats = rl.optimize(run, batch, policy_loss)
-    return {**stats, "objective/scores": batch.scores.mean().item(),
-            "objective/non_score_reward": non_score_reward.mean().item(), "objective/rlhf_reward": rewards.mean().item(),
-            "time/optimize_step": time.perf_counter() - t0}
+    return {
+        **stats,
+        "objective/scores": batch.scores.mean().item(),
+        "objective/non_score_reward": non_score_reward.mean().item(),
+        "objective/rlhf_reward": rewards.mean().item(),
+        "time/optimize_step": time.perf_counter() - t0,
+    }

@@ -40,17 +40,27 @@ def main(cfg):
         if cfg["tokenizer"]:
             tok = Tokenizer(cfg["tokenizer"])
             if tok.n_words != model.params.vocab_size:
-                raise DataError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}")
+                raise DataError(
+                    f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {model.params.vocab_size}"
+                )
         else:
             tok = checkpoint.tokenizer_of(ckpt, cfg["checkpoint"])
         ids = tok.encode(cfg["prompt"], bos=True) if cfg["prompt"] else [tok.bos_id]
         room = model.params.max_seq_len - len(ids)
         if room <= 0:
-            raise DataError(f"the prompt is {len(ids)} tokens, longer than the model's context of {model.params.max_seq_len}")
+            raise DataError(
+                f"the prompt is {len(ids)} tokens, longer than the model's context of {model.params.max_seq_len}"
+            )
     generator = torch.Generator(device).manual_seed(cfg["seed"])
-    outs = model.generate([ids] * cfg["num_samples"], min(cfg["max_new_tokens"], room), temperature=cfg["temperature"],
-                          top_k=cfg["top_k"] or None, top_p=cfg["top_p"], generator=generator,
-                          stop_tokens=(tok.bos_id, tok.eos_id))
+    outs = model.generate(
+        [ids] * cfg["num_samples"],
+        min(cfg["max_new_tokens"], room),
+        temperature=cfg["temperature"],
+        top_k=cfg["top_k"] or None,
+        top_p=cfg["top_p"],
+        generator=generator,
+        stop_tokens=(tok.bos_id, tok.eos_id),
+    )
     for out in outs:
         story = [t for t in out if t not in (tok.bos_id, tok.eos_id)]
         print(tok.decode(ids[1:] + story))

@@ -107,6 +107,7 @@ def _parquet_texts(path, chunk_bytes):
     """The `text` (or `story`) column of a .parquet file (the hub's layout), about
     chunk_bytes of text a batch: yields (texts, bytes of the file)."""
     import pyarrow.parquet as pq
+
     # buffer_size: read a column chunk (up to a whole row group) a piece at a time
     with pq.ParquetFile(path, buffer_size=chunk_bytes, pre_buffer=False) as pf:
         column = "text" if "text" in pf.schema_arrow.names else "story"
@@ -132,9 +133,14 @@ def read_file(path, chunk_bytes=CHUNK_BYTES):
         elif suffix == ".txt":
             texts = ((t.split(SEPARATOR), n) for t, n in _delimited(_read_text(path, chunk_bytes), SEPARATOR))
         else:
-            rows = (_json_array(_read_text(path, chunk_bytes)) if suffix == ".json" else
-                    (([json.loads(line) for line in t.splitlines() if line.strip()], n)  # .jsonl
-                     for t, n in _delimited(_read_text(path, chunk_bytes), "\n")))
+            rows = (
+                _json_array(_read_text(path, chunk_bytes))
+                if suffix == ".json"
+                else (
+                    ([json.loads(line) for line in t.splitlines() if line.strip()], n)  # .jsonl
+                    for t, n in _delimited(_read_text(path, chunk_bytes), "\n")
+                )
+            )
             texts = (([r.get("story", r.get("text")) for r in rs], n) for rs, n in rows)
         for t, nbytes in texts:
             stories = clean(t)
@@ -184,14 +190,18 @@ def hub_chunks(chunk_bytes):
     keeps it as memory-mapped Arrow files in its cache; it is read a batch at a time."""
     try:
         from datasets import load_dataset
+
         ds = load_dataset(HUB_DATASET)
         splits = {"train": ds["train"], "val": ds["validation"]}
     except Exception as e:
-        raise DataError(f"could not get {HUB_DATASET} from the Hugging Face hub ({type(e).__name__}); "
-                        f"point --source=DIR or TINYSTORIES_DIR at a local copy") from None
+        raise DataError(
+            f"could not get {HUB_DATASET} from the Hugging Face hub ({type(e).__name__}); "
+            f"point --source=DIR or TINYSTORIES_DIR at a local copy"
+        ) from None
 
     def chunks(split):
         rows = max(1, chunk_bytes * len(split) // max(1, split.data.nbytes))
         for batch in split.with_format("arrow").iter(batch_size=rows):
             yield clean(batch.column("text").to_pylist()), batch.nbytes
+
     return sum(s.data.nbytes for s in splits.values()), {name: chunks(s) for name, s in splits.items()}

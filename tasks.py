@@ -26,7 +26,10 @@ CONFIG = dict(  # every RL method's reward keys; report.py and prefs.py read the
     target_len=(200, "> 0"),  # length: the target RESPONSE length in tokens (the fork also counted the prompt)
     missing_eos_penalty=(1.0, ">= 0"),  # subtracted from the score of a response cut off at max_new_tokens
     rm_path="out/rm.pt",  # rm: a reward model written by reward_model.py
-    eval_set=("val", "val | ood"),  # instruct: the held-out headers: the validation stories' or unseen word combinations
+    eval_set=(
+        "val",
+        "val | ood",
+    ),  # instruct: the held-out headers: the validation stories' or unseen word combinations
 )
 REWARDS = ("length", "rm", "instruct")
 
@@ -53,7 +56,9 @@ def parse_reward(spec):
     for part in spec.split(","):
         name, _, weight = part.partition(":")
         if name not in REWARDS:
-            raise DataError(f"--reward={spec}: unknown reward {name!r}; use {', '.join(REWARDS)} or a sum like length:1.0,rm:0.5")
+            raise DataError(
+                f"--reward={spec}: unknown reward {name!r}; use {', '.join(REWARDS)} or a sum like length:1.0,rm:0.5"
+            )
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
@@ -88,9 +93,12 @@ def prompts_at(data, starts, start_len):
 
 def story_prompts(cfg, tok, data_dir, split):
     """(draw(rng, n), the first n held-out ones) of story beginnings from a split's token file."""
-    data, starts = story_starts(os.path.join(data_dir, f"tok{tok.n_words}", f"{split}.bin"), tok.bos_id, cfg["start_len"])
-    return lambda rng, n: prompts_at(data, starts[rng.integers(len(starts), size=n)], cfg["start_len"]), \
-        lambda n: prompts_at(data, starts[:n], cfg["start_len"])
+    data, starts = story_starts(
+        os.path.join(data_dir, f"tok{tok.n_words}", f"{split}.bin"), tok.bos_id, cfg["start_len"]
+    )
+    return lambda rng, n: prompts_at(
+        data, starts[rng.integers(len(starts), size=n)], cfg["start_len"]
+    ), lambda n: prompts_at(data, starts[:n], cfg["start_len"])
 
 
 # -----------------------------------------------------------------------------
@@ -115,8 +123,10 @@ def make_task(cfg, tok, data_dir, max_seq_len, device="cpu", ctx=nullcontext()):
     eval_prompts = held_out(cfg["eval_prompts"])
     cap = min(cfg["max_new_tokens"], max_seq_len - max(map(len, eval_prompts)))
     if "length" in weights and cfg["target_len"] >= cap:
-        raise DataError(f"--target_len={cfg['target_len']} is not below the response cap of {cap} tokens "
-                        "(--max_new_tokens, or the context left after the prompt)")
+        raise DataError(
+            f"--target_len={cfg['target_len']} is not below the response cap of {cap} tokens "
+            "(--max_new_tokens, or the context left after the prompt)"
+        )
     reward_model = None
     if "rm" in weights:
         from reward_model import load_reward_model
@@ -131,7 +141,11 @@ def make_task(cfg, tok, data_dir, max_seq_len, device="cpu", ctx=nullcontext()):
         if "instruct" in weights:
             return instruct.measures(prompt_texts, texts)
         if "length" in weights:
-            return {"within_10pct": float(((batch.lengths() - cfg["target_len"]).abs() <= 0.1 * cfg["target_len"]).float().mean())}
+            return {
+                "within_10pct": float(
+                    ((batch.lengths() - cfg["target_len"]).abs() <= 0.1 * cfg["target_len"]).float().mean()
+                )
+            }
         return {}
 
     return Task(cfg["reward"], draw, eval_prompts, score, measures)
@@ -148,7 +162,10 @@ def score_rollouts(batch, weights, cfg, reward_model=None, tok=None, ctx=nullcon
         lengths = batch.prompt_lens + batch.mask.sum(1).long()  # real tokens, from BOS to the stop token
         chunk = cfg["batch_size"]
         with ctx:
-            rm = [reward_model.score(batch.tokens[i : i + chunk], lengths[i : i + chunk]) for i in range(0, len(lengths), chunk)]
+            rm = [
+                reward_model.score(batch.tokens[i : i + chunk], lengths[i : i + chunk])
+                for i in range(0, len(lengths), chunk)
+            ]
         total += weights["rm"] * torch.cat(rm).float()
     if "instruct" in weights:
         import instruct

@@ -59,6 +59,7 @@ MAX_VOCAB_TRAIN_BYTES = 200 * 2**20  # train_vocab reads at most this much text 
 # -----------------------------------------------------------------------------
 # download: any accepted source -> the internal form, a chunk of text at a time
 
+
 def text_dir(data_dir):
     return os.path.join(data_dir, "TinyStories")
 
@@ -137,12 +138,14 @@ def read_manifest(data_dir):
 # -----------------------------------------------------------------------------
 # train_vocab: a sentencepiece BPE model on the training text
 
+
 def tokenizer_path(data_dir, vocab_size):
     return os.path.join(data_dir, f"tok{vocab_size}.model")
 
 
 def train_vocab(vocab_size, data_dir=DATA_DIR):
     import sentencepiece as spm
+
     if vocab_size < 260:  # 256 byte-fallback pieces + <unk>, <s>, </s> + at least one merge
         raise DataError(f"vocab_size {vocab_size} is too small: byte fallback alone needs 259 pieces")
     stories = (s for chunk, _ in read_files(text_files(data_dir, "train")) for s in chunk)
@@ -159,12 +162,22 @@ def train_vocab(vocab_size, data_dir=DATA_DIR):
         print(f"training a {vocab_size}-token BPE model on {size / 2**20:.1f} MB of text")
         try:
             spm.SentencePieceTrainer.train(
-                input=corpus, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-                input_format="text", character_coverage=1.0,
-                num_threads=os.cpu_count(), split_digits=True, allow_whitespace_only_pieces=True,
-                byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+                input=corpus,
+                model_prefix=prefix,
+                model_type="bpe",
+                vocab_size=vocab_size,
+                input_format="text",
+                character_coverage=1.0,
+                num_threads=os.cpu_count(),
+                split_digits=True,
+                allow_whitespace_only_pieces=True,
+                byte_fallback=True,
+                unk_surface=r" \342\201\207 ",
+                normalization_rule_name="identity",
                 # llama2.c's settings, plus: keep runs of spaces, so decode(encode(s)) == s exactly
-                remove_extra_whitespaces=False, minloglevel=2)
+                remove_extra_whitespaces=False,
+                minloglevel=2,
+            )
         except RuntimeError as e:
             reason = str(e).splitlines()[0]
             m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", reason)
@@ -213,8 +226,7 @@ def resolve_tokenizer(data_dir, vocab_size, tokenizer=None):
         tokenizer = str(SHARED_DIR.parent / "models" / "llama2c" / "tokenizer.model")
     path = tokenizer or tokenizer_path(data_dir, vocab_size)
     if not os.path.isfile(path):
-        hint = (f"; run `python tinystories.py train_vocab --vocab_size={vocab_size}` first"
-                if tokenizer is None else "")
+        hint = f"; run `python tinystories.py train_vocab --vocab_size={vocab_size}` first" if tokenizer is None else ""
         raise DataError(f"no tokenizer model at {path}{hint}")
     return path
 
@@ -229,13 +241,17 @@ def read_token_meta(data_dir, vocab_size):
     path = os.path.join(token_dir(data_dir, vocab_size), "meta.json")
     if not os.path.exists(path):
         hint = 0 if vocab_size == 32000 else vocab_size
-        raise DataError(f"no token files in {os.path.dirname(path)}; run `python tinystories.py pretokenize --vocab_size={hint}` first")
+        raise DataError(
+            f"no token files in {os.path.dirname(path)}; "
+            f"run `python tinystories.py pretokenize --vocab_size={hint}` first"
+        )
     meta = json.loads(Path(path).read_text())
     return {k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_id")}
 
 
-def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_workers=None, quiet=False,
-                chunk_bytes=CHUNK_BYTES):
+def pretokenize(
+    vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_workers=None, quiet=False, chunk_bytes=CHUNK_BYTES
+):
     """Encode both splits; returns the meta dict written beside the token files.
     Skips the work when the text and the tokenizer are unchanged since the last run."""
     model_path = resolve_tokenizer(data_dir, vocab_size, tokenizer)
@@ -253,7 +269,8 @@ def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_
     if not force and os.path.exists(meta_path):
         meta = json.loads(Path(meta_path).read_text())
         if all(meta.get(k) == v for k, v in key.items()) and all(
-                os.path.exists(os.path.join(out_dir, f"{s}.bin")) for s in SPLITS):
+            os.path.exists(os.path.join(out_dir, f"{s}.bin")) for s in SPLITS
+        ):
             if not quiet:
                 print(f"{out_dir} is up to date (use --force to redo)")
             return meta
@@ -268,54 +285,82 @@ def pretokenize(vocab_size, data_dir=DATA_DIR, tokenizer=None, force=False, num_
         for split in SPLITS:
             files = text_files(data_dir, split)
             # an empty chunk (a story longer than it) still makes a task, to count its bytes
-            tasks = ((stories[i:i + TASK_STORIES], nbytes if i == 0 else 0)
-                     for stories, nbytes in read_files(files, chunk_bytes)
-                     for i in range(0, max(1, len(stories)), TASK_STORIES))
+            tasks = (
+                (stories[i : i + TASK_STORIES], nbytes if i == 0 else 0)
+                for stories, nbytes in read_files(files, chunk_bytes)
+                for i in range(0, max(1, len(stories)), TASK_STORIES)
+            )
             encoded = _in_order(pool, _encode, tasks, 2 * num_workers) if pool else map(_encode, tasks)
             n_stories, n_tokens, n_bytes = 0, 0, 0
-            with tqdm(total=sum(map(os.path.getsize, files)), desc=f"{split} tok{n_words}", unit="B",
-                      unit_scale=True, disable=quiet or None) as bar, atomic_open(os.path.join(out_dir, f"{split}.bin")) as f:
+            with (
+                tqdm(
+                    total=sum(map(os.path.getsize, files)),
+                    desc=f"{split} tok{n_words}",
+                    unit="B",
+                    unit_scale=True,
+                    disable=quiet or None,
+                ) as bar,
+                atomic_open(os.path.join(out_dir, f"{split}.bin")) as f,
+            ):
                 for tokens, stories, text_bytes, file_bytes in encoded:
                     f.write(tokens.tobytes())
                     n_stories, n_tokens, n_bytes = n_stories + stories, n_tokens + len(tokens), n_bytes + text_bytes
                     bar.update(file_bytes)
                     bar.set_postfix_str(f"{n_stories:,} stories", refresh=False)
-            meta[split] = {"stories": n_stories, "tokens": n_tokens, "text_bytes": n_bytes,
-                           "tokens_per_story": round(n_tokens / n_stories, 1),
-                           "bytes_per_token": round(n_bytes / (n_tokens - n_stories), 3)}
+            meta[split] = {
+                "stories": n_stories,
+                "tokens": n_tokens,
+                "text_bytes": n_bytes,
+                "tokens_per_story": round(n_tokens / n_stories, 1),
+                "bytes_per_token": round(n_bytes / (n_tokens - n_stories), 3),
+            }
     with atomic_open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     if not quiet:
         for s in SPLITS:
             m = meta[s]
-            print(f"{out_dir}/{s}.bin: {m['tokens']:,} tokens, {m['tokens_per_story']} tokens/story, "
-                  f"{m['bytes_per_token']} bytes of text/token")
+            print(
+                f"{out_dir}/{s}.bin: {m['tokens']:,} tokens, {m['tokens_per_story']} tokens/story, "
+                f"{m['bytes_per_token']} bytes of text/token"
+            )
     return meta
 
 
 # -----------------------------------------------------------------------------
 # instruct: stories behind headers of constraints that code can check (instruct.py)
 
-def instruct(vocab_size, data_dir=DATA_DIR, max_seq_len=256, headers_per_story=4, seed=1337, quiet=False,
-             chunk_bytes=CHUNK_BYTES):
+
+def instruct(
+    vocab_size, data_dir=DATA_DIR, max_seq_len=256, headers_per_story=4, seed=1337, quiet=False, chunk_bytes=CHUNK_BYTES
+):
     """Write the instruction data beside the token files; returns its meta dict."""
     import instruct_data  # lemminflect's tables load only for this stage
+
     tok = Tokenizer(resolve_tokenizer(data_dir, vocab_size))
     if tok.n_words > 65536:
         raise DataError(f"{tok.model_path} has {tok.n_words} tokens: too many for uint16 token files")
 
     def stories(split, desc):  # one split's stories, a chunk at a time, with a bar over its bytes
         files = text_files(data_dir, split)
-        with tqdm(total=sum(map(os.path.getsize, files)), desc=f"instruct: {desc}", unit="B", unit_scale=True,
-                  disable=quiet or None) as bar:
+        with tqdm(
+            total=sum(map(os.path.getsize, files)),
+            desc=f"instruct: {desc}",
+            unit="B",
+            unit_scale=True,
+            disable=quiet or None,
+        ) as bar:
             for chunk, nbytes in read_files(files, chunk_bytes):
                 yield from chunk
                 bar.update(nbytes)
-    return instruct_data.prepare(stories, tok, token_dir(data_dir, tok.n_words), max_seq_len, headers_per_story, seed, quiet)
+
+    return instruct_data.prepare(
+        stories, tok, token_dir(data_dir, tok.n_words), max_seq_len, headers_per_story, seed, quiet
+    )
 
 
 # -----------------------------------------------------------------------------
 # batches for training
+
 
 def iter_batches(bin_path, batch_size, seq_len, device="cpu", seed=1337, rank=0, start_step=0):
     """Endless (x, y) int64 batches of random seq_len+1 windows of a token file, y = x
@@ -380,8 +425,20 @@ if __name__ == "__main__":
                 raise DataError("train_vocab needs --vocab_size=N, e.g. 512 or 4096")
             train_vocab(cfg["vocab_size"], cfg["data_dir"])
         elif cfg["stage"] == "instruct":
-            instruct(cfg["vocab_size"], cfg["data_dir"], cfg["max_seq_len"], cfg["headers_per_story"], cfg["seed"],
-                     chunk_bytes=chunk_bytes)
+            instruct(
+                cfg["vocab_size"],
+                cfg["data_dir"],
+                cfg["max_seq_len"],
+                cfg["headers_per_story"],
+                cfg["seed"],
+                chunk_bytes=chunk_bytes,
+            )
         else:
-            pretokenize(cfg["vocab_size"], cfg["data_dir"], cfg["tokenizer"] or None, cfg["force"], cfg["num_workers"] or None,
-                        chunk_bytes=chunk_bytes)
+            pretokenize(
+                cfg["vocab_size"],
+                cfg["data_dir"],
+                cfg["tokenizer"] or None,
+                cfg["force"],
+                cfg["num_workers"] or None,
+                chunk_bytes=chunk_bytes,
+            )

@@ -8,6 +8,7 @@ The .bin layout (what run.c reads): int32 max_token_length, then for every token
 order: float32 score, int32 byte length, the bytes. Sentencepiece's '▁' becomes a space,
 BOS/EOS become '\\n<s>\\n' and '\\n</s>\\n', byte tokens stay as the text '<0xNN>'.
 """
+
 import argparse
 import json
 import os
@@ -62,10 +63,13 @@ class Tokenizer:
     def normalizer_spec(self):
         """The model's own normalisation settings (add_dummy_prefix, remove_extra_whitespaces, ...)."""
         from sentencepiece import sentencepiece_model_pb2  # needs protobuf
+
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self.sp_model.serialized_model_proto())
         if proto.trainer_spec.model_type != proto.trainer_spec.BPE or proto.normalizer_spec.name != "identity":
-            raise ValueError(f"{self.model_path}: only BPE models with identity normalisation convert (as train_vocab makes them)")
+            raise ValueError(
+                f"{self.model_path}: only BPE models with identity normalisation convert (as train_vocab makes them)"
+            )
         return proto.normalizer_spec
 
     def hf_tokenizer(self):
@@ -75,6 +79,7 @@ class Tokenizer:
         it before a leading space), BOS in front."""
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, processors
         from tokenizers.models import BPE
+
         spec = self.normalizer_spec()
         sp = self.sp_model
         vocab = {sp.id_to_piece(i): i for i in range(self.n_words)}
@@ -84,7 +89,9 @@ class Tokenizer:
             if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or len(piece) < 2:
                 continue
             # every split of the piece into two pieces, all at the piece's rank
-            merges += [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+            merges += [
+                (piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab
+            ]
         tok = Tokenizer(BPE(vocab, merges, unk_token=sp.id_to_piece(sp.unk_id()), fuse_unk=True, byte_fallback=True))
         steps = []
         if spec.remove_extra_whitespaces:  # sentencepiece drops leading and trailing spaces and collapses runs
@@ -92,13 +99,16 @@ class Tokenizer:
         if spec.add_dummy_prefix:
             steps.append(normalizers.Prepend("▁"))
         tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                        + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])
+        )
         specials = [sp.id_to_piece(i) for i in range(self.n_words) if sp.is_control(i) or sp.is_unknown(i)]
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
         bos = sp.id_to_piece(self.bos_id)
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
-                                                           special_tokens=[(bos, self.bos_id)])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, self.bos_id)]
+        )
         return tok
 
     def export_hf(self, out_dir, model_max_length):
@@ -107,10 +117,17 @@ class Tokenizer:
         with atomic_open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
             f.write(self.hf_tokenizer().to_str(pretty=True))
         sp = self.sp_model
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": sp.id_to_piece(self.bos_id),
-                  "eos_token": sp.id_to_piece(self.eos_id), "unk_token": sp.id_to_piece(sp.unk_id()),
-                  "add_bos_token": True, "add_eos_token": False, "split_special_tokens": True,
-                  "clean_up_tokenization_spaces": False, "model_max_length": model_max_length}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": sp.id_to_piece(self.bos_id),
+            "eos_token": sp.id_to_piece(self.eos_id),
+            "unk_token": sp.id_to_piece(sp.unk_id()),
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "split_special_tokens": True,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": model_max_length,
+        }
         with atomic_open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         with atomic_open(os.path.join(out_dir, "tokenizer.model")) as f, open(self.model_path, "rb") as src:

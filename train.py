@@ -30,8 +30,20 @@ from tqdm import tqdm
 import checkpoint
 import configurator
 import plots
-from common import (DataError, PTDTYPES, autocast, get_lr, init_ddp, jsonl_log, one_line_errors, out_dir_lock,
-                    peak_matmul_flops, rank_sums, resolve_device_dtype, start_wandb)
+from common import (
+    PTDTYPES,
+    DataError,
+    autocast,
+    get_lr,
+    init_ddp,
+    jsonl_log,
+    one_line_errors,
+    out_dir_lock,
+    peak_matmul_flops,
+    rank_sums,
+    resolve_device_dtype,
+    start_wandb,
+)
 from model import ATTENTION_KERNELS, PRESETS, ModelArgs, Transformer
 from tinystories import iter_batches, iter_instruct_batches, read_token_meta, resolve_tokenizer, token_dir
 
@@ -79,9 +91,15 @@ config = dict(
     min_lr=(0.0, ">= 0"),  # 0.0 = learning_rate / 10, as Chinchilla
     # system
     device="auto",  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype=("auto", "auto | float32 | bfloat16 | float16"),  # 'auto': bfloat16 where the hardware runs it fast, else float32
-    compile=False,  # torch.compile the model: 1.0x to 1.2x at the default size on CPU, 1.25x from 15M up (bench/train_speed.py)
-    attention=("auto", " | ".join(ATTENTION_KERNELS)),  # causal attention: csrc/train/attention.c or PyTorch's (model.set_attention)
+    dtype=(
+        "auto",
+        "auto | float32 | bfloat16 | float16",
+    ),  # 'auto': bfloat16 where the hardware runs it fast, else float32
+    compile=False,  # torch.compile: 1.0-1.2x at the default size on CPU, 1.25x from 15M up (bench/train_speed.py)
+    attention=(
+        "auto",
+        " | ".join(ATTENTION_KERNELS),
+    ),  # causal attention: csrc/train/attention.c or PyTorch's (model.set_attention)
     # experiment tracking (llama2.c's keys): every row of log.jsonl also goes to Weights & Biases
     wandb_log=False,
     wandb_project="tinystories-rl",
@@ -97,7 +115,8 @@ SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len
 
 
 def stage(argv):
-    """'pretrain', 'sft', or the RL method that --rl=NAME (or the fork's --ppo=True) asks for, in argv or its recipes."""
+    """'pretrain', 'sft', or the RL method that --rl=NAME (or the fork's --ppo=True) asks for, in argv or
+    its recipes."""
     flags = {key: text for key, text, _ in configurator.assignments(argv)[0]}
     method = flags.get("rl", "")
     if flags.get("ppo") == "True":
@@ -123,8 +142,10 @@ def start(cfg, given, master):
         path = last if os.path.exists(last) else os.path.join(out_dir, "ckpt.pt")
         trained = [p for p in ("ckpt.pt", "last.pt") if os.path.exists(os.path.join(out_dir, p))]
         if not resuming and trained and not cfg["overwrite"]:
-            raise DataError(f"{out_dir} already holds a trained model ({trained[0]}): --init_from=resume continues it, "
-                            "--overwrite=True replaces it, or choose another --out_dir")
+            raise DataError(
+                f"{out_dir} already holds a trained model ({trained[0]}): --init_from=resume continues it, "
+                "--overwrite=True replaces it, or choose another --out_dir"
+            )
     if not resuming and not sft:
         model_args = {k: cfg[k] for k in SHAPE} | {"dropout": cfg["dropout"]}
         return Transformer(ModelArgs(**model_args)), model_args, None, 0, 1e9, None
@@ -132,10 +153,19 @@ def start(cfg, given, master):
     checkpoint.check_given(ckpt, path, given)
     checkpoint.tokenizer_of(ckpt, path)  # it still exists and fits the model
     if master:
-        print(f"{'resuming' if resuming else 'starting'} from {path} at iteration {ckpt['iter_num'] if resuming else 0}")
+        print(
+            f"{'resuming' if resuming else 'starting'} from {path} at iteration {ckpt['iter_num'] if resuming else 0}"
+        )
     model_args = {**ckpt["model_args"], "dropout": cfg["dropout"]}
     iter_num, best = (ckpt["iter_num"], ckpt["best_val_loss"]) if resuming else (0, 1e9)
-    return checkpoint.model_from(ckpt, dropout=cfg["dropout"]), model_args, ckpt, iter_num, best, ckpt if resuming else None
+    return (
+        checkpoint.model_from(ckpt, dropout=cfg["dropout"]),
+        model_args,
+        ckpt,
+        iter_num,
+        best,
+        ckpt if resuming else None,
+    )
 
 
 def main(cfg, given):
@@ -146,7 +176,9 @@ def main(cfg, given):
     ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = init_ddp(device, device_type)
     accumulation = cfg["gradient_accumulation_steps"]
     if accumulation % ddp_world_size:
-        sys.exit(f"error: --gradient_accumulation_steps={accumulation} must be a multiple of the world size {ddp_world_size}")
+        sys.exit(
+            f"error: --gradient_accumulation_steps={accumulation} must be a multiple of the world size {ddp_world_size}"
+        )
     accumulation //= ddp_world_size
     master_process = ddp_rank == 0
     torch.manual_seed(cfg["seed"] + ddp_rank)
@@ -174,20 +206,32 @@ def main(cfg, given):
 
         def batches(split, start_step=0, rank=ddp_rank, stream_seed=cfg["seed"]):
             if sft:
-                return iter_instruct_batches(bin_dir, split, cfg["batch_size"], T, device, seed=stream_seed, rank=rank,
-                                             start_step=start_step)
-            return iter_batches(os.path.join(bin_dir, f"{split}.bin"), cfg["batch_size"], T, device, seed=stream_seed,
-                                rank=rank, start_step=start_step)
+                return iter_instruct_batches(
+                    bin_dir, split, cfg["batch_size"], T, device, seed=stream_seed, rank=rank, start_step=start_step
+                )
+            return iter_batches(
+                os.path.join(bin_dir, f"{split}.bin"),
+                cfg["batch_size"],
+                T,
+                device,
+                seed=stream_seed,
+                rank=rank,
+                start_step=start_step,
+            )
 
         train_stream = batches("train", start_step=iter_num * accumulation)
         X, Y = next(train_stream)
     if master_process:
-        print(f"tokens per iteration: {tokens_per_iter:,} ({accumulation} accum x {ddp_world_size} ranks x "
-              f"{cfg['batch_size']} batch x {T} seq); attention: {attention}")
+        print(
+            f"tokens per iteration: {tokens_per_iter:,} ({accumulation} accum x {ddp_world_size} ranks x "
+            f"{cfg['batch_size']} batch x {T} seq); attention: {attention}"
+        )
     model.to(device)
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
+    optimizer = model.configure_optimizers(
+        cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type
+    )
     if resumed is not None and "optimizer" in resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         torch.set_rng_state(resumed["rng_state"])
@@ -219,9 +263,19 @@ def main(cfg, given):
         return out
 
     def save(name):
-        checkpoint.save(os.path.join(out_dir, name), "sft" if sft else "pretrain", raw_model.state_dict(), model_args,
-                        tokenizer_info, data_dir, config=cfg, iter_num=iter_num, best_val_loss=best_val_loss,
-                        optimizer=optimizer.state_dict(), rng_state=torch.get_rng_state())
+        checkpoint.save(
+            os.path.join(out_dir, name),
+            "sft" if sft else "pretrain",
+            raw_model.state_dict(),
+            model_args,
+            tokenizer_info,
+            data_dir,
+            config=cfg,
+            iter_num=iter_num,
+            best_val_loss=best_val_loss,
+            optimizer=optimizer.state_dict(),
+            rng_state=torch.get_rng_state(),
+        )
 
     log_path = os.path.join(out_dir, f"{prefix}log.jsonl")
     with one_line_errors():
@@ -232,7 +286,9 @@ def main(cfg, given):
     t0 = time.time()
     local_iter_num = 0  # iterations in this process, to skip timing the compile warm-up
     running_mfu = -1.0
-    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss and gradient norm so far, checked before a save
+    finite = torch.ones(
+        (), dtype=torch.bool, device=device
+    )  # every loss and gradient norm so far, checked before a save
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master_process, unit="it", dynamic_ncols=True)
     while True:
         lr = get_lr(iter_num, cfg)
@@ -242,13 +298,22 @@ def main(cfg, given):
         just_resumed = iter_num > 0 and local_iter_num == 0 and not cfg["eval_only"]  # evaluated before saving
         if (iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]) and not just_resumed:
             losses = estimate_loss()
-            row = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train/loss": losses["train"],
-                   "val/loss": losses["val"], "lr": lr, "mfu": running_mfu}
+            row = {
+                "iter": iter_num,
+                "tokens": iter_num * tokens_per_iter,
+                "train/loss": losses["train"],
+                "val/loss": losses["val"],
+                "lr": lr,
+                "mfu": running_mfu,
+            }
             if ddp:
                 row.update(rank_sums(raw_model, X))
             if not (finite.item() and all(map(torch.isfinite, torch.tensor(list(losses.values()))))):
-                sys.exit(f"error: iteration {iter_num}: the loss or a gradient norm is not finite (train {losses['train']:.4g}, "
-                         f"val {losses['val']:.4g}); lower --learning_rate or check the data. Nothing was saved")
+                sys.exit(
+                    f"error: iteration {iter_num}: the loss or a gradient norm is not finite "
+                    f"(train {losses['train']:.4g}, "
+                    f"val {losses['val']:.4g}); lower --learning_rate or check the data. Nothing was saved"
+                )
             log(row)
             if master_process:
                 tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -275,7 +340,9 @@ def main(cfg, given):
             scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
-        finite &= torch.isfinite(grad_norm) | scaler.is_enabled()  # fp16's scaler skips a step with inf gradients itself
+        finite &= (
+            torch.isfinite(grad_norm) | scaler.is_enabled()
+        )  # fp16's scaler skips a step with inf gradients itself
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -290,9 +357,23 @@ def main(cfg, given):
             if local_iter_num >= 5:  # let the loop settle a bit
                 mfu = raw_model.estimate_mfu(cfg["batch_size"] * accumulation, dt, peak_flops)
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_iter / dt:,.0f}", mfu=f"{running_mfu * 100:.1f}%")
-            log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train/loss_step": lossf, "lr": lr,
-                 "dt_ms": round(dt * 1000, 2), "tok_per_s": round(tokens_per_iter / dt), "mfu": running_mfu})
+            bar.set_postfix(
+                loss=f"{lossf:.4f}",
+                lr=f"{lr:.1e}",
+                tok_s=f"{tokens_per_iter / dt:,.0f}",
+                mfu=f"{running_mfu * 100:.1f}%",
+            )
+            log(
+                {
+                    "iter": iter_num,
+                    "tokens": iter_num * tokens_per_iter,
+                    "train/loss_step": lossf,
+                    "lr": lr,
+                    "dt_ms": round(dt * 1000, 2),
+                    "tok_per_s": round(tokens_per_iter / dt),
+                    "mfu": running_mfu,
+                }
+            )
     bar.close()
     if ddp:
         dist.destroy_process_group()

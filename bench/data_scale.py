@@ -14,6 +14,7 @@ MB is 10^6 bytes. Prints a JSON line and a markdown table, and plots both agains
 (--plot). The tiled files live in a temporary directory (or --work_dir) and are removed.
 Needs about 3x the largest size in free disk.
 """
+
 import argparse
 import json
 import os
@@ -25,6 +26,7 @@ import threading
 import time
 
 import matplotlib
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -59,13 +61,15 @@ def run(stage, *flags):
     """One tinystories.py stage in a fresh process: (seconds, peak RSS MB, peak PSS MB)."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tinystories.py"), stage, *flags],
-                             stdout=subprocess.DEVNULL, stderr=err)
+        p = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tinystories.py"), stage, *flags], stdout=subprocess.DEVNULL, stderr=err
+        )
         peak_pss, done = [0.0], threading.Event()
 
         def sample():
             while not done.wait(0.1):
                 peak_pss[0] = max(peak_pss[0], pss_mb(p.pid))
+
         sampler = threading.Thread(target=sample)
         sampler.start()
         _, status, usage = os.wait4(p.pid, 0)  # this child's usage, its reaped workers included
@@ -96,7 +100,9 @@ try:
     run("download", f"--source={SHARED}", f"--data_dir={vocab_dir}")
     run("train_vocab", f"--vocab_size={args.vocab_size}", f"--data_dir={vocab_dir}")
     model = os.path.join(vocab_dir, f"tok{args.vocab_size}.model")
-    stories = sum(1 for line in open(os.path.join(SHARED, "train-000.txt"), encoding="utf-8") if line == "<|endoftext|>\n")
+    stories = sum(
+        1 for line in open(os.path.join(SHARED, "train-000.txt"), encoding="utf-8") if line == "<|endoftext|>\n"
+    )
     for mib in sizes:
         source, data_dir = os.path.join(work, f"source{mib}"), os.path.join(work, f"data{mib}")
         os.makedirs(source)
@@ -104,12 +110,18 @@ try:
         shutil.copy(os.path.join(SHARED, "valid-000.txt"), source)
         mb = sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source)) / 1e6
         row = {"size_mib": mib, "text_mb": round(mb, 1), "train_stories": copies * stories}
-        steps = {"download": [f"--source={source}"],
-                 "pretokenize": [f"--vocab_size={args.vocab_size}", f"--tokenizer={model}", "--force"]}
+        steps = {
+            "download": [f"--source={source}"],
+            "pretokenize": [f"--vocab_size={args.vocab_size}", f"--tokenizer={model}", "--force"],
+        }
         for stage, flags in steps.items():
             seconds, rss, pss = run(stage, *flags, f"--data_dir={data_dir}")
-            row[stage] = {"seconds": round(seconds, 2), "mb_per_s": round(mb / seconds, 2),
-                          "peak_rss_mb": round(rss), "peak_pss_mb": round(pss)}
+            row[stage] = {
+                "seconds": round(seconds, 2),
+                "mb_per_s": round(mb / seconds, 2),
+                "peak_rss_mb": round(rss),
+                "peak_pss_mb": round(pss),
+            }
             print(f"{mb:.0f} MB {stage}: {seconds:.1f} s, peak RSS {rss:.0f} MB, PSS {pss:.0f} MB", file=sys.stderr)
         results.append(row)
         shutil.rmtree(source)
@@ -117,20 +129,29 @@ try:
 finally:
     shutil.rmtree(work, ignore_errors=True)
 
-print(json.dumps({"bench": "data_scale", "vocab_size": args.vocab_size, "processes": os.cpu_count(), "results": results}))
+print(
+    json.dumps({"bench": "data_scale", "vocab_size": args.vocab_size, "processes": os.cpu_count(), "results": results})
+)
 print(f"\ndownload and pretokenize (tok{args.vocab_size}, {os.cpu_count()} processes), each in a fresh process\n")
-print("| text MB | train stories | download s | MB/s | peak RSS MB | peak PSS MB "
-      "| pretokenize s | MB/s | peak RSS MB | peak PSS MB |\n|---|---|---|---|---|---|---|---|---|---|")
+print(
+    "| text MB | train stories | download s | MB/s | peak RSS MB | peak PSS MB "
+    "| pretokenize s | MB/s | peak RSS MB | peak PSS MB |\n|---|---|---|---|---|---|---|---|---|---|"
+)
 for r in results:
     d, p = r["download"], r["pretokenize"]
-    print(f"| {r['text_mb']} | {r['train_stories']:,} | {d['seconds']} | {d['mb_per_s']} | {d['peak_rss_mb']} | {d['peak_pss_mb']} "
-          f"| {p['seconds']} | {p['mb_per_s']} | {p['peak_rss_mb']} | {p['peak_pss_mb']} |")
+    print(
+        f"| {r['text_mb']} | {r['train_stories']:,} | {d['seconds']} | {d['mb_per_s']} | {d['peak_rss_mb']} "
+        f"| {d['peak_pss_mb']} "
+        f"| {p['seconds']} | {p['mb_per_s']} | {p['peak_rss_mb']} | {p['peak_pss_mb']} |"
+    )
 
 fig, (ax_mem, ax_speed) = plt.subplots(1, 2, figsize=(10, 4))
 x = [r["text_mb"] for r in results]
 for stage, color in (("download", "tab:blue"), ("pretokenize", "tab:orange")):
     ax_mem.plot(x, [r[stage]["peak_rss_mb"] for r in results], "o-", color=color, label=f"{stage}, peak RSS")
-    ax_mem.plot(x, [r[stage]["peak_pss_mb"] for r in results], "s--", color=color, label=f"{stage}, peak PSS (all processes)")
+    ax_mem.plot(
+        x, [r[stage]["peak_pss_mb"] for r in results], "s--", color=color, label=f"{stage}, peak PSS (all processes)"
+    )
     ax_speed.plot(x, [r[stage]["mb_per_s"] for r in results], "o-", color=color, label=stage)
 for ax, ylabel in ((ax_mem, "MB"), (ax_speed, "MB of text / s")):
     ax.set_xscale("log")

@@ -7,6 +7,7 @@ The shared TinyStories text is only ~2.9 MB, which sentencepiece encodes in well
 second, so the bench tiles it `--repeat` times to measure steady throughput rather than
 process start-up. Prints a JSON line and a markdown table; quotes the median of `--runs`.
 """
+
 import argparse
 import json
 import os
@@ -38,11 +39,27 @@ with tempfile.TemporaryDirectory() as tmp:
             tinystories.pretokenize(args.vocab_size, tmp, tokenizer=model, force=True, num_workers=w, quiet=True)
             seconds[w].append(time.perf_counter() - t0)
 
-rows = [{"processes": w, "seconds": round(statistics.median(seconds[w]), 3),
-         "mb_per_s": round(mb / statistics.median(seconds[w]), 2)} for w in workers]
+rows = [
+    {
+        "processes": w,
+        "seconds": round(statistics.median(seconds[w]), 3),
+        "mb_per_s": round(mb / statistics.median(seconds[w]), 2),
+    }
+    for w in workers
+]
 speedup = rows[-1]["mb_per_s"] / rows[0]["mb_per_s"]
-print(json.dumps({"bench": "data_speed", "vocab_size": args.vocab_size, "text_mb": round(mb, 2),
-                  "runs": args.runs, "results": rows, "speedup": round(speedup, 2)}))
+print(
+    json.dumps(
+        {
+            "bench": "data_speed",
+            "vocab_size": args.vocab_size,
+            "text_mb": round(mb, 2),
+            "runs": args.runs,
+            "results": rows,
+            "speedup": round(speedup, 2),
+        }
+    )
+)
 print(f"\npretokenize, tok{args.vocab_size}, {mb:.1f} MB of text, median of {args.runs} runs\n")
 print("| processes | seconds | MB/s |\n|---|---|---|")
 for r in rows:

@@ -10,6 +10,7 @@ which compiles llama.cpp).
     python bench/gguf_parity.py
     python bench/gguf_parity.py --prompt="Lily" --tokens=200
 """
+
 import argparse
 import json
 import os
@@ -49,14 +50,19 @@ rows = []
 for dtype in ("fp32", "fp16", "q8_0"):
     path = os.path.join(tmp, f"m_{dtype}.gguf")
     export.export_gguf(model, path, tok, dtype)
-    for cache, settings in (("fp32 keys/values, no flash attention", dict(type_k=llama_cpp.GGML_TYPE_F32,
-                                                                          type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False)),
-                            ("llama.cpp's defaults", {})):
-        llm = llama_cpp.Llama(model_path=path, n_ctx=len(ref) + 1, n_threads=args.threads, logits_all=True, verbose=False,
-                              **settings)
+    for cache, settings in (
+        (
+            "fp32 keys/values, no flash attention",
+            dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False),
+        ),
+        ("llama.cpp's defaults", {}),
+    ):
+        llm = llama_cpp.Llama(
+            model_path=path, n_ctx=len(ref) + 1, n_threads=args.threads, logits_all=True, verbose=False, **settings
+        )
         llm.eval(ref)
-        logits = np.array(llm.scores[:len(ref)])
-        agree = (logits.argmax(-1) == c_logits.argmax(-1))[len(ids) - 1:-1].mean()
+        logits = np.array(llm.scores[: len(ref)])
+        agree = (logits.argmax(-1) == c_logits.argmax(-1))[len(ids) - 1 : -1].mean()
         llm.reset()
         theirs = []
         for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
@@ -64,13 +70,26 @@ for dtype in ("fp32", "fp16", "q8_0"):
             if len(theirs) == len(ref) - len(ids):
                 break
         llm.close()  # now: freed at interpreter exit, llama-cpp-python's destructor fails
-        same = next((i for i, (a, b) in enumerate(zip(theirs, ref[len(ids):])) if a != b), len(theirs))
-        rows.append({"gguf": dtype, "cache": cache, "max_logit_diff": float(np.abs(logits - c_logits).max()),
-                     "teacher_forced_agreement": float(agree), "identical_tokens": same, "of": len(ref) - len(ids)})
+        same = next((i for i, (a, b) in enumerate(zip(theirs, ref[len(ids) :])) if a != b), len(theirs))
+        rows.append(
+            {
+                "gguf": dtype,
+                "cache": cache,
+                "max_logit_diff": float(np.abs(logits - c_logits).max()),
+                "teacher_forced_agreement": float(agree),
+                "identical_tokens": same,
+                "of": len(ref) - len(ids),
+            }
+        )
 
 print(json.dumps({"prompt": args.prompt, "llama_cpp_python": llama_cpp.__version__, "rows": rows}, indent=1))
-print("\n| GGUF | llama.cpp cache | max logit difference | greedy agreement, teacher-forced | identical free-running tokens |")
+print(
+    "\n| GGUF | llama.cpp cache | max logit difference | greedy agreement, teacher-forced "
+    "| identical free-running tokens |"
+)
 print("|---|---|---:|---:|---:|")
 for r in rows:
-    print(f"| {r['gguf']} | {r['cache']} | {r['max_logit_diff']:.5f} | {r['teacher_forced_agreement']:.0%} | "
-          f"{r['identical_tokens']} of {r['of']} |")
+    print(
+        f"| {r['gguf']} | {r['cache']} | {r['max_logit_diff']:.5f} | {r['teacher_forced_agreement']:.0%} | "
+        f"{r['identical_tokens']} of {r['of']} |"
+    )

@@ -21,6 +21,7 @@ vocabulary every step, which no real model makes it do. Token 1 (BOS, which stop
 the same embedding as token 0, so its logit ties with token 0's and greedy decoding, which keeps the
 first maximum, never picks it.
 """
+
 import argparse
 import json
 import os
@@ -84,13 +85,21 @@ def sh(*cmd, env=None):
 # ---------------------------------------------------------------------------
 # the engines: each prepares its files for a model once, then times one generation
 
+
 def generate(cmd, threads):
     """run.c-style generation: the text goes to /dev/null, stderr (its tok/s) is returned. A pipe
     read by this process would wake it at every token (run.c flushes each one) and take a core
     from the engine: 7% of 15M's speed at 2 threads here, a cost llama-bench, which prints
     nothing while it generates, does not pay."""
-    return subprocess.run(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, cwd=ROOT).stderr
+    return subprocess.run(
+        list(map(str, cmd)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        cwd=ROOT,
+    ).stderr
 
 
 def achieved_tok_s(stderr):
@@ -110,8 +119,9 @@ class Ours:
         self.models, self.tokenizer = models, tokenizer
 
     def tok_s(self, fmt, threads, steps):
-        stderr = generate([self.bin, self.models[fmt], "-z", self.tokenizer, "-t", "0", "-n", steps,
-                           "-k", self.kv_cache], threads)
+        stderr = generate(
+            [self.bin, self.models[fmt], "-z", self.tokenizer, "-t", "0", "-n", steps, "-k", self.kv_cache], threads
+        )
         self.kernels = re.search(r"kernels: ([\w-]+)", stderr).group(1)
         return achieved_tok_s(stderr)
 
@@ -119,14 +129,23 @@ class Ours:
 class Llama2c:
     """run.c (fp32, version 0 files) and runq.c (Q8_0, version 2) from llama2.c's source, built as
     its `make runomp` does, with -march=ARCH."""
+
     name = "llama2.c"
 
     def __init__(self, tmp, arch, source):
         self.bins = {}
         for fmt, src in [("fp32", "run.c"), ("q8_0", "runq.c")]:
             self.bins[fmt] = os.path.join(tmp, f"llama2c-{fmt}")
-            sh(os.environ.get("CC", "cc"), "-Ofast", "-fopenmp", f"-march={arch}" if arch != "portable" else "-O3",
-               os.path.join(source, src), "-lm", "-o", self.bins[fmt])
+            sh(
+                os.environ.get("CC", "cc"),
+                "-Ofast",
+                "-fopenmp",
+                f"-march={arch}" if arch != "portable" else "-O3",
+                os.path.join(source, src),
+                "-lm",
+                "-o",
+                self.bins[fmt],
+            )
 
     def prepare(self, models, tokenizer):
         self.models, self.tokenizer = models, tokenizer
@@ -139,6 +158,7 @@ class Llama2c:
 class LlamaCpp:
     """llama-bench's text generation (tg256) on GGUF files made by llama.cpp's own tools: the
     version 0 file through llama-convert-llama2c-to-ggml (f32), then llama-quantize (Q8_0)."""
+
     name = "llama.cpp"
 
     def __init__(self, tmp, build):
@@ -146,15 +166,36 @@ class LlamaCpp:
 
     def prepare(self, models, tokenizer):
         f32 = models["fp32_v0"] + ".gguf"
-        sh(os.path.join(self.bin, "llama-convert-llama2c-to-ggml"), "--copy-vocab-from-model", tokenizer,
-           "--llama2c-model", models["fp32_v0"], "--llama2c-output-model", f32)
+        sh(
+            os.path.join(self.bin, "llama-convert-llama2c-to-ggml"),
+            "--copy-vocab-from-model",
+            tokenizer,
+            "--llama2c-model",
+            models["fp32_v0"],
+            "--llama2c-output-model",
+            f32,
+        )
         q8 = models["fp32_v0"] + ".q8_0.gguf"
         sh(os.path.join(self.bin, "llama-quantize"), f32, q8, "Q8_0")
         self.models = {"fp32": f32, "q8_0": q8}
 
     def tok_s(self, fmt, threads, steps):
-        r = sh(os.path.join(self.bin, "llama-bench"), "-m", self.models[fmt], "-p", 0, "-n", steps, "-t", threads,
-               "-r", 1, "-o", "json", env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        r = sh(
+            os.path.join(self.bin, "llama-bench"),
+            "-m",
+            self.models[fmt],
+            "-p",
+            0,
+            "-n",
+            steps,
+            "-t",
+            threads,
+            "-r",
+            1,
+            "-o",
+            "json",
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )
         return json.loads(r.stdout)[0]["avg_ts"]
 
 
@@ -174,8 +215,15 @@ def bandwidth(tmp, arch, nbytes, threads):
     """GB/s of the best pass of bench/bandwidth.c over nbytes with `threads` threads."""
     exe = os.path.join(tmp, "bandwidth")
     if not os.path.exists(exe):
-        sh(os.environ.get("CC", "cc"), "-Ofast", "-fopenmp", f"-march={arch}" if arch != "portable" else "-O3",
-           os.path.join(ROOT, "bench", "bandwidth.c"), "-o", exe)
+        sh(
+            os.environ.get("CC", "cc"),
+            "-Ofast",
+            "-fopenmp",
+            f"-march={arch}" if arch != "portable" else "-O3",
+            os.path.join(ROOT, "bench", "bandwidth.c"),
+            "-o",
+            exe,
+        )
     return float(sh(exe, int(nbytes), 1.0, env={**os.environ, "OMP_NUM_THREADS": str(threads)}).stdout)
 
 
@@ -222,9 +270,16 @@ def main():
                         for e in engines:
                             speeds[e.name].append(e.tok_s(fmt, t, steps))
                     roof_gb_s = bandwidth(tmp, args.arch, nbytes, t)
-                    row = dict(model=name, format=fmt, threads=t, steps=steps, weights_mb=round(weight_bytes / 1e6, 1),
-                               kv_mb=round(kv_bytes / 1e6, 1),
-                               roofline_gb_s=roof_gb_s, roofline_tok_s=round(roof_gb_s * 1e9 / nbytes, 1))
+                    row = dict(
+                        model=name,
+                        format=fmt,
+                        threads=t,
+                        steps=steps,
+                        weights_mb=round(weight_bytes / 1e6, 1),
+                        kv_mb=round(kv_bytes / 1e6, 1),
+                        roofline_gb_s=roof_gb_s,
+                        roofline_tok_s=round(roof_gb_s * 1e9 / nbytes, 1),
+                    )
                     for e in engines:
                         row[e.name] = round(statistics.median(speeds[e.name]), 1)
                         row[e.name + "_runs"] = [round(s, 1) for s in speeds[e.name]]
@@ -234,20 +289,46 @@ def main():
                             row["ours_vs_" + anchor] = round(row["ours"] / row[anchor], 2)
                     results.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_runs")), file=sys.stderr)
-    report = dict(kv_cache=args.kv_cache, cpu=cpu_name(), arch=args.arch, kernels=engines[0].kernels,
-                  bandwidth_gb_s={t: {"16MB": p[16e6], "1GB": p[1e9]} for t, p in peaks.items()}, results=results)
+    report = dict(
+        kv_cache=args.kv_cache,
+        cpu=cpu_name(),
+        arch=args.arch,
+        kernels=engines[0].kernels,
+        bandwidth_gb_s={t: {"16MB": p[16e6], "1GB": p[1e9]} for t, p in peaks.items()},
+        results=results,
+    )
     print(json.dumps(report, indent=1))
-    print(f"\n{report['cpu']}, ARCH={args.arch} (kernels: {report['kernels']}, {args.kv_cache} KV cache); "
-          "read bandwidth, GB/s: "
-          + "; ".join(f"{t} threads {p[16e6]:.0f} (16 MB) / {p[1e9]:.0f} (1 GB)" for t, p in peaks.items()))
+    print(
+        f"\n{report['cpu']}, ARCH={args.arch} (kernels: {report['kernels']}, {args.kv_cache} KV cache); "
+        "read bandwidth, GB/s: "
+        + "; ".join(f"{t} threads {p[16e6]:.0f} (16 MB) / {p[1e9]:.0f} (1 GB)" for t, p in peaks.items())
+    )
     anchors = [e.name for e in engines[1:]]
-    header = ["model", "format", "threads", "steps", "ours tok/s", *(f"{a} tok/s" for a in anchors),
-              *(f"ours / {a}" for a in anchors), "roofline tok/s", "ours / roofline"]
+    header = [
+        "model",
+        "format",
+        "threads",
+        "steps",
+        "ours tok/s",
+        *(f"{a} tok/s" for a in anchors),
+        *(f"ours / {a}" for a in anchors),
+        "roofline tok/s",
+        "ours / roofline",
+    ]
     print("\n| " + " | ".join(header) + " |")
     print("|---|---|---|" + "---:|" * (len(header) - 3))
     for r in results:
-        cells = [r["model"], r["format"], r["threads"], r["steps"], r["ours"], *(r[a] for a in anchors),
-                 *(f"{r['ours_vs_' + a]:.2f}x" for a in anchors), r["roofline_tok_s"], f"{r['ours_share_of_roofline']:.0%}"]
+        cells = [
+            r["model"],
+            r["format"],
+            r["threads"],
+            r["steps"],
+            r["ours"],
+            *(r[a] for a in anchors),
+            *(f"{r['ours_vs_' + a]:.2f}x" for a in anchors),
+            r["roofline_tok_s"],
+            f"{r['ours_share_of_roofline']:.0%}",
+        ]
         print("| " + " | ".join(map(str, cells)) + " |")
 
 

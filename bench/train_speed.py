@@ -11,6 +11,7 @@ only at the sizes up to 8 where model.py uses it. PyTorch's AVX2 path can be tim
 machine: ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 (with
 --only=fp32: bf16 has no fast path there).
 """
+
 import argparse
 import json
 import os
@@ -21,9 +22,8 @@ from contextlib import nullcontext
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as model_module  # noqa: E402
-from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 from common import peak_matmul_flops  # noqa: E402
+from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 
 SHAPES = {  # name: (preset, overrides); seq lengths as in the issue's llama2.c measurements
     "default": ("default", {}),
@@ -53,11 +53,11 @@ args = parser.parse_args()
 
 def tokens_per_second(shape, dtype, use_compile, threads, c_attention):
     torch.set_num_threads(threads)
-    model_module.C_ATTENTION_MAX_HEAD_DIM = 1 << 20 if c_attention else 8
     torch.manual_seed(0)
     preset, overrides = SHAPES[shape]
     margs = ModelArgs(**{**PRESETS[preset], **overrides})
     model = Transformer(margs)
+    model.set_attention("c" if c_attention else "auto")  # auto: C only at head sizes up to 8
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
     step_model = torch.compile(model) if use_compile else model
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)
@@ -79,13 +79,20 @@ def tokens_per_second(shape, dtype, use_compile, threads, c_attention):
         step()
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]
-    return args.batch_size * margs.max_seq_len / dt, model.estimate_mfu(args.batch_size, dt, PEAK[dtype]), model.num_params()
+    return (
+        args.batch_size * margs.max_seq_len / dt,
+        model.estimate_mfu(args.batch_size, dt, PEAK[dtype]),
+        model.num_params(),
+    )
 
 
 torch.set_num_threads(2)
 PEAK = {dt: peak_matmul_flops("cpu", dt, n=2048) for dt in (torch.float32, torch.bfloat16)}
-print(f"peak matmul, 2 threads: fp32 {PEAK[torch.float32] / 1e9:,.0f} GFLOP/s, bf16 {PEAK[torch.bfloat16] / 1e9:,.0f} GFLOP/s",
-      file=sys.stderr)
+print(
+    f"peak matmul, 2 threads: fp32 {PEAK[torch.float32] / 1e9:,.0f} GFLOP/s, "
+    f"bf16 {PEAK[torch.bfloat16] / 1e9:,.0f} GFLOP/s",
+    file=sys.stderr,
+)
 results = []
 for shape in args.presets.split(","):
     base = None
@@ -94,16 +101,38 @@ for shape in args.presets.split(","):
             continue
         tps, mfu, n_params = tokens_per_second(shape, dtype, use_compile, threads, c_attention)
         base = base or tps
-        results.append({"shape": shape, "params": n_params, "setting": name, "tok_per_s": round(tps),
-                        "mfu": round(mfu, 4), "speedup": round(tps / base, 2)})  # vs the first setting run
+        results.append(
+            {
+                "shape": shape,
+                "params": n_params,
+                "setting": name,
+                "tok_per_s": round(tps),
+                "mfu": round(mfu, 4),
+                "speedup": round(tps / base, 2),
+            }
+        )  # vs the first setting run
         print(f"{shape:9s} {name:34s} {tps:10,.0f} tok/s  MFU {mfu * 100:5.1f}%  {tps / base:.2f}x", file=sys.stderr)
 
-print(json.dumps({"bench": "train_speed", "batch_size": args.batch_size, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                  "peak_gflops": {"fp32": round(PEAK[torch.float32] / 1e9), "bf16": round(PEAK[torch.bfloat16] / 1e9)},
-                  "results": results}))
-print(f"\npeak matmul (2 threads): fp32 {PEAK[torch.float32] / 1e9:,.0f} GFLOP/s, bf16 {PEAK[torch.bfloat16] / 1e9:,.0f} GFLOP/s; "
-      f"batch {args.batch_size}; MFU against the peak of the setting's dtype\n")
+print(
+    json.dumps(
+        {
+            "bench": "train_speed",
+            "batch_size": args.batch_size,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "peak_gflops": {"fp32": round(PEAK[torch.float32] / 1e9), "bf16": round(PEAK[torch.bfloat16] / 1e9)},
+            "results": results,
+        }
+    )
+)
+print(
+    f"\npeak matmul (2 threads): fp32 {PEAK[torch.float32] / 1e9:,.0f} GFLOP/s, "
+    f"bf16 {PEAK[torch.bfloat16] / 1e9:,.0f} GFLOP/s; "
+    f"batch {args.batch_size}; MFU against the peak of the setting's dtype\n"
+)
 print(f"PyTorch CPU capability: {torch.backends.cpu.get_cpu_capability()}\n")
 print("| shape | params | setting | tok/s | MFU | vs fp32 eager |\n|---|---|---|---|---|---|")
 for r in results:
-    print(f"| {r['shape']} | {r['params'] / 1e6:.2f}M | {r['setting']} | {r['tok_per_s']:,} | {r['mfu'] * 100:.1f}% | {r['speedup']:.2f}x |")
+    print(
+        f"| {r['shape']} | {r['params'] / 1e6:.2f}M | {r['setting']} | {r['tok_per_s']:,} | {r['mfu'] * 100:.1f}% "
+        f"| {r['speedup']:.2f}x |"
+    )

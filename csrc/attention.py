@@ -3,6 +3,7 @@ csrc/train/attention.c from Python: cffi over csrc/libattention.so (`make lib`),
 forward and backward that model.py trains with on CPUs at small head sizes. Importing it raises
 FileNotFoundError, naming `make lib`, when the library has not been built.
 """
+
 import os
 
 from cffi import FFI

@@ -1,4 +1,5 @@
 """common.py: atomic writes, the metrics log on resume, the learning-rate schedule, one-line errors."""
+
 import errno
 import io
 import os
@@ -35,7 +36,14 @@ def test_the_log_starts_empty_or_keeps_the_rows_up_to_the_resume_point(tmp_path)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    cfg = {"learning_rate": 1.0, "decay_lr": True, "warmup_iters": 10, "lr_decay_iters": 0, "min_lr": 0.0, "max_iters": 110}
+    cfg = {
+        "learning_rate": 1.0,
+        "decay_lr": True,
+        "warmup_iters": 10,
+        "lr_decay_iters": 0,
+        "min_lr": 0.0,
+        "max_iters": 110,
+    }
     lrs = [get_lr(it, cfg) for it in range(120)]
     assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
     assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)
@@ -44,7 +52,11 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 def test_bad_input_becomes_one_error_line_and_a_bug_keeps_its_traceback():
-    for error in (DataError("no token file x.bin"), FileNotFoundError("no checkpoint at y.pt"), ValueError("bad --key")):
+    for error in (
+        DataError("no token file x.bin"),
+        FileNotFoundError("no checkpoint at y.pt"),
+        ValueError("bad --key"),
+    ):
         with pytest.raises(SystemExit) as e:
             with one_line_errors():
                 raise error
@@ -56,6 +68,7 @@ def test_bad_input_becomes_one_error_line_and_a_bug_keeps_its_traceback():
 
 class FullDisk(io.FileIO):
     """A file on a disk with room for `room` more bytes: a write past it fails as the OS reports it."""
+
     def __init__(self, path, mode, room):
         super().__init__(path, mode)
         self.room = room
@@ -67,7 +80,9 @@ class FullDisk(io.FileIO):
         return super().write(b)
 
 
-def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_file_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_naming_the_file_and_keeps_the_earlier_one(
+    tmp_path, monkeypatch
+):
     path = str(tmp_path / "ckpt.pt")
     save_atomic({"w": torch.ones(3)}, path)
     monkeypatch.setattr(common, "open", lambda p, mode: FullDisk(p, mode, room=1000), raising=False)

@@ -1,4 +1,5 @@
 """The data path: sources -> internal text -> tokenizer -> token files -> batches."""
+
 import json
 import os
 import shutil
@@ -11,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, SHARED, first_stories
 
 import tinystories
-from conftest import ROOT, SHARED, first_stories
 from tokenizer import Tokenizer
 
 STORIES = first_stories(SHARED / "tinystories" / "train-000.txt", 12)
@@ -71,10 +72,13 @@ def test_download_in_small_chunks_writes_the_same_bytes_as_in_one(tmp_path, monk
 
 def test_a_broken_json_array_is_an_error_wherever_the_chunks_fall(tmp_path):
     good = json.dumps([{"story": s} for s in STORIES[:3]])
-    for bad, words in ((good[:-1], "ends inside the JSON array"), (good[:-30], "Unterminated string"),
-                       (good.replace('"story": ', '"story" ', 2), r"Expecting ':' delimiter \(character \d+\)"),
-                       (good.replace("}, {", "} {"), "expected ',' or ']' at character"),
-                       (good + " []", "expected the end of the file")):
+    for bad, words in (
+        (good[:-1], "ends inside the JSON array"),
+        (good[:-30], "Unterminated string"),
+        (good.replace('"story": ', '"story" ', 2), r"Expecting ':' delimiter \(character \d+\)"),
+        (good.replace("}, {", "} {"), "expected ',' or ']' at character"),
+        (good + " []", "expected the end of the file"),
+    ):
         (tmp_path / "train.json").write_text(bad)
         for chunk_bytes in (1, 64, 2**20):
             with pytest.raises(tinystories.DataError, match=words):
@@ -86,8 +90,9 @@ def test_pretokenize_in_small_chunks_writes_the_same_bytes_as_in_one(small_data,
     model = tinystories.tokenizer_path(small_data, 512)
     out = {}
     for chunk_bytes, workers in ((2**30, 1), (100, 1), (100, 2), (5000, 2)):
-        tinystories.pretokenize(512, tmp_path, tokenizer=model, force=True, num_workers=workers,
-                                chunk_bytes=chunk_bytes, quiet=True)
+        tinystories.pretokenize(
+            512, tmp_path, tokenizer=model, force=True, num_workers=workers, chunk_bytes=chunk_bytes, quiet=True
+        )
         out[chunk_bytes, workers] = files_of(tmp_path / "tok512")
     whole = out[2**30, 1]
     assert set(whole) == {Path("train.bin"), Path("val.bin"), Path("meta.json")}
@@ -153,8 +158,14 @@ def test_download_and_pretokenize_hold_a_bounded_amount_of_text(small_data, tmp_
         tinystories.download(tmp_path, source, chunk_bytes=2**13)
         download_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        meta = tinystories.pretokenize(512, tmp_path, tokenizer=tinystories.tokenizer_path(small_data, 512),
-                                       num_workers=2, chunk_bytes=2**13, quiet=True)
+        meta = tinystories.pretokenize(
+            512,
+            tmp_path,
+            tokenizer=tinystories.tokenizer_path(small_data, 512),
+            num_workers=2,
+            chunk_bytes=2**13,
+            quiet=True,
+        )
         pretokenize_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -165,9 +176,14 @@ def test_download_and_pretokenize_hold_a_bounded_amount_of_text(small_data, tmp_
 
 def test_the_hub_is_read_in_batches_into_the_same_internal_form(tmp_path, monkeypatch):
     import datasets
+
     train = STORIES[:4] + [" padded\r\nstory ", ""] + STORIES[4:8]
-    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
-                                "validation": datasets.Dataset.from_dict({"text": STORIES[8:]})})
+    hub = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": train}),
+            "validation": datasets.Dataset.from_dict({"text": STORIES[8:]}),
+        }
+    )
     monkeypatch.setattr(datasets, "load_dataset", lambda name: hub)
     monkeypatch.setattr(tinystories, "SHARED_DIR", tmp_path / "nowhere")
     monkeypatch.delenv("TINYSTORIES_DIR", raising=False)
@@ -194,7 +210,7 @@ def test_batches_are_windows_of_the_data_with_y_shifted_by_one(small_data):
     assert (x[:, 1:] == y[:, :-1]).all()
     for row_x, row_y in zip(x.numpy(), y.numpy()):
         start = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(data, 32)[:, 0] == row_x[0])
-        assert any((data[i:i + 32] == row_x).all() and (data[i + 1:i + 33] == row_y).all() for i in start)
+        assert any((data[i : i + 32] == row_x).all() and (data[i + 1 : i + 33] == row_y).all() for i in start)
 
 
 def test_batches_are_seeded_per_rank_and_resumable(small_data):
@@ -215,9 +231,9 @@ def test_exported_tok512_equals_llama2c_export_byte_for_byte(tmp_path):
 # -----------------------------------------------------------------------------
 # bad input: one line on stderr, non-zero exit, nothing half-written
 
+
 def cli(*args, cwd):
-    p = subprocess.run([sys.executable, str(ROOT / "tinystories.py"), *args],
-                       cwd=cwd, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(ROOT / "tinystories.py"), *args], cwd=cwd, capture_output=True, text=True)
     return p.returncode, p.stderr.strip().splitlines()
 
 
@@ -265,8 +281,11 @@ def test_pretokenize_before_download_or_train_vocab(small_data, tmp_path):
 
 def test_tokenizer_cli_rejects_a_file_that_is_not_a_model(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"not a model")
-    p = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), f"--tokenizer-model={tmp_path / 'bad.model'}"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tokenizer.py"), f"--tokenizer-model={tmp_path / 'bad.model'}"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0
     assert p.stderr.strip().splitlines() == [f"error: {tmp_path / 'bad.model'} is not a sentencepiece model"]
     assert not (tmp_path / "bad.bin").exists()

@@ -1,27 +1,32 @@
 """dpo.py: the loss against a hand computation, the prompt/response boundary of encoded pairs, the
 NLL term, and learning a preference on a tiny model through dpo.iteration."""
+
 import copy
 import math
 import os
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_run
 
-from common import DataError
 import configurator
 import dpo
 import rl
-from conftest import tiny_model, tiny_run
+from common import DataError
 from dpo import collate_pairs, dpo_loss, encode_pairs
 from tinystories import SEPARATOR as END
 from tokenizer import Tokenizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 
 def test_dpo_loss_on_a_hand_example():
-    pi_c, pi_r, ref_c, ref_r = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0]), torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0])
+    pi_c, pi_r, ref_c, ref_r = (
+        torch.tensor([-10.0, -5.0]),
+        torch.tensor([-12.0, -4.0]),
+        torch.tensor([-11.0, -5.0]),
+        torch.tensor([-11.0, -5.0]),
+    )
     loss, chosen, rejected = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5)
     # implicit rewards: chosen 0.5 x (1, 0), rejected 0.5 x (-1, 1); margins 1 and -0.5
     assert chosen.tolist() == [0.5, 0.0] and rejected.tolist() == [-0.5, 0.5]
@@ -30,15 +35,17 @@ def test_dpo_loss_on_a_hand_example():
 
 def test_pairs_split_at_the_prompt_and_mask_only_the_responses(small_data):
     tok = Tokenizer(os.path.join(small_data, "tok512.model"))
-    pairs = encode_pairs(tok, [{"prompt": "Once upon a time, Lily", "chosen": " was happy." + END, "rejected": " ran"}], 64)
-    (chosen, rejected, P), = pairs
+    pairs = encode_pairs(
+        tok, [{"prompt": "Once upon a time, Lily", "chosen": " was happy." + END, "rejected": " ran"}], 64
+    )
+    ((chosen, rejected, P),) = pairs
     prompt = tok.encode("Once upon a time, Lily", bos=True)
     assert chosen[:P] == rejected[:P] == prompt[:P] and P >= len(prompt) - 1  # at most the prompt's last token merges
     assert chosen[-1] == tok.bos_id and tok.decode(chosen[1:-1]) == "Once upon a time, Lily was happy."
     tokens, mask = collate_pairs(pairs, "cpu")
     assert tokens.shape == (2, len(chosen)) and mask.shape == (2, len(chosen) - 1)
     assert mask[0].tolist() == [0.0] * (P - 1) + [1.0] * (len(chosen) - P)  # position t predicts token t + 1
-    assert mask[1].sum() == len(rejected) - P and mask[1, len(rejected) - 1:].sum() == 0  # not the padding
+    assert mask[1].sum() == len(rejected) - P and mask[1, len(rejected) - 1 :].sum() == 0  # not the padding
     with pytest.raises(DataError, match="no pair has a response that fits"):  # no room for a response
         encode_pairs(tok, [{"prompt": "word " * 80, "chosen": " a", "rejected": " b"}], 64)
 
@@ -56,6 +63,7 @@ def test_dpo_learns_a_preference_and_the_nll_term_keeps_the_chosen_likely():
             even, odd = (torch.randint(2, 32, (6,), generator=g) * 2 + k for k in (0, 1))
             out.append((prompt + even.tolist(), prompt + odd.tolist(), 4))
         return out
+
     train, held_out = pairs(64), pairs(32)
     cfg = {**configurator.split(dpo.config)[0], "learning_rate": 3e-3, "beta": 0.1}
     runs = {}
@@ -70,9 +78,10 @@ def test_dpo_learns_a_preference_and_the_nll_term_keeps_the_chosen_likely():
             stats = dpo.iteration(run, pairs)
             run.optimizer = optimizer
             return stats
+
         first = measure(held_out)
         for step in range(30):
-            dpo.iteration(run, train[step % 4 * 16:][:16])
+            dpo.iteration(run, train[step % 4 * 16 :][:16])
         runs[rpo_alpha] = first, measure(held_out), measure(train)
     for first, last, _ in runs.values():
         assert first["rewards/margins"] == 0.0 and first["loss"] == pytest.approx(math.log(2))  # policy == reference

@@ -1,5 +1,6 @@
 """export.py -> the C engine (logits, greedy generation and int8 agreement against PyTorch), Hugging Face
 transformers both ways and GGUF for llama.cpp."""
+
 import json
 import os
 import shutil
@@ -9,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import export
 from conftest import ROOT, SHARED
-from csrc import engine, formats
+
 import checkpoint
+import export
+from csrc import engine, formats
 from model import PRESETS, ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -60,7 +61,9 @@ def test_c_logits_equal_pytorch_logits_for_fp32_exports(stories260k, story_token
         model = stories260k  # trained, GQA
     else:  # plain multi-head attention, weights drawn wide enough to give varied logits
         torch.manual_seed(0)
-        model = Transformer(ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=8, vocab_size=512, max_seq_len=256)).eval()
+        model = Transformer(
+            ModelArgs(dim=64, n_layers=3, n_heads=8, n_kv_heads=8, vocab_size=512, max_seq_len=256)
+        ).eval()
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() == 2:
@@ -77,7 +80,7 @@ def test_greedy_generation_of_200_tokens_is_identical_in_c_and_pytorch(stories26
     ours = stories260k.generate([prompt], 200, temperature=0.0)[0]
     c = engine.generate(engine.Model(str(tmp_path / "m.bin")), prompt, steps=len(prompt) + 200, temperature=0.0)
     assert len(ours) == 200 and 1 not in ours  # no end of story, so C runs all 200 steps too
-    assert c[:len(prompt) + 200] == prompt + ours
+    assert c[: len(prompt) + 200] == prompt + ours
 
 
 def test_int8_export_stays_close_and_agrees_on_greedy_tokens(stories260k, story_tokens, tmp_path):
@@ -101,24 +104,46 @@ class Payload:
 def test_export_refuses_a_missing_or_foreign_checkpoint(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"junk")
     torch.save({"model": {}, "model_args": {}, "payload": Payload()}, tmp_path / "code.pt")
-    for ckpt, message in ((tmp_path / "none.pt", "no checkpoint at"), (tmp_path / "x.pt", "not a PyTorch checkpoint"),
-                          (tmp_path / "code.pt", "contains pickled objects that weights-only loading refuses (posix.system)")):
-        p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"), f"--checkpoint={ckpt}"],
-                           capture_output=True, text=True)
-        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and str(ckpt) in p.stderr and message in p.stderr
+    for ckpt, message in (
+        (tmp_path / "none.pt", "no checkpoint at"),
+        (tmp_path / "x.pt", "not a PyTorch checkpoint"),
+        (tmp_path / "code.pt", "contains pickled objects that weights-only loading refuses (posix.system)"),
+    ):
+        p = subprocess.run(
+            [sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"), f"--checkpoint={ckpt}"],
+            capture_output=True,
+            text=True,
+        )
+        assert (
+            p.returncode != 0
+            and len(p.stderr.strip().splitlines()) == 1
+            and str(ckpt) in p.stderr
+            and message in p.stderr
+        )
         assert "pwned" not in p.stdout
     assert not (tmp_path / "m.bin").exists()
 
 
 def test_export_into_a_missing_directory_is_a_one_line_error(stories260k, tmp_path):
-    torch.save({"model": stories260k.state_dict(), "model_args": {**PRESETS["260K"], "dropout": 0.0}}, tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": stories260k.state_dict(), "model_args": {**PRESETS["260K"], "dropout": 0.0}}, tmp_path / "ckpt.pt"
+    )
     target = tmp_path / "missing" / "dir" / "m.bin"
-    p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(target), f"--checkpoint={tmp_path / 'ckpt.pt'}"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "export.py"), str(target), f"--checkpoint={tmp_path / 'ckpt.pt'}"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and p.stderr == f"error: no directory {target.parent} to write {target} into\n"
     for output, version in (("m.gguf", 1), ("ckpt.pt", 1), ("hf", -1)):  # the other formats, in-process
-        cfg = {"filepath": str(target.parent / output), "checkpoint": str(tmp_path / "ckpt.pt"), "hf": "", "version": version,
-               "dtype": "fp32", "tokenizer": ""}
+        cfg = {
+            "filepath": str(target.parent / output),
+            "checkpoint": str(tmp_path / "ckpt.pt"),
+            "hf": "",
+            "version": version,
+            "dtype": "fp32",
+            "tokenizer": "",
+        }
         with pytest.raises(FileNotFoundError, match=f"no directory {target.parent} to write"):
             export.main(cfg)
 
@@ -130,8 +155,13 @@ PROMPT = [1, 403, 407, 261]  # "Once upon a time" in stories260K's lost tokenize
 
 
 def export_cli(*args):
-    p = subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "export.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr
     return p
 
@@ -142,9 +172,17 @@ def stories260k_ckpt(stories260k, small_data, tmp_path_factory):
     trained on real stories (stories260K's own is lost, so its text is gibberish in ours; ids are ids)."""
     path = tmp_path_factory.mktemp("out") / "ckpt.pt"
     meta = json.load(open(os.path.join(small_data, "tok512", "meta.json")))
-    torch.save({"model": stories260k.state_dict(), "model_args": {**PRESETS["260K"], "dropout": 0.0}, "iter_num": 1000,
-                "best_val_loss": 2.0, "config": {}, "tokenizer": {k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_id")}},
-               path)
+    torch.save(
+        {
+            "model": stories260k.state_dict(),
+            "model_args": {**PRESETS["260K"], "dropout": 0.0},
+            "iter_num": 1000,
+            "best_val_loss": 2.0,
+            "config": {},
+            "tokenizer": {k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_id")},
+        },
+        path,
+    )
     return path
 
 
@@ -163,6 +201,7 @@ def tok(small_data):
 @pytest.fixture(scope="module")
 def real_stories():
     import tinystories
+
     return tinystories.read_stories(SHARED / "tinystories" / "valid-000.txt")[:200]
 
 
@@ -177,14 +216,29 @@ def wide_random_model(seed=0):
     return model
 
 
-def test_transformers_loads_the_export_with_our_shape_and_gives_our_logits_on_real_stories(hf_dir, stories260k, tok,
-                                                                                         real_stories, tmp_path):
+def test_transformers_loads_the_export_with_our_shape_and_gives_our_logits_on_real_stories(
+    hf_dir, stories260k, tok, real_stories, tmp_path
+):
     from transformers import AutoConfig, AutoModelForCausalLM
-    assert sorted(os.listdir(hf_dir)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                                          "tokenizer.model", "tokenizer_config.json"]
+
+    assert sorted(os.listdir(hf_dir)) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     config = AutoConfig.from_pretrained(hf_dir)
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads,
-            config.num_key_value_heads, config.max_position_embeddings, config.vocab_size) == (64, 172, 5, 8, 4, 512, 512)
+    assert (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.max_position_embeddings,
+        config.vocab_size,
+    ) == (64, 172, 5, 8, 4, 512, 512)
     random_model = wide_random_model()
     export.export_hf(random_model, tmp_path, tok)
     # Random weights: 2.6e-6 measured. Trained stories260K, whose logits reach 20: 1.8e-4 measured over 20 stories,
@@ -202,6 +256,7 @@ def test_transformers_loads_the_export_with_our_shape_and_gives_our_logits_on_re
 
 def test_transformers_greedy_generation_of_200_tokens_is_identical(hf_dir, stories260k):
     from transformers import AutoModelForCausalLM
+
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     ours = stories260k.generate([PROMPT], 200, temperature=0.0)[0]
     assert len(ours) == 200 and not {1, 2} & set(ours)  # no end of story: both run all 200 steps
@@ -211,8 +266,16 @@ def test_transformers_greedy_generation_of_200_tokens_is_identical(hf_dir, stori
 
 def test_autotokenizer_gives_our_ids_and_text_on_200_real_stories(hf_dir, tok, real_stories):
     from transformers import AutoTokenizer
+
     theirs = AutoTokenizer.from_pretrained(hf_dir)
-    odd = ["  two  spaces\tand a tab ", " leading", "trailing  \n  lines\n\n", "", "<s> spelled </s>", "émoji 🙂 日本 123"]
+    odd = [
+        "  two  spaces\tand a tab ",
+        " leading",
+        "trailing  \n  lines\n\n",
+        "",
+        "<s> spelled </s>",
+        "émoji 🙂 日本 123",
+    ]
     for text in real_stories + odd:
         ids = theirs(text)["input_ids"]
         assert ids == tok.encode(text), text[:60]
@@ -222,15 +285,22 @@ def test_autotokenizer_gives_our_ids_and_text_on_200_real_stories(hf_dir, tok, r
 
 def test_a_text_generation_pipeline_continues_a_prompt_as_model_py_does(hf_dir, stories260k, tok):
     from transformers import pipeline
+
     prompt = "Once upon a time"
     ids = tok.encode(prompt)
     ours = stories260k.generate([ids], 30, temperature=0.0, stop_tokens=(tok.bos_id, tok.eos_id))[0]
-    text = pipeline("text-generation", model=str(hf_dir))(prompt, max_new_tokens=30, do_sample=False)[0]["generated_text"]
-    assert text == tok.decode(ids[1:] + [t for t in ours if t not in (tok.bos_id, tok.eos_id)]) and len(text) > len(prompt) + 20
+    text = pipeline("text-generation", model=str(hf_dir))(prompt, max_new_tokens=30, do_sample=False)[0][
+        "generated_text"
+    ]
+    assert (
+        text == tok.decode(ids[1:] + [t for t in ours if t not in (tok.bos_id, tok.eos_id)])
+        and len(text) > len(prompt) + 20
+    )
 
 
 def test_fp16_export_holds_the_weights_in_half_precision(stories260k_ckpt, stories260k, tmp_path):
     from safetensors.torch import load_file
+
     export_cli(tmp_path / "hf16", f"--checkpoint={stories260k_ckpt}", "--version=-1", "--dtype=fp16")
     weights = load_file(tmp_path / "hf16" / "model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float16}
@@ -239,7 +309,9 @@ def test_fp16_export_holds_the_weights_in_half_precision(stories260k_ckpt, stori
     assert torch.equal(embed, stories260k.tok_embeddings.weight.detach().half())
 
 
-def test_ours_to_transformers_and_back_is_bit_identical_and_trains_samples_and_runs(stories260k_ckpt, hf_dir, small_data, tmp_path, capsys):
+def test_ours_to_transformers_and_back_is_bit_identical_and_trains_samples_and_runs(
+    stories260k_ckpt, hf_dir, small_data, tmp_path, capsys
+):
     out = tmp_path / "out"
     out.mkdir()
     export_cli(out / "ckpt.pt", f"--hf={hf_dir}")
@@ -247,26 +319,72 @@ def test_ours_to_transformers_and_back_is_bit_identical_and_trains_samples_and_r
     assert after["kind"] == "import" and after["format"] == checkpoint.FORMAT
     assert before["model"].keys() == after["model"].keys()
     assert all(torch.equal(w, after["model"][k]) for k, w in before["model"].items())
-    assert after["model_args"]["hidden_dim"] == 172 and after["tokenizer"]["tokenizer"] == str(hf_dir / "tokenizer.model")
+    assert after["model_args"]["hidden_dim"] == 172 and after["tokenizer"]["tokenizer"] == str(
+        hf_dir / "tokenizer.model"
+    )
     # ./run: the .bin made from the transformers directory is the .bin made from the checkpoint, byte for byte
     export.export(checkpoint.model_from(before), tmp_path / "a.bin")
     export.export(export.load_hf(hf_dir), tmp_path / "b.bin")
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
     # sample.py, train.py --init_from=resume and PPO start from it
     import sample
+
     capsys.readouterr()
-    sample.main({"checkpoint": str(out / "ckpt.pt"), "tokenizer": "", "prompt": "Once upon a time", "num_samples": 1,
-                 "max_new_tokens": 10, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "device": "cpu"})
+    sample.main(
+        {
+            "checkpoint": str(out / "ckpt.pt"),
+            "tokenizer": "",
+            "prompt": "Once upon a time",
+            "num_samples": 1,
+            "max_new_tokens": 10,
+            "temperature": 0.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "seed": 0,
+            "device": "cpu",
+        }
+    )
     assert capsys.readouterr().out.startswith("Once upon a time")
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data_dir={small_data}", f"--out_dir={out}",
-                        "--init_from=resume", "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=2",
-                        "--dtype=float32", "--device=cpu"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"--data_dir={small_data}",
+            f"--out_dir={out}",
+            "--init_from=resume",
+            "--max_iters=2",
+            "--eval_interval=2",
+            "--eval_iters=1",
+            "--batch_size=2",
+            "--dtype=float32",
+            "--device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0 and "resuming from" in p.stdout and "iteration 0" in p.stdout, p.stderr[-2000:]
     from test_rl import rl_main
-    rl_main([f"--out_dir={out}", "--rl=ppo", "--vocab_size=512", "--max_seq_len=512", "--batch_size=2",
-             "--num_mini_batches=1", "--max_new_tokens=8", "--target_len=4", "--ppo_epochs=1", "--max_iters=1",
-             "--device=cpu", "--dtype=float32", "--eval_interval=1", "--init_from=resume"])
+
+    rl_main(
+        [
+            f"--out_dir={out}",
+            "--rl=ppo",
+            "--vocab_size=512",
+            "--max_seq_len=512",
+            "--batch_size=2",
+            "--num_mini_batches=1",
+            "--max_new_tokens=8",
+            "--target_len=4",
+            "--ppo_epochs=1",
+            "--max_iters=1",
+            "--device=cpu",
+            "--dtype=float32",
+            "--eval_interval=1",
+            "--init_from=resume",
+        ]
+    )
     assert checkpoint.load(str(out / "ppo_ckpt.pt"))["iter_num"] == 1
 
 
@@ -275,10 +393,16 @@ def test_import_refuses_a_model_that_model_py_cannot_hold(hf_dir, tmp_path):
     for name, change in (("untied", {"tie_word_embeddings": False}), ("gpt2", {"model_type": "gpt2"})):
         shutil.copytree(hf_dir, tmp_path / name)
         json.dump({**config, **change}, open(tmp_path / name / "config.json", "w"))
-    for source, message in ((tmp_path / "untied", "tie_word_embeddings"), (tmp_path / "gpt2", "not a transformers Llama config"),
-                            (tmp_path / "none", "no config.json")):
-        p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"), f"--hf={source}"],
-                           capture_output=True, text=True)
+    for source, message in (
+        (tmp_path / "untied", "tie_word_embeddings"),
+        (tmp_path / "gpt2", "not a transformers Llama config"),
+        (tmp_path / "none", "no config.json"),
+    ):
+        p = subprocess.run(
+            [sys.executable, str(ROOT / "export.py"), str(tmp_path / "m.bin"), f"--hf={source}"],
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
     assert not (tmp_path / "m.bin").exists()
 
@@ -286,20 +410,39 @@ def test_import_refuses_a_model_that_model_py_cannot_hold(hf_dir, tmp_path):
 # ---------------------------------------------------------------------------
 # GGUF, for llama.cpp
 
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "q8_0"])
 def test_gguf_holds_our_weights_shape_and_vocabulary(stories260k_ckpt, stories260k, tok, tmp_path, dtype):
     import gguf
+
     export_cli(tmp_path / "m.gguf", f"--checkpoint={stories260k_ckpt}", f"--dtype={dtype}")
     r = gguf.GGUFReader(tmp_path / "m.gguf")
-    field = lambda key: r.fields[key].contents()
+
+    def field(key):
+        return r.fields[key].contents()
+
     assert field("general.architecture") == "llama"
-    assert [field(f"llama.{k}") for k in ("embedding_length", "feed_forward_length", "block_count", "attention.head_count",
-                                           "attention.head_count_kv", "context_length", "rope.dimension_count")] == [64, 172, 5, 8, 4, 512, 8]
+    assert [
+        field(f"llama.{k}")
+        for k in (
+            "embedding_length",
+            "feed_forward_length",
+            "block_count",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "context_length",
+            "rope.dimension_count",
+        )
+    ] == [64, 172, 5, 8, 4, 512, 8]
     sp = tok.sp_model
     assert field("tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(512)]
     assert field("tokenizer.ggml.scores") == pytest.approx([sp.get_score(i) for i in range(512)])
-    assert field("tokenizer.ggml.token_type")[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
-                                                        gguf.TokenType.BYTE]
+    assert field("tokenizer.ggml.token_type")[:4] == [
+        gguf.TokenType.UNKNOWN,
+        gguf.TokenType.CONTROL,
+        gguf.TokenType.CONTROL,
+        gguf.TokenType.BYTE,
+    ]
     ours = export.renamed(stories260k.state_dict(), export.GGUF)
     tensors = {t.name: t for t in r.tensors}
     assert tensors.keys() == ours.keys() and "output.weight" not in tensors  # llama.cpp reuses token_embd, tied
@@ -317,17 +460,27 @@ def test_gguf_holds_our_weights_shape_and_vocabulary(stories260k_ckpt, stories26
 
 
 def test_llama_cpp_generates_the_same_100_greedy_tokens_as_run(stories260k_ckpt, stories260k, run_binary, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python "
-                                                         "builds llama.cpp from source, see README)")
+    llama_cpp = pytest.importorskip(
+        "llama_cpp",
+        reason="llama-cpp-python is not installed (pip install llama-cpp-python "
+        "builds llama.cpp from source, see README)",
+    )
     # fixed files, so that the story is the same everywhere: stories260K with llama2.c's tok512 (a sentencepiece
     # model with remove_extra_whitespaces), whose greedy continuation of "One day" runs 100 tokens without BOS
     tok = Tokenizer(str(SHARED / "models" / "llama2c" / "tok512.model"))
     export_cli(tmp_path / "m.gguf", f"--checkpoint={stories260k_ckpt}", f"--tokenizer={tok.model_path}")
     export.export(stories260k, tmp_path / "m.bin")
     prompt = "One day"
-    # fp32 keys and values in the cache, no flash attention: llama.cpp's defaults (an fp16 cache) move these logits by 0.04
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=512, n_threads=1, type_k=llama_cpp.GGML_TYPE_F32,
-                          type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False, verbose=False)
+    # fp32 keys and values in the cache, no flash attention: llama.cpp's defaults (fp16 cache) move these logits by 0.04
+    llm = llama_cpp.Llama(
+        model_path=str(tmp_path / "m.gguf"),
+        n_ctx=512,
+        n_threads=1,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        flash_attn=False,
+        verbose=False,
+    )
     ids = llm.tokenize(prompt.encode(), add_bos=True)
     assert ids == tok.encode(prompt)  # llama.cpp's tokenizer reads the vocabulary inside as sentencepiece does
     theirs = []
@@ -340,6 +493,21 @@ def test_llama_cpp_generates_the_same_100_greedy_tokens_as_run(stories260k_ckpt,
     assert tok.bos_id not in theirs  # so ./run, which stops at BOS, runs all 100 steps too
     steps = len(ids) + 99  # positions: the last one's token is sampled, not fed
     assert engine.generate(engine.Model(str(tmp_path / "m.bin")), ids, steps=steps, temperature=0.0) == ids + theirs
-    r = subprocess.run([run_binary, str(tmp_path / "m.bin"), "-z", str(SHARED / "models" / "llama2c" / "tok512.bin"), "-t", "0",
-                        "-n", str(steps), "-i", prompt], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            run_binary,
+            str(tmp_path / "m.bin"),
+            "-z",
+            str(SHARED / "models" / "llama2c" / "tok512.bin"),
+            "-t",
+            "0",
+            "-n",
+            str(steps),
+            "-i",
+            prompt,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0 and r.stdout == text + "\n", r.stderr

@@ -1,14 +1,14 @@
 """grpo.py: group-normalised advantages, the three loss types against hand computations, and learning
 on a tiny model through grpo.iteration."""
+
 import math
 
 import pytest
 import torch
+from conftest import learn_short_stories
 
 import grpo
-from conftest import learn_short_stories
 from grpo import group_advantages, grpo_loss
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
@@ -19,11 +19,13 @@ def test_advantages_are_scores_against_their_own_group():
     expected = [-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0, 0.0, -1 / math.sqrt(2), 1 / math.sqrt(2)]
     assert group_advantages(scores, 2).tolist() == pytest.approx(expected, abs=1e-3)
     assert group_advantages(scores, 2, scale_rewards=False).tolist() == [-1.0, 1.0, 0.0, 0.0, -2.0, 2.0]  # Dr. GRPO
-    assert group_advantages(scores, 3, scale_rewards=False).tolist() == pytest.approx([-1, 1, 0, 0, -2, 2])  # [1,3,2] and [2,0,4]
+    assert group_advantages(scores, 3, scale_rewards=False).tolist() == pytest.approx(
+        [-1, 1, 0, 0, -2, 2]
+    )  # [1,3,2] and [2,0,4]
 
 
 def test_the_three_loss_types_on_a_hand_example():
-    # two responses: 3 tokens with advantage +1, 1 token with advantage -1; the first at ratio 1, 1, 1.5 (clipped at 1.2)
+    # two responses: 3 tokens with advantage +1, 1 token with advantage -1; the first at ratio 1, 1, 1.5 (clipped: 1.2)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     old = torch.zeros(2, 3)
     logprobs = torch.log(torch.tensor([[1.0, 1.0, 1.5], [0.5, 1.0, 1.0]])).requires_grad_()
@@ -34,7 +36,9 @@ def test_the_three_loss_types_on_a_hand_example():
     assert loss.item() == pytest.approx(((-3.2 / 3) + 0.8) / 2)  # each response's mean, then their mean
     assert clipped.item() == pytest.approx(2 / 4)
     assert grpo_loss(logprobs, old, advantages, mask, 0.2, "dapo", 10)[0].item() == pytest.approx((-3.2 + 0.8) / 4)
-    assert grpo_loss(logprobs, old, advantages, mask, 0.2, "dr_grpo", 10)[0].item() == pytest.approx((-3.2 + 0.8) / (2 * 10))
+    assert grpo_loss(logprobs, old, advantages, mask, 0.2, "dr_grpo", 10)[0].item() == pytest.approx(
+        (-3.2 + 0.8) / (2 * 10)
+    )
     loss.backward()
     assert logprobs.grad[0, 2] == 0 and logprobs.grad[1, 0] == 0 and logprobs.grad[0, 0] < 0
 

@@ -1,4 +1,5 @@
 """Stories on request: the header, the checker and its hack rule, the instruct stage's files."""
+
 import json
 import os
 import subprocess
@@ -6,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import instruct
 import tinystories
 from common import DataError
-from conftest import ROOT
 from tokenizer import Tokenizer
 
 DOG = {"words": [["dog", "NOUN"], ["jump", "VERB"], ["happy", "ADJ"]], "dialogue": False, "name": None}
@@ -18,11 +19,14 @@ DOG = {"words": [["dog", "NOUN"], ["jump", "VERB"], ["happy", "ADJ"]], "dialogue
 
 def met(text, words, dialogue=False, name=None):
     """check() of a text against a header of these words (noun, verb, adjective)."""
-    return instruct.check(text, {"words": [[w, p] for w, p in zip(words, instruct.POS)], "dialogue": dialogue, "name": name})
+    return instruct.check(
+        text, {"words": [[w, p] for w, p in zip(words, instruct.POS)], "dialogue": dialogue, "name": name}
+    )
 
 
 # -----------------------------------------------------------------------------
 # the checker
+
 
 def test_inflections_and_irregular_forms_count_for_their_lemma():
     r = met("Once upon a time the children ran to the park, happier than ever before.", ["child", "run", "happy"])
@@ -39,7 +43,7 @@ def test_a_word_counts_under_its_own_part_of_speech_or_spelt_as_it_is():
 
 
 def test_capitals_and_punctuation_do_not_matter():
-    r = met("\"DOG!\" shouted the girl, and the Dog's tail went JUMPING, so Happy!", ["dog", "jump", "happy"])
+    r = met('"DOG!" shouted the girl, and the Dog\'s tail went JUMPING, so Happy!', ["dog", "jump", "happy"])
     assert r["noun"] and r["verb"] and r["adj"]
 
 
@@ -48,12 +52,15 @@ def test_a_word_inside_another_word_does_not_count():
     assert not r["noun"] and not r["verb"] and not r["adj"]
 
 
-@pytest.mark.parametrize("text, dialogue", [
-    ('Tom looked at the sky and said, "Look at the bird!" to his mom.', True),
-    ("Tom looked at the sky and said, “Look at the bird!” to his mom.", True),
-    ("Tom’s mom said it was ‘the best bird’ and Tom's dad smiled at them.", False),  # apostrophes, single quotes
-    ('Tom looked at the sky, then said "" and "!" to nobody at all.', False),  # quotes holding no word
-])
+@pytest.mark.parametrize(
+    "text, dialogue",
+    [
+        ('Tom looked at the sky and said, "Look at the bird!" to his mom.', True),
+        ("Tom looked at the sky and said, “Look at the bird!” to his mom.", True),
+        ("Tom’s mom said it was ‘the best bird’ and Tom's dad smiled at them.", False),  # apostrophes, single quotes
+        ('Tom looked at the sky, then said "" and "!" to nobody at all.', False),  # quotes holding no word
+    ],
+)
 def test_dialogue_is_a_double_quotation_holding_a_word(text, dialogue):
     assert met(text, ["sky", "look", "happy"], dialogue=True)["dialogue"] is dialogue
     assert "dialogue" not in met(text, ["sky", "look", "happy"])
@@ -61,18 +68,23 @@ def test_dialogue_is_a_double_quotation_holding_a_word(text, dialogue):
 
 def test_the_name_counts_spelt_with_its_capital_and_as_a_possessive():
     assert met("One day Lily's dog ran into the big green park.", ["dog", "run", "green"], name="Lily")["name"]
-    assert not met("One day she picked a white lily in the big green park.", ["dog", "run", "green"], name="Lily")["name"]
+    assert not met("One day she picked a white lily in the big green park.", ["dog", "run", "green"], name="Lily")[
+        "name"
+    ]
 
 
 def test_names_are_the_names_prefs_finds_counted(small_data):
     import prefs
+
     for story in tinystories.load_text(small_data, "train")[:100]:
         assert set(instruct.name_counts(story)) == prefs.names(story) - instruct.NOT_NAMES
 
 
 def test_the_main_character_is_the_most_frequent_name_that_is_no_parent():
-    story = ("Once upon a time, there was a girl named Lily. Mom told Lily to play with Ben. "
-             "Lily and Ben played. \"Mom, look!\" said Lily. Mom smiled at Ben.")
+    story = (
+        "Once upon a time, there was a girl named Lily. Mom told Lily to play with Ben. "
+        'Lily and Ben played. "Mom, look!" said Lily. Mom smiled at Ben.'
+    )
     assert instruct.name_counts(story) == {"Lily": 3, "Ben": 3}  # sentence openers and Mom are no names
     assert instruct.main_name(story) == "Lily"  # the first among equals
     assert instruct.main_name("Once upon a time, a cat sat on a mat.") is None
@@ -80,8 +92,12 @@ def test_the_main_character_is_the_most_frequent_name_that_is_no_parent():
 
 def test_listed_words_do_not_count_and_are_flagged():
     story = "Once upon a time, a little girl went to the park with her ball and played all day long."
-    for hack in ("Dog, jump, happy.", "Words: dog, jump, happy", "Dog and jump and happy!",
-                 "Dog, jump, happy, and then the story begins with many more words here."):
+    for hack in (
+        "Dog, jump, happy.",
+        "Words: dog, jump, happy",
+        "Dog and jump and happy!",
+        "Dog, jump, happy, and then the story begins with many more words here.",
+    ):
         r = instruct.check(f"{hack} {story}", DOG)
         assert r["listed"], hack
         assert not (r["noun"] or r["verb"] or r["adj"]), hack
@@ -110,13 +126,21 @@ def test_required_words_crowding_a_sentence_do_not_count():
 def test_reward_is_the_share_of_constraints_met():
     header = "Words: dog, jump, happy\nFeatures: Dialogue\nName: Tom\nStory:"
     text = 'Tom saw a dog in the yard. "Come here, little dog," he said to the dog.'
-    assert instruct.check(text, header) == {"noun": True, "verb": False, "adj": False, "name": True,
-                                            "dialogue": True, "all": False, "listed": False}
+    assert instruct.check(text, header) == {
+        "noun": True,
+        "verb": False,
+        "adj": False,
+        "name": True,
+        "dialogue": True,
+        "all": False,
+        "listed": False,
+    }
     assert instruct.reward(text, header) == 3 / 5
 
 
 # -----------------------------------------------------------------------------
 # the header
+
 
 @pytest.mark.parametrize("dialogue, name", [(False, None), (True, None), (False, "Lily"), (True, "Lily")])
 def test_header_renders_and_parses_back(dialogue, name):
@@ -127,8 +151,16 @@ def test_header_renders_and_parses_back(dialogue, name):
     assert instruct.parse_header(header) == c
 
 
-@pytest.mark.parametrize("header", ["Words: dog, jump\nStory:", "Words: dog, jump, happy", "Name: Lily\nStory:",
-                                    "Words: dog, jump, happy\nFeatures: Twist\nStory:", "Words: dog, jump, happy\nName: lily\nStory:"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Words: dog, jump\nStory:",
+        "Words: dog, jump, happy",
+        "Name: Lily\nStory:",
+        "Words: dog, jump, happy\nFeatures: Twist\nStory:",
+        "Words: dog, jump, happy\nName: lily\nStory:",
+    ],
+)
 def test_a_malformed_header_is_a_one_line_error(header):
     with pytest.raises(DataError, match="malformed header") as e:
         instruct.parse_header(header)
@@ -140,8 +172,11 @@ def test_a_malformed_header_is_a_one_line_error(header):
 # -----------------------------------------------------------------------------
 # choosing the words
 
+
 def test_content_words_are_plain_nouns_verbs_and_adjectives_and_no_names():
-    words = instruct.content_words("Lily jumped over the play and felt very brave. She flew the kite on a shiny string.")
+    words = instruct.content_words(
+        "Lily jumped over the play and felt very brave. She flew the kite on a shiny string."
+    )
     assert {("jump", "VERB"), ("play", "NOUN"), ("brave", "ADJ"), ("shiny", "ADJ"), ("kite", "NOUN")} <= words
     assert not {w for w, _ in words} & {"lily", "she", "feel", "be", "very", "over"}
 
@@ -155,24 +190,34 @@ def test_truncation_keeps_whole_sentences_and_fits(small_data):
             ends = instruct.sentence_ends(story)
             assert truncated and len(text) in ends and ids == encode(text) and len(ids) <= budget
             after = [e for e in ends if e > len(text)]
-            assert not after or len(encode(story[:after[0]])) > budget  # the next sentence would not fit
-    assert instruct.cut("Tom said, \"Hi. Come here, Lily!\" and ran.", encode, 12) is None  # no end outside the quote fits
+            assert not after or len(encode(story[: after[0]])) > budget  # the next sentence would not fit
+    assert (
+        instruct.cut('Tom said, "Hi. Come here, Lily!" and ran.', encode, 12) is None
+    )  # no end outside the quote fits
     assert instruct.cut("A short story. It fits.", encode, 100)[2] is False
 
 
 # -----------------------------------------------------------------------------
 # the stage's files
 
+
 @pytest.fixture(scope="module")
 def prepared(small_data, tmp_path_factory):
     """The stage run as a user runs it; its out dir and meta."""
-    p = subprocess.run([sys.executable, str(ROOT / "tinystories.py"), "instruct", "--vocab_size=512", f"--data_dir={small_data}"],
-                       cwd=tmp_path_factory.mktemp("cwd"), capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "tinystories.py"), "instruct", "--vocab_size=512", f"--data_dir={small_data}"],
+        cwd=tmp_path_factory.mktemp("cwd"),
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     out = os.path.join(small_data, "tok512")
     meta = json.load(open(os.path.join(out, "instruct_meta.json")))
     summary = p.stdout.splitlines()
-    assert f"{out}/instruct_train: {meta['train']['examples']:,} examples from {meta['train']['stories_kept']:,} of 300 stories" in summary[0]
+    assert (
+        f"{out}/instruct_train: {meta['train']['examples']:,} examples from "
+        f"{meta['train']['stories_kept']:,} of 300 stories" in summary[0]
+    )
     return out, meta
 
 
@@ -195,9 +240,14 @@ def test_every_example_meets_its_own_header(prepared):
 
 def test_every_inflection_lemminflect_lists_for_a_header_word_counts(prepared):
     from lemminflect import getAllInflections
+
     out, _ = prepared
-    words = {tuple(w) for split in ("train", "val", "ood") for r in read_jsonl(os.path.join(out, f"instruct_{split}.jsonl"))
-             for w in r["constraints"]["words"]}
+    words = {
+        tuple(w)
+        for split in ("train", "val", "ood")
+        for r in read_jsonl(os.path.join(out, f"instruct_{split}.jsonl"))
+        for w in r["constraints"]["words"]
+    }
     forms = [(lemma, pos, f) for lemma, pos in words for fs in getAllInflections(lemma, upos=pos).values() for f in fs]
     assert len(forms) > 2 * len(words)
     assert [(lemma, pos, f) for lemma, pos, f in forms if (lemma, pos) not in instruct.counts_for(f)] == []
@@ -237,7 +287,7 @@ def test_token_files_decode_to_header_and_story(prepared):
         assert len(index) == len(rows) and index[-1, 0] + index[-1, 2] == len(tokens)
         assert (index[1:, 0] == index[:-1, 0] + index[:-1, 2]).all()  # example after example
         for (start, prompt_len, length, truncated), r in zip(index, rows):
-            example = tokens[start:start + length].tolist()
+            example = tokens[start : start + length].tolist()
             assert length <= meta["max_seq_len"]
             assert example[0] == example[-1] == tok.bos_id and tok.bos_id not in example[1:-1]
             assert example[1:prompt_len] == tok.encode(r["header"], bos=False)  # as a typed prompt encodes
@@ -262,6 +312,7 @@ def test_the_stage_is_deterministic_for_a_seed(prepared, small_data, tmp_path):
 
     def stories(split, desc):
         return iter(tinystories.load_text(small_data, split))
+
     instruct.prepare(stories, tok, tmp_path, seed=meta["seed"], quiet=True)
     assert sorted(os.listdir(tmp_path)) == sorted(f for f in os.listdir(out) if f.startswith("instruct_"))
     for name in os.listdir(tmp_path):
@@ -269,14 +320,24 @@ def test_the_stage_is_deterministic_for_a_seed(prepared, small_data, tmp_path):
 
 
 def test_the_seed_chooses_the_words():
-    story = ("Once upon a time, a little bunny hopped into the quiet garden. The bunny ate a crunchy carrot "
-             "and a sweet apple. Then the bunny jumped over a muddy puddle and rolled in the soft grass.")
+    story = (
+        "Once upon a time, a little bunny hopped into the quiet garden. The bunny ate a crunchy carrot "
+        "and a sweet apple. Then the bunny jumped over a muddy puddle and rolled in the soft grass."
+    )
 
     def words(seed):
-        return [[w for w, _ in c["words"]] for c in instruct.choose(story, instruct.random.Random(seed), lambda w, p: True, 4)]
+        return [
+            [w for w, _ in c["words"]]
+            for c in instruct.choose(story, instruct.random.Random(seed), lambda w, p: True, 4)
+        ]
+
     assert words(1) == words(1) and words(1) != words(2)
-    assert len(words(1)) == 4 and all(instruct.check(story, {"words": [[w, p] for w, p in zip(ws, instruct.POS)],
-                                                              "dialogue": False, "name": None})["all"] for ws in words(1))
+    assert len(words(1)) == 4 and all(
+        instruct.check(story, {"words": [[w, p] for w, p in zip(ws, instruct.POS)], "dialogue": False, "name": None})[
+            "all"
+        ]
+        for ws in words(1)
+    )
 
 
 def test_meta_summarises_the_files(prepared):
@@ -292,6 +353,7 @@ def test_bad_settings_and_too_little_data_are_one_line_errors(small_data, tmp_pa
 
     def stories(split, desc):
         return iter(tinystories.load_text(small_data, split)[:2])
+
     with pytest.raises(DataError, match="--headers_per_story must be at least 1, not 0"):
         instruct.prepare(stories, tok, tmp_path, headers_per_story=0)
     with pytest.raises(DataError, match=r"too few training stories \(2\)"):

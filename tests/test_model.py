@@ -1,13 +1,14 @@
 """The model's contracts: shapes, causality, cached decoding, attention and RoPE math, llama2.c
 parity (names, counts, the RoPE table), training, sampling and init."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import SHARED
+
 from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, CausalAttentionCPU, ModelArgs, Transformer, apply_rope, rope_tables
 
 STORIES260K = SHARED / "models" / "llama2c" / "stories260K.bin"
@@ -32,6 +33,7 @@ def random_tokens(*shape, vocab_size=64, seed=0):
 
 # ---------------------------------------------------------------------------
 # forward
+
 
 def test_forward_gives_logits_at_every_position_and_a_scalar_loss_only_with_targets():
     model = tiny_model()
@@ -61,12 +63,13 @@ def test_changing_a_later_token_never_changes_earlier_logits():
     changed[0, t + 1] = (tokens[0, t + 1] + 1) % 64
     a, _ = model(tokens)
     b, _ = model(changed)
-    assert torch.equal(a[:, :t + 1], b[:, :t + 1])
+    assert torch.equal(a[:, : t + 1], b[:, : t + 1])
     assert not torch.allclose(a[:, t + 1], b[:, t + 1])
 
 
 # ---------------------------------------------------------------------------
 # attention and RoPE against references written from the definitions
+
 
 def rope_as_run_c(x):
     """run.c's loop: rotate each pair (v[i], v[i+1]) of a head by pos / 10000^(i / head_size)."""
@@ -168,13 +171,16 @@ def test_rope_scores_depend_only_on_the_relative_position():
 # ---------------------------------------------------------------------------
 # cached decoding and generation
 
+
 def left_pad(prompts):
     P = max(len(p) for p in prompts)
     tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     return tokens, torch.tensor([P - len(p) for p in prompts])
 
 
-@pytest.mark.parametrize("prompts", [[[1, 5, 9, 2, 7], [3, 4], [8, 6, 2, 1, 5, 9, 11]], [[1, 5, 9], [3, 4, 2], [8, 6, 2]]])
+@pytest.mark.parametrize(
+    "prompts", [[[1, 5, 9, 2, 7], [3, 4], [8, 6, 2, 1, 5, 9, 11]], [[1, 5, 9], [3, 4, 2], [8, 6, 2]]]
+)
 def test_cached_decoding_of_left_padded_rows_gives_each_rows_full_forward_logits(prompts):
     model = tiny_model()
     tokens, pad = left_pad(prompts)
@@ -185,7 +191,7 @@ def test_cached_decoding_of_left_padded_rows_gives_each_rows_full_forward_logits
         kv_cache = model.new_kv_cache(3, P + n_steps)
         step_logits = [model.decode(tokens, pad, kv_cache, 0)]  # prefill
         for i in range(n_steps - 1):
-            step_logits.append(model.decode(fed[:, i:i + 1], pad, kv_cache, P + i))
+            step_logits.append(model.decode(fed[:, i : i + 1], pad, kv_cache, P + i))
         for b, prompt in enumerate(prompts):
             full, _ = model(torch.tensor([prompt + fed[b].tolist()]))
             for i, logits in enumerate(step_logits):
@@ -223,7 +229,7 @@ def test_greedy_generation_stops_right_after_a_stop_token():
     model = tiny_model()
     free = greedy_alone(model, [1, 2, 3])
     stop = free[4]
-    assert greedy_alone(model, [1, 2, 3], stop_tokens=(stop,)) == free[:free.index(stop) + 1]
+    assert greedy_alone(model, [1, 2, 3], stop_tokens=(stop,)) == free[: free.index(stop) + 1]
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator_and_varies_with_the_seed():
@@ -253,6 +259,7 @@ def test_generation_longer_than_max_seq_len_is_refused():
 # ---------------------------------------------------------------------------
 # llama2.c parity: names, parameter counts, the published checkpoint
 
+
 def test_output_and_embedding_weights_stay_tied_through_an_optimizer_step():
     model = tiny_model()
     assert model.output.weight is model.tok_embeddings.weight
@@ -267,8 +274,17 @@ def test_output_and_embedding_weights_stay_tied_through_an_optimizer_step():
 
 def test_state_dict_holds_only_the_weights_under_llama2c_names():
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64))
-    layer = ["attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
-             "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"]
+    layer = [
+        "attention.wq",
+        "attention.wk",
+        "attention.wv",
+        "attention.wo",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+        "attention_norm",
+        "ffn_norm",
+    ]
     expected = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {f"layers.0.{n}.weight" for n in layer}
     assert set(model.state_dict()) == expected
 
@@ -298,12 +314,13 @@ def test_260K_preset_and_rope_table_match_llama2c_stories260K_checkpoint():
     data = np.fromfile(STORIES260K, dtype=np.float32, offset=28)
     n, table = model.num_params(), p.max_seq_len * p.dim // p.n_heads // 2
     assert data.size == n + 2 * table
-    assert np.array_equal(data[n:n + table], model.freqs_cos.flatten().numpy())
-    assert np.array_equal(data[n + table:], model.freqs_sin.flatten().numpy())
+    assert np.array_equal(data[n : n + table], model.freqs_cos.flatten().numpy())
+    assert np.array_equal(data[n + table :], model.freqs_sin.flatten().numpy())
 
 
 # ---------------------------------------------------------------------------
 # training and init
+
 
 def test_a_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)

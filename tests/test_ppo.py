@@ -1,17 +1,17 @@
 """ppo.py: GAE, the clipped objective and value loss, masking, the KL in the reward or in the loss, early
 stop, and learning on a tiny model through ppo.iteration (test_rl.py covers what the methods share)."""
+
 import copy
 import math
 
 import pytest
 import torch
+from conftest import bos_prompts, learn, length_score, tiny_model, tiny_run
 
 import configurator
 import ppo
 import rl
-from conftest import bos_prompts, learn, length_score, tiny_model, tiny_run
 from ppo import compute_gae, ppo_loss
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
@@ -29,7 +29,9 @@ def policy_and_reference(std=0.3):
 def experience(policy, reference, settings, stop, kl_coef=0.1, score=None):
     """The loop's rollouts of 32 prompts of 3 tokens, then PPO's rewards and advantages."""
     score = score or (lambda batch: torch.ones(len(batch.tokens)))
-    batch, _ = rl.rollout(policy, reference, bos_prompts(32, 3), score, settings, torch.Generator().manual_seed(0), stop)
+    batch, _ = rl.rollout(
+        policy, reference, bos_prompts(32, 3), score, settings, torch.Generator().manual_seed(0), stop
+    )
     rewards = ppo.advantages(batch, kl_coef, settings)
     return batch, rewards
 
@@ -37,12 +39,14 @@ def experience(policy, reference, settings, stop, kl_coef=0.1, score=None):
 # ---------------------------------------------------------------------------
 # the math
 
+
 def test_gae_matches_a_hand_computation_and_stops_at_each_rows_end():
     values = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 99.0]])
     rewards = torch.tensor([[0.5, -1.0, 2.0], [0.5, -1.0, 7.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1 ends after two tokens
     advantages, returns = compute_gae(values, rewards, mask, gamma=0.9, lam=0.8)
-    # row 0: deltas from the end: 2 - 3 = -1; -1 + 0.9*3 - 2 = -0.3; 0.5 + 0.9*2 - 1 = 1.3, each plus 0.72 * the next advantage
+    # row 0: deltas from the end: 2 - 3 = -1; -1 + 0.9*3 - 2 = -0.3; 0.5 + 0.9*2 - 1 = 1.3,
+    # each plus 0.72 * the next advantage
     # row 1: its last token sees no next value: -1 - 2 = -3; then 1.3 + 0.72 * -3
     expected = torch.tensor([[1.3 + 0.72 * (-0.3 - 0.72), -0.3 - 0.72, -1.0], [1.3 - 2.16, -3.0, 0.0]])
     torch.testing.assert_close(advantages, expected)
@@ -80,6 +84,7 @@ def test_value_loss_is_clipped_around_the_old_values():
 # ---------------------------------------------------------------------------
 # rollouts, rewards and the KL on a tiny model
 
+
 def test_everything_after_a_rows_end_is_masked():
     policy, _ = policy_and_reference()
     torch.nn.init.normal_(policy.value_head.weight)  # non-zero values, so that masking them shows
@@ -92,14 +97,22 @@ def test_everything_after_a_rows_end_is_masked():
     for i, n in enumerate(ends.tolist()):
         assert mask[i, :n].all() and not mask[i, n:].any()
         assert batch.ended[i] == (response[i, n - 1].item() in stop)  # the stop token is the last masked-in token
-        assert not any(t in stop for t in response[i, :n - 1].tolist())
+        assert not any(t in stop for t in response[i, : n - 1].tolist())
     kl = (batch.logprobs - batch.ref_logprobs) * mask
-    for name, t in (("logprobs", batch.logprobs), ("ref_logprobs", batch.ref_logprobs), ("values", batch.values),
-                    ("rewards", rewards), ("advantages", batch.advantages), ("returns", batch.returns)):
+    for name, t in (
+        ("logprobs", batch.logprobs),
+        ("ref_logprobs", batch.ref_logprobs),
+        ("values", batch.values),
+        ("rewards", rewards),
+        ("advantages", batch.advantages),
+        ("returns", batch.returns),
+    ):
         assert (t[mask == 0] == 0).all(), name
         assert (t[mask == 1] != 0).any(), name
     last = torch.nn.functional.one_hot(ends - 1, mask.size(1))
-    torch.testing.assert_close(rewards, -0.1 * kl + last)  # k1, summed: each token its own penalty; the score of 1 at the end
+    torch.testing.assert_close(
+        rewards, -0.1 * kl + last
+    )  # k1, summed: each token its own penalty; the score of 1 at the end
 
 
 def test_the_kl_penalty_per_token_or_in_the_loss_instead_of_the_rewards():
@@ -110,7 +123,7 @@ def test_the_kl_penalty_per_token_or_in_the_loss_instead_of_the_rewards():
     def rewards(**overrides):
         return experience(policy, reference, cfg(max_new_tokens=10, **overrides), stop)
 
-    (summed, sum_rewards), (_, mean_rewards) = rewards(), rewards(kl_reduction="mean")
+    (summed, _), (_, mean_rewards) = rewards(), rewards(kl_reduction="mean")
     in_loss, loss_rewards = rewards(kl_in="loss")
     mask = summed.mask
     kl = (summed.logprobs - summed.ref_logprobs) * mask
@@ -147,6 +160,7 @@ def test_kl_estimate_is_zero_against_itself_and_positive_after_the_policy_moves(
 # ---------------------------------------------------------------------------
 # iterations on a tiny model: ppo.iteration, as the training loop calls it
 
+
 def test_ppo_learns_to_end_stories_at_a_short_target_length_and_never_touches_the_reference():
     torch.manual_seed(0)
     policy, reference = policy_and_reference(std=None)
@@ -159,8 +173,18 @@ def test_ppo_learns_to_end_stories_at_a_short_target_length_and_never_touches_th
     assert all(torch.equal(v, frozen[k]) for k, v in reference.state_dict().items())
     assert not torch.equal(policy.model.output.weight, reference.model.output.weight)
     assert policy.value_head.weight.abs().sum() > 0  # the zero-initialised value head learned
-    for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl",
-                "ppo/policy/policykl", "ppo/policy/clipfrac", "ppo/val/vpred", "ppo/val/clipfrac", "ppo/returns/mean"):
+    for key in (
+        "ppo/loss/policy",
+        "ppo/loss/value",
+        "ppo/loss/total",
+        "ppo/policy/entropy",
+        "ppo/policy/approxkl",
+        "ppo/policy/policykl",
+        "ppo/policy/clipfrac",
+        "ppo/val/vpred",
+        "ppo/val/clipfrac",
+        "ppo/returns/mean",
+    ):
         assert all(math.isfinite(s[key]) for _, s in history), key
 
 
@@ -172,5 +196,5 @@ def test_early_stop_ends_the_epochs_once_the_approx_kl_exceeds_the_threshold():
         policy, reference = policy_and_reference()
         run = tiny_run(ppo, policy, reference, score, cfg(learning_rate=lr, ppo_epochs=4, early_stop_kl=threshold))
         run.stop_tokens = ()
-        (_, stats), = learn(run, 1)
+        ((_, stats),) = learn(run, 1)
         assert stats["ppo/epochs"] == epochs

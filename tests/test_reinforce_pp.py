@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from conftest import bos_prompts, learn_short_stories, tiny_model, tiny_run
 
 import configurator
 import reinforce_pp
 import rl
-from conftest import bos_prompts, learn_short_stories, tiny_model, tiny_run
 from reinforce_pp import token_returns
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
@@ -26,21 +26,30 @@ def test_token_returns_sum_the_rewards_that_follow_and_stop_at_each_rows_end():
     torch.testing.assert_close(returns, expected)
     # discounted: from the end, r_t + 0.5 * (the return after it)
     discounted = token_returns(scores, kl, mask, kl_coef=0.5, gamma=0.5)
-    torch.testing.assert_close(discounted[0], torch.tensor([-0.05 + 0.5 * (-0.1 + 0.5 * 0.85), -0.1 + 0.5 * 0.85, 0.85]))
+    torch.testing.assert_close(
+        discounted[0], torch.tensor([-0.05 + 0.5 * (-0.1 + 0.5 * 0.85), -0.1 + 0.5 * 0.85, 0.85])
+    )
 
 
 def test_advantages_are_whitened_over_every_token_of_the_batch_and_the_loss_is_clipped_per_token():
     policy = rl.Policy(tiny_model(std=0.3))
     reference = rl.Policy(tiny_model(seed=1, std=0.3)).requires_grad_(False)
-    cfg = {**configurator.split(reinforce_pp.config)[0], "batch_size": 8, "num_mini_batches": 1, "max_new_tokens": 6,
-           "init_kl_coef": 0.5}
+    cfg = {
+        **configurator.split(reinforce_pp.config)[0],
+        "batch_size": 8,
+        "num_mini_batches": 1,
+        "max_new_tokens": 6,
+        "init_kl_coef": 0.5,
+    }
 
     def score(batch):
         return batch.lengths()  # differs across rollouts
 
     run = tiny_run(reinforce_pp, policy, reference, score, cfg)
     run.optimizer, run.shuffle = torch.optim.SGD(policy.parameters(), lr=0.0), torch.Generator().manual_seed(1)
-    batch, _ = rl.rollout(policy, reference, bos_prompts(8, 2), score, cfg, torch.Generator().manual_seed(0), run.stop_tokens)
+    batch, _ = rl.rollout(
+        policy, reference, bos_prompts(8, 2), score, cfg, torch.Generator().manual_seed(0), run.stop_tokens
+    )
     stats = reinforce_pp.iteration(run, batch)
     kl = batch.logprobs - batch.ref_logprobs  # k1
     torch.testing.assert_close(batch.returns, token_returns(batch.scores, kl, batch.mask, 0.5, 1.0))

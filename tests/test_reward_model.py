@@ -1,4 +1,5 @@
 """reward_model.py: the Bradley-Terry loss, the reward model's contract and learning, and its command line."""
+
 import json
 import math
 import os
@@ -7,27 +8,40 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY, real_story_parts
 
 from common import save_atomic
-from conftest import ROOT, TINY, real_story_parts
 from metrics import judge
 from model import ModelArgs, Transformer
 from prefs import encode_story, pad_right, write_pairs
-from reward_model import RewardModel, bradley_terry_loss, encode_pairs, evaluate, load_reward_model, pairwise_accuracy, train_reward_model
+from reward_model import (
+    RewardModel,
+    bradley_terry_loss,
+    encode_pairs,
+    evaluate,
+    load_reward_model,
+    pairwise_accuracy,
+    train_reward_model,
+)
 from tinystories import SEPARATOR as END
 from tokenizer import Tokenizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "reward_model.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "reward_model.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 # ---------------------------------------------------------------------------
 # Bradley-Terry loss and pairwise accuracy
+
 
 def test_bradley_terry_loss_and_pairwise_accuracy_on_a_hand_made_batch():
     r_chosen, r_rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
@@ -40,6 +54,7 @@ def test_bradley_terry_loss_and_pairwise_accuracy_on_a_hand_made_batch():
 
 # ---------------------------------------------------------------------------
 # the reward model's contract
+
 
 def tiny_reward_model(seed=0):
     """A random tiny trunk with large weights and a random head, so that every token matters."""
@@ -80,7 +95,9 @@ def test_a_fresh_head_gives_every_story_reward_zero():
 def test_encode_story_marks_an_ended_story_with_bos_and_keeps_the_context(small_data):
     tok = Tokenizer(os.path.join(small_data, "tok512.model"))
     ids = encode_story(tok, "Once upon a time, Lily", " was happy." + END, 128)
-    assert ids[0] == tok.bos_id and ids[-1] == tok.bos_id and tok.decode(ids[1:-1]) == "Once upon a time, Lily was happy."
+    assert (
+        ids[0] == tok.bos_id and ids[-1] == tok.bos_id and tok.decode(ids[1:-1]) == "Once upon a time, Lily was happy."
+    )
     assert encode_story(tok, "Once upon a time, Lily", " was happy.", 128) == ids[:-1]
     assert len(encode_story(tok, "word " * 200, "", 128)) == 128
 
@@ -91,7 +108,7 @@ def test_training_on_judge_labelled_real_stories_beats_chance_on_held_out_pairs(
     tok = Tokenizer(os.path.join(small_data, "tok512.model"))
     pairs = []
     for i, (prompt, rest) in enumerate(real_story_parts(160, offset=300)):  # not the stories small_data trained on
-        rejected = rest[:len(rest) * 2 // 3] if i % 2 else rest + (" " + rest.split(". ")[0] + ".") * 3 + END
+        rejected = rest[: len(rest) * 2 // 3] if i % 2 else rest + (" " + rest.split(". ")[0] + ".") * 3 + END
         assert judge(prompt, rest + END) > judge(prompt, rejected)  # the labels are the judge's
         pairs.append({"prompt": prompt, "chosen": rest + END, "rejected": rejected})
     encoded = encode_pairs(tok, pairs, 256)
@@ -108,17 +125,34 @@ def test_training_on_judge_labelled_real_stories_beats_chance_on_held_out_pairs(
 # ---------------------------------------------------------------------------
 # the command line
 
+
 def test_training_from_a_pairs_file_writes_a_reward_model_that_loads_and_scores(small_data, tiny_ckpt, tmp_path):
     pairs, rm_path = tmp_path / "train.jsonl", tmp_path / "rm.pt"
-    got = [{"prompt": prompt, "chosen": rest[:120] + END, "rejected": rest[:60]} for prompt, rest in real_story_parts(24)]
-    write_pairs(got + [{"prompt": "Once upon a time", "chosen": " Lily ran." * 60 + END, "rejected": " Tom."}], str(pairs))
-    p = run(f"--checkpoint={tiny_ckpt}", f"--pairs={pairs}", f"--eval_pairs={pairs}", f"--rm_path={rm_path}", "--epochs=1",
-            "--batch_size=8", "--device=cpu")
+    got = [
+        {"prompt": prompt, "chosen": rest[:120] + END, "rejected": rest[:60]} for prompt, rest in real_story_parts(24)
+    ]
+    write_pairs(
+        got + [{"prompt": "Once upon a time", "chosen": " Lily ran." * 60 + END, "rejected": " Tom."}], str(pairs)
+    )
+    p = run(
+        f"--checkpoint={tiny_ckpt}",
+        f"--pairs={pairs}",
+        f"--eval_pairs={pairs}",
+        f"--rm_path={rm_path}",
+        "--epochs=1",
+        "--batch_size=8",
+        "--device=cpu",
+    )
     assert p.returncode == 0, p.stderr
-    assert f"{pairs}: 1 of 50 stories are longer than the context; the reward model reads their first 128 tokens" in p.stdout
+    assert (
+        f"{pairs}: 1 of 50 stories are longer than the context; the reward model reads their first 128 tokens"
+        in p.stdout
+    )
     assert "held-out pairwise accuracy" in p.stdout
     log = [json.loads(line) for line in open(tmp_path / "rm_log.jsonl")]
-    assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3, 4] and "eval/accuracy" in log[-1]  # 25 pairs, 8 a step
+    assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3, 4] and "eval/accuracy" in log[
+        -1
+    ]  # 25 pairs, 8 a step
 
     rm = load_reward_model(str(rm_path))
     assert not rm.training and not any(p.requires_grad for p in rm.parameters())
@@ -130,14 +164,22 @@ def test_training_from_a_pairs_file_writes_a_reward_model_that_loads_and_scores(
 def test_bad_input_on_the_command_line_is_one_error_line(small_data, tiny_ckpt, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
     p = run(f"--checkpoint={tiny_ckpt}", f"--pairs={tmp_path / 'bad.jsonl'}", f"--rm_path={tmp_path / 'rm.pt'}")
-    assert p.returncode != 0 and p.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:2: not valid JSON (Expecting value)"
+    assert (
+        p.returncode != 0 and p.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:2: not valid JSON (Expecting value)"
+    )
     assert not os.path.exists(tmp_path / "rm.pt")
 
 
 def test_a_tokenizer_that_does_not_fit_the_model_is_named(small_data, tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    save_atomic({"model": Transformer(ModelArgs(**{**TINY, "vocab_size": 64})).state_dict(),
-                 "model_args": {**TINY, "vocab_size": 64}, "tokenizer": {"tokenizer": os.path.join(small_data, "tok512.model")}}, path)
+    save_atomic(
+        {
+            "model": Transformer(ModelArgs(**{**TINY, "vocab_size": 64})).state_dict(),
+            "model_args": {**TINY, "vocab_size": 64},
+            "tokenizer": {"tokenizer": os.path.join(small_data, "tok512.model")},
+        },
+        path,
+    )
     (tmp_path / "p.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     p = run(f"--checkpoint={path}", f"--pairs={tmp_path / 'p.jsonl'}", f"--eval_pairs={tmp_path / 'p.jsonl'}")
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 estimators, penalties and controller, rollouts and minibatches, rewards, PPO-ptx, dropout off, the
 fluency measures; and the training loop of every method from the command line (train.py --rl=...,
 the fork's --ppo=True, recipes, resume, DDP, errors)."""
+
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, STOP, bos_prompts, real_story_parts, tiny_model, tiny_run, wandb_history
 
 import checkpoint
 import common
@@ -22,7 +24,6 @@ import rl
 import rl_train
 import tasks
 import train
-from conftest import ROOT, STOP, bos_prompts, real_story_parts, tiny_model, tiny_run, wandb_history
 from common import DataError
 from model import ModelArgs, Transformer
 from prefs import write_pairs
@@ -30,12 +31,12 @@ from tinystories import SEPARATOR as END
 from tinystories import load_text
 from tokenizer import Tokenizer
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 
 # ---------------------------------------------------------------------------
 # the math
+
 
 def test_log_probs_and_entropy_of_the_tempered_distribution():
     logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
@@ -107,6 +108,7 @@ def test_adaptive_kl_controller_raises_the_coefficient_above_target_and_lowers_i
 # ---------------------------------------------------------------------------
 # rewards
 
+
 def test_length_reward_peaks_at_the_target_and_a_cut_off_response_pays_the_missing_eos_penalty():
     lengths = torch.arange(0, 401).float()
     r = tasks.length_reward(lengths, 200)
@@ -141,8 +143,15 @@ def test_reward_specs_and_the_reward_model_wiring():
 def test_rollouts_of_prompts_of_different_lengths_line_up_with_their_responses():
     policy = rl.Policy(tiny_model(std=0.3))
     prompts = [[1, 7], [1, 9, 10, 11, 12], [1]]
-    batch, _ = rl.rollout(policy, policy, prompts, lambda b: torch.zeros(3), {"max_new_tokens": 6, "temperature": 1.0,
-                          "batch_size": 2}, torch.Generator().manual_seed(0), ())
+    batch, _ = rl.rollout(
+        policy,
+        policy,
+        prompts,
+        lambda b: torch.zeros(3),
+        {"max_new_tokens": 6, "temperature": 1.0, "batch_size": 2},
+        torch.Generator().manual_seed(0),
+        (),
+    )
     assert batch.prompt_lens.tolist() == [2, 5, 1] and batch.mask.sum(1).tolist() == [6, 6, 6]
     for i, p in enumerate(prompts):
         assert batch.tokens[i, : len(p)].tolist() == p
@@ -172,6 +181,7 @@ def test_minibatches_keep_each_group_whole_and_cover_every_row_once_an_epoch():
 # ---------------------------------------------------------------------------
 # PPO-ptx and dropout
 
+
 def test_ptx_adds_its_coefficient_times_the_pretraining_gradient_to_the_step():
     policy = rl.Policy(tiny_model(std=0.3))
     X = torch.randint(3, 64, (4, 9), generator=torch.Generator().manual_seed(0))
@@ -186,6 +196,7 @@ def test_ptx_adds_its_coefficient_times_the_pretraining_gradient_to_the_step():
         run.optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
         stats = rl.optimizer_step(run, rl_loss, batches if ptx_coef else None)
         return [p.grad.clone() for p in policy.parameters()], stats
+
     (with_ptx, stats), (alone, _) = grads(0.5), grads(0.0)
     _, ce = policy.model(X[:, :-1], X[:, 1:])  # the pretraining loss, by the model's own forward
     expected = torch.autograd.grad(ce, list(policy.parameters()))
@@ -211,18 +222,27 @@ def test_dropout_is_off_in_every_rl_stage(small_data, pretrained, tmp_path):
 # ---------------------------------------------------------------------------
 # evaluation and the fluency metrics
 
+
 def test_word_share_counts_letter_words_found_in_the_training_text():
     assert metrics.letter_words("Lily's 2 big-dogs, ÉTÉ!") == ["lily", "s", "big", "dogs", "été"]
     vocabulary = {"the", "cat", "sat"}
-    assert metrics.word_share(["The cat sat.", "the ca7t zq"], vocabulary) == pytest.approx(4 / 7)  # the cat sat the | ca t zq
+    assert metrics.word_share(["The cat sat.", "the ca7t zq"], vocabulary) == pytest.approx(
+        4 / 7
+    )  # the cat sat the | ca t zq
     assert metrics.word_share([""], vocabulary) == 0.0
 
 
 def test_the_starting_models_own_samples_are_the_fluency_baseline_and_byte_soup_falls_short(small_data, tiny_ckpt):
     trained = checkpoint.model_from(checkpoint.load(tiny_ckpt)).eval()
     tok = Tokenizer(os.path.join(small_data, "tok512.model"))
-    cfg = {**configurator.split(grpo.config)[0], "max_new_tokens": 40, "batch_size": 16, "target_len": 20, "start_len": 16,
-           "eval_prompts": 16}
+    cfg = {
+        **configurator.split(grpo.config)[0],
+        "max_new_tokens": 40,
+        "batch_size": 16,
+        "target_len": 20,
+        "start_len": 16,
+        "eval_prompts": 16,
+    }
     task = tasks.make_task(cfg, tok, small_data, trained.params.max_seq_len)
     vocabulary = metrics.training_words(small_data)
     start, _ = rl_train.evaluate_model(trained, trained, task, cfg, tok, 0, vocabulary)
@@ -230,27 +250,75 @@ def test_the_starting_models_own_samples_are_the_fluency_baseline_and_byte_soup_
     soup = Transformer(ModelArgs(**trained.params.__dict__))  # a random model: nearly uniform over tokens, byte soup
     after, samples = rl_train.evaluate_model(soup, trained, task, cfg, tok, 0, vocabulary, ref_nll=start["nll"])
     assert after["nll_ratio"] > 1.3 and after["kl"] > 20  # measured: 1.75 and 90 nats
-    assert after["word_share"] < 0.5 < 0.9 < metrics.word_share(load_text(small_data, "val"), vocabulary)  # real stories
+    assert (
+        after["word_share"] < 0.5 < 0.9 < metrics.word_share(load_text(small_data, "val"), vocabulary)
+    )  # real stories
     assert len(samples["texts"]) == 16 and 0 <= after["within_10pct"] <= 1 and 0 <= after["judge"] <= 1
 
 
 # ---------------------------------------------------------------------------
 # the training loop of every method, from the command line
 
-FORK = ["--out_dir={out}", "--batch_size=50", "--max_seq_len=512", "--gradient_accumulation_steps=1", "--vocab_source=custom",
-        "--vocab_size=512", "--dim=64", "--n_layers=5", "--n_heads=8", "--n_kv_heads=4", "--multiple_of=4", "--learning_rate=1e-4",
-        "--dropout=0.00", "--weight_decay=0.01", "--beta2=0.99", "--warmup_iters=1000", "--eval_interval=20", "--eval_iters=5",
-        "--compile=False", "--eval_only=False", "--init_from=resume", "--ppo=True", "--decay_lr=False",
-        "--always_save_checkpoint=True", "--start_len=30", "--init_kl_coef=0.0"]  # the llama2.c PPO fork's line, on a CPU
-SMALL = ["--batch_size=4", "--num_mini_batches=2", "--max_new_tokens=8", "--target_len=4", "--device=cpu", "--dtype=float32",
-         "--eval_interval=2", "--eval_prompts=4"]
-FLAGS = {"ppo": ["--ppo_epochs=2"], "grpo": ["--group_size=4", "--ptx_coef=0.5"], "rloo": ["--group_size=2", "--ptx_coef=0.5"],
-         "reinforce_pp": ["--ppo_epochs=2", "--ptx_coef=0.5"],  # ptx: the policy moves even where every score ties
-         "dpo": ["--batch_size=4", "--device=cpu", "--dtype=float32", "--eval_interval=2", "--eval_prompts=4", "--max_new_tokens=8",
-                 "--target_len=4"]}
-STATS = {"ppo": ("ppo/loss/total", "ppo/policy/clipfrac", "ppo/val/vpred"), "grpo": ("loss", "kl", "clip_ratio/region_mean", "reward_std"),
-         "rloo": ("loss/policy_avg", "objective/rlhf_reward", "ptx/loss"), "reinforce_pp": ("loss", "clipfrac", "returns_mean"),
-         "dpo": ("loss", "rewards/accuracies", "rewards/margins")}
+FORK = [
+    "--out_dir={out}",
+    "--batch_size=50",
+    "--max_seq_len=512",
+    "--gradient_accumulation_steps=1",
+    "--vocab_source=custom",
+    "--vocab_size=512",
+    "--dim=64",
+    "--n_layers=5",
+    "--n_heads=8",
+    "--n_kv_heads=4",
+    "--multiple_of=4",
+    "--learning_rate=1e-4",
+    "--dropout=0.00",
+    "--weight_decay=0.01",
+    "--beta2=0.99",
+    "--warmup_iters=1000",
+    "--eval_interval=20",
+    "--eval_iters=5",
+    "--compile=False",
+    "--eval_only=False",
+    "--init_from=resume",
+    "--ppo=True",
+    "--decay_lr=False",
+    "--always_save_checkpoint=True",
+    "--start_len=30",
+    "--init_kl_coef=0.0",
+]  # the llama2.c PPO fork's line, on a CPU
+SMALL = [
+    "--batch_size=4",
+    "--num_mini_batches=2",
+    "--max_new_tokens=8",
+    "--target_len=4",
+    "--device=cpu",
+    "--dtype=float32",
+    "--eval_interval=2",
+    "--eval_prompts=4",
+]
+FLAGS = {
+    "ppo": ["--ppo_epochs=2"],
+    "grpo": ["--group_size=4", "--ptx_coef=0.5"],
+    "rloo": ["--group_size=2", "--ptx_coef=0.5"],
+    "reinforce_pp": ["--ppo_epochs=2", "--ptx_coef=0.5"],  # ptx: the policy moves even where every score ties
+    "dpo": [
+        "--batch_size=4",
+        "--device=cpu",
+        "--dtype=float32",
+        "--eval_interval=2",
+        "--eval_prompts=4",
+        "--max_new_tokens=8",
+        "--target_len=4",
+    ],
+}
+STATS = {
+    "ppo": ("ppo/loss/total", "ppo/policy/clipfrac", "ppo/val/vpred"),
+    "grpo": ("loss", "kl", "clip_ratio/region_mean", "reward_std"),
+    "rloo": ("loss/policy_avg", "objective/rlhf_reward", "ptx/loss"),
+    "reinforce_pp": ("loss", "clipfrac", "returns_mean"),
+    "dpo": ("loss", "rewards/accuracies", "rewards/margins"),
+}
 
 
 def run_dir(pretrained, tmp_path, name):
@@ -283,11 +351,18 @@ def log_rows(path):
 
 
 def train_py(*argv, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, str(ROOT / "train.py"), *argv], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [*launcher, str(ROOT / "train.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
-def test_the_forks_command_line_runs_and_a_second_run_resumes_where_the_first_stopped(small_data, pretrained, tmp_path, capsys):
+def test_the_forks_command_line_runs_and_a_second_run_resumes_where_the_first_stopped(
+    small_data, pretrained, tmp_path, capsys
+):
     whole, part = run_dir(pretrained, tmp_path, "whole"), run_dir(pretrained, tmp_path, "part")
     argv = lambda out, n: [f.format(out=out) for f in FORK] + [f"--data_dir={small_data}", *SMALL, f"--max_iters={n}"]  # noqa: E731
     p = train_py(*argv(whole, 3))
@@ -299,21 +374,36 @@ def test_the_forks_command_line_runs_and_a_second_run_resumes_where_the_first_st
     assert "ppo_ckpt.pt at iteration 2" in out and "resuming with max_iters 3 (was 2)" in out
     a, b = log_rows(whole / "ppo_log.jsonl"), log_rows(part / "ppo_log.jsonl")
     assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 1, 2, 3]
-    for key in ("env/reward_mean", "objective/kl", "ppo/loss/total", "tokens/responses_len_mean", "eval/kl", "eval/nll_ratio"):
+    for key in (
+        "env/reward_mean",
+        "objective/kl",
+        "ppo/loss/total",
+        "tokens/responses_len_mean",
+        "eval/kl",
+        "eval/nll_ratio",
+    ):
         assert [r.get(key) for r in a] == pytest.approx([r.get(key) for r in b], abs=1e-6), key
     ckpt = checkpoint.load(str(part / "ppo_ckpt.pt"))
     assert ckpt["format"] == checkpoint.FORMAT and ckpt["kind"] == "rl" and ckpt["data_dir"] == small_data
     assert ckpt["iter_num"] == 3 and ckpt["rl"]["kl_coef"] == 0.0 and ckpt["config"]["batch_size"] == 4
-    assert ckpt["config"]["weight_decay"] == 0.01 and ckpt["config"]["beta2"] == 0.99  # the fork's optimizer keys are read
+    assert (
+        ckpt["config"]["weight_decay"] == 0.01 and ckpt["config"]["beta2"] == 0.99
+    )  # the fork's optimizer keys are read
     assert ckpt["rl"]["method"] == "ppo" and "value_head" in ckpt["rl"]["heads"] and "optimizer" in ckpt
     assert os.path.exists(part / "ppo_log.png")
     start = torch.load(pretrained / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(v, start[k]) for k, v in ckpt["rl"]["reference"].items())  # the reference is the starting model
-    assert not torch.equal(checkpoint.model_from(ckpt).output.weight, start["output.weight"])  # loads like any checkpoint
+    assert all(
+        torch.equal(v, start[k]) for k, v in ckpt["rl"]["reference"].items()
+    )  # the reference is the starting model
+    assert not torch.equal(
+        checkpoint.model_from(ckpt).output.weight, start["output.weight"]
+    )  # loads like any checkpoint
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo", "reinforce_pp", "dpo"])
-def test_each_method_trains_logs_its_stats_and_resumes_exactly(method, small_data, pretrained, pairs_file, tmp_path, capsys):
+def test_each_method_trains_logs_its_stats_and_resumes_exactly(
+    method, small_data, pretrained, pairs_file, tmp_path, capsys
+):
     whole, part = run_dir(pretrained, tmp_path, "whole"), run_dir(pretrained, tmp_path, "part")
     for out, iters in ((whole, [3]), (part, [2, 3])):
         for n in iters:
@@ -321,12 +411,16 @@ def test_each_method_trains_logs_its_stats_and_resumes_exactly(method, small_dat
     assert f"{method}_ckpt.pt at iteration 2" in capsys.readouterr().out
     a, b = log_rows(whole / f"{method}_log.jsonl"), log_rows(part / f"{method}_log.jsonl")
     assert [r["iter"] for r in a] == [r["iter"] for r in b] == [0, 1, 2, 3]
-    assert a[0]["eval/kl"] == 0.0 and a[0]["eval/nll_ratio"] == 1.0 and a[-1]["eval/kl"] != 0.0  # the start, then a move
+    assert (
+        a[0]["eval/kl"] == 0.0 and a[0]["eval/nll_ratio"] == 1.0 and a[-1]["eval/kl"] != 0.0
+    )  # the start, then a move
     for key in STATS[method] + ("eval/kl", "eval/word_share", "eval/val_ppl", "learning_rate"):
         assert [r.get(key) for r in a[1:]] == pytest.approx([r.get(key) for r in b[1:]], abs=1e-6), key
         values = [r[key] for r in a[1:] if key in r]
         assert values and all(math.isfinite(v) for v in values), key
-    assert all(r["time/cpu"] > 0 for r in a[1:]) and "time/eval_cpu" in a[-1]  # CPU seconds: a shared machine's fair cost
+    assert (
+        all(r["time/cpu"] > 0 for r in a[1:]) and "time/eval_cpu" in a[-1]
+    )  # CPU seconds: a shared machine's fair cost
     ckpt = checkpoint.load(str(part / f"{method}_ckpt.pt"))
     assert ckpt["iter_num"] == 3 and ckpt["rl"]["method"] == method and ckpt["rl"]["heads"] == {}
     assert a[-1]["episode"] == 3 * (4 if method == "dpo" else 8)  # rollouts (DPO: pairs) so far
@@ -350,9 +444,20 @@ def test_two_process_gloo_ddp_keeps_the_ranks_in_sync_on_different_data(small_da
         out, logs = run_dir(pretrained, tmp_path, method), tmp_path / f"{method}_ranks"
         # each rank's output to its own file, so that a failure shows the rank's own error rather
         # than only torchrun's summary of it
-        p = train_py(*method_argv(method, small_data, out, pairs_file), "--max_iters=2", "--ptx_coef=0.5",  # ptx: its own backward
-                     launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               f"--log-dir={logs}", "--redirects=3"))
+        p = train_py(
+            *method_argv(method, small_data, out, pairs_file),
+            "--max_iters=2",
+            "--ptx_coef=0.5",  # ptx: its own backward
+            launcher=(
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                f"--log-dir={logs}",
+                "--redirects=3",
+            ),
+        )
         ranks = "".join(f"--- {f.relative_to(logs)}:\n{f.read_text()[-1500:]}\n" for f in sorted(logs.rglob("*.log")))
         assert p.returncode == 0, ranks + p.stderr[-1000:]
         rows = log_rows(out / f"{method}_log.jsonl")[1:]
@@ -365,9 +470,19 @@ def test_two_process_gloo_ddp_keeps_the_ranks_in_sync_on_different_data(small_da
 
 def test_wandb_offline_receives_every_row_of_the_log(small_data, pretrained, tmp_path):
     out = run_dir(pretrained, tmp_path, "wandb")
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *method_argv("rloo", small_data, out), "--max_iters=2",
-                        "--wandb_log=True"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *method_argv("rloo", small_data, out),
+            "--max_iters=2",
+            "--wandb_log=True",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     rows = log_rows(out / "rloo_log.jsonl")
     assert len(rows) == 3 and wandb_history(out) == rows
@@ -375,27 +490,35 @@ def test_wandb_offline_receives_every_row_of_the_log(small_data, pretrained, tmp
 
 def test_ppo_as_typed_in_the_usage_line_starts_from_out_dirs_checkpoint(small_data, pretrained, tmp_path):
     out = run_dir(pretrained, tmp_path, "typed")
-    p = train_py("--ppo=True", f"--out_dir={out}", f"--data_dir={small_data}", *SMALL, "--max_iters=1")  # no --init_from
+    p = train_py(
+        "--ppo=True", f"--out_dir={out}", f"--data_dir={small_data}", *SMALL, "--max_iters=1"
+    )  # no --init_from
     assert p.returncode == 0, p.stderr[-2000:]
     assert checkpoint.load(str(out / "ppo_ckpt.pt"))["iter_num"] == 1
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--rl=ppo", "--reward=lenght"], "error: --reward=lenght: unknown reward 'lenght'"),
-    (["--rl=ppo", "--init_from=scratch"], "error: --init_from=scratch: must be resume"),
-    (["--rl=grpo", "--no_such_key=1"], "error: unknown config key --no_such_key"),
-    (["--rl=ppo", "--max_new_tokens=8", "--target_len=8"], "error: --target_len=8 is not below the response cap of 8 tokens"),
-    (["--rl=rloo", "--out_dir=/nonexistent/run"], "error: no checkpoint at /nonexistent/run/ckpt.pt"),
-    (["--rl=grpo", "--batch_size=4", "--group_size=3"], "error: --group_size=3 must divide --batch_size=4"),
-    (["--rl=grpo", "--loss_type=bnpo"], "error: --loss_type=bnpo: must be one of grpo, dapo, dr_grpo"),
-    (["--rl=ppo", "--kl_estimator=k2"], "error: --kl_estimator=k2: must be one of k1, k3"),
-    (["--rl=dpo", "--pairs=/nonexistent.jsonl"], "error: no pairs file /nonexistent.jsonl"),
-    (["--rl=dpo", "--start_len=1", "--num_mini_batches=2"], "error: unknown config key --num_mini_batches"),
-    (["--rl=a2c"], "error: unknown --rl=a2c; choose from dpo, grpo, ppo, reinforce_pp, rloo"),
-    (["--ppo=True", "--rl=dpo"], "error: --ppo=True means --rl=ppo, not --rl=dpo"),
-    (["--rl=grpo", "--vocab_size=4096"], "error: --vocab_size=4096 contradicts"),
-    (["--rl=grpo", "--dim=128"], "error: --dim=128 contradicts"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rl=ppo", "--reward=lenght"], "error: --reward=lenght: unknown reward 'lenght'"),
+        (["--rl=ppo", "--init_from=scratch"], "error: --init_from=scratch: must be resume"),
+        (["--rl=grpo", "--no_such_key=1"], "error: unknown config key --no_such_key"),
+        (
+            ["--rl=ppo", "--max_new_tokens=8", "--target_len=8"],
+            "error: --target_len=8 is not below the response cap of 8 tokens",
+        ),
+        (["--rl=rloo", "--out_dir=/nonexistent/run"], "error: no checkpoint at /nonexistent/run/ckpt.pt"),
+        (["--rl=grpo", "--batch_size=4", "--group_size=3"], "error: --group_size=3 must divide --batch_size=4"),
+        (["--rl=grpo", "--loss_type=bnpo"], "error: --loss_type=bnpo: must be one of grpo, dapo, dr_grpo"),
+        (["--rl=ppo", "--kl_estimator=k2"], "error: --kl_estimator=k2: must be one of k1, k3"),
+        (["--rl=dpo", "--pairs=/nonexistent.jsonl"], "error: no pairs file /nonexistent.jsonl"),
+        (["--rl=dpo", "--start_len=1", "--num_mini_batches=2"], "error: unknown config key --num_mini_batches"),
+        (["--rl=a2c"], "error: unknown --rl=a2c; choose from dpo, grpo, ppo, reinforce_pp, rloo"),
+        (["--ppo=True", "--rl=dpo"], "error: --ppo=True means --rl=ppo, not --rl=dpo"),
+        (["--rl=grpo", "--vocab_size=4096"], "error: --vocab_size=4096 contradicts"),
+        (["--rl=grpo", "--dim=128"], "error: --dim=128 contradicts"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(small_data, pretrained, flags, message):
     argv = [f"--out_dir={pretrained}", f"--data_dir={small_data}", "--device=cpu", "--max_iters=1", *flags]
     with pytest.raises(SystemExit) as e:

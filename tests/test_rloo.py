@@ -1,16 +1,16 @@
 """rloo.py: the leave-one-out baseline, the KL summed into the reward, the sequence-level clipped loss
 against hand computations, and learning on a tiny model through rloo.iteration."""
+
 import math
 
 import pytest
 import torch
+from conftest import bos_prompts, learn_short_stories, tiny_model, tiny_run
 
 import configurator
 import rl
 import rloo
-from conftest import bos_prompts, learn_short_stories, tiny_model, tiny_run
 from rloo import leave_one_out_advantages, rloo_loss
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
@@ -38,12 +38,25 @@ def test_the_response_is_one_action_with_a_clipped_ratio():
 def test_the_kl_is_summed_into_the_reward_before_the_baseline():
     policy = rl.Policy(tiny_model(std=0.3))
     reference = rl.Policy(tiny_model(seed=1, std=0.3)).requires_grad_(False)
-    cfg = {**configurator.split(rloo.config)[0], "batch_size": 8, "num_mini_batches": 1, "max_new_tokens": 6, "group_size": 4,
-           "init_kl_coef": 0.5}
+    cfg = {
+        **configurator.split(rloo.config)[0],
+        "batch_size": 8,
+        "num_mini_batches": 1,
+        "max_new_tokens": 6,
+        "group_size": 4,
+        "init_kl_coef": 0.5,
+    }
     run = tiny_run(rloo, policy, reference, lambda batch: torch.ones(len(batch.tokens)), cfg, prompts=bos_prompts(2, 3))
     run.optimizer, run.shuffle = torch.optim.SGD(policy.parameters(), lr=0.0), torch.Generator().manual_seed(1)
-    batch, _ = rl.rollout(policy, reference, [p for p in bos_prompts(2, 3) for _ in range(4)], run.task.score, cfg,
-                          torch.Generator().manual_seed(0), run.stop_tokens)
+    batch, _ = rl.rollout(
+        policy,
+        reference,
+        [p for p in bos_prompts(2, 3) for _ in range(4)],
+        run.task.score,
+        cfg,
+        torch.Generator().manual_seed(0),
+        run.stop_tokens,
+    )
     batch.group_size = 4
     stats = rloo.iteration(run, batch)
     kl = ((batch.logprobs - batch.ref_logprobs) * batch.mask).sum(1)  # k1, summed over each response

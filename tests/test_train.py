@@ -1,23 +1,39 @@
 """train.py end to end on a tiny model: resume, DDP, checkpoints, the command line."""
+
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, wandb_history
 
-TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--batch_size=4", "--max_seq_len=32",
-        "--eval_iters=2", "--log_interval=1", "--compile=False", "--dtype=float32", "--device=cpu",
-        "--warmup_iters=2", "--learning_rate=3e-3"]
+TINY = [
+    "--dim=32",
+    "--n_layers=2",
+    "--n_heads=4",
+    "--n_kv_heads=2",
+    "--batch_size=4",
+    "--max_seq_len=32",
+    "--eval_iters=2",
+    "--log_interval=1",
+    "--compile=False",
+    "--dtype=float32",
+    "--device=cpu",
+    "--warmup_iters=2",
+    "--learning_rate=3e-3",
+]
 
 
 def train(small_data, out_dir, *flags, launcher=(sys.executable,)):
-    p = subprocess.run([*launcher, str(ROOT / "train.py"), f"--data_dir={small_data}", f"--out_dir={out_dir}", *TINY, *flags],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [*launcher, str(ROOT / "train.py"), f"--data_dir={small_data}", f"--out_dir={out_dir}", *TINY, *flags],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return p
 
 
@@ -46,8 +62,9 @@ def test_resume_continues_the_same_loss_curve(small_data, tmp_path):
 
 def test_two_process_gloo_ddp_keeps_ranks_in_sync_on_different_data(small_data, tmp_path):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    p = train(small_data, tmp_path, "--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2",
-              launcher=launcher)
+    p = train(
+        small_data, tmp_path, "--max_iters=6", "--eval_interval=3", "--gradient_accumulation_steps=2", launcher=launcher
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     evals = [r for r in log_rows(tmp_path) if "ddp/param_sum" in r]
     assert [r["iter"] for r in evals] == [0, 3, 6]
@@ -68,22 +85,32 @@ def test_truncated_or_foreign_checkpoint_is_a_one_line_error(small_data, tmp_pat
         p = train(small_data, tmp_path, "--max_iters=4", "--init_from=resume")
         assert p.returncode != 0
         assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "ckpt.pt" in p.stderr, p.stderr
-        p = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}"], capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}"], capture_output=True, text=True
+        )
         assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "ckpt.pt" in p.stderr, p.stderr
     torch.save({"something": 1}, ckpt)
-    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={ckpt}"], capture_output=True, text=True
+    )
     assert p.stderr.strip() == f"error: {ckpt} is not a checkpoint written by this project"
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--no_such_key=1", "error: unknown config key --no_such_key"),
-    ("--batch_size=abc", "error: --batch_size expects int, got 'abc'"),
-    ("--compile=maybe", "error: --compile expects True or False, got 'maybe'"),
-    ("--preset=7B", "error: unknown --preset=7B"),
-    ("--dtype=float64", "error: --dtype=float64: must be one of auto, float32, bfloat16, float16"),
-    pytest.param("--device=cuda", "error: --device=cuda, but torch sees no CUDA GPU here",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--no_such_key=1", "error: unknown config key --no_such_key"),
+        ("--batch_size=abc", "error: --batch_size expects int, got 'abc'"),
+        ("--compile=maybe", "error: --compile expects True or False, got 'maybe'"),
+        ("--preset=7B", "error: unknown --preset=7B"),
+        ("--dtype=float64", "error: --dtype=float64: must be one of auto, float32, bfloat16, float16"),
+        pytest.param(
+            "--device=cuda",
+            "error: --device=cuda, but torch sees no CUDA GPU here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
 def test_bad_command_line_is_a_one_line_error(small_data, tmp_path, flag, message):
     p = train(small_data, tmp_path, flag)
     assert p.returncode != 0
@@ -100,23 +127,55 @@ def test_sample_continues_the_prompt_and_is_reproducible(small_data, tmp_path):
     assert train(small_data, tmp_path, "--max_iters=2", "--eval_interval=2").returncode == 0
 
     def sample(*flags):
-        p = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'ckpt.pt'}",
-                            "--num_samples=2", "--max_new_tokens=20", *flags], capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "sample.py"),
+                f"--checkpoint={tmp_path / 'ckpt.pt'}",
+                "--num_samples=2",
+                "--max_new_tokens=20",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode == 0, p.stderr
         return p.stdout
-    a, b, c = sample("--seed=1", "--prompt=Once upon a time"), sample("--seed=1", "--prompt=Once upon a time"), sample("--seed=2", "--prompt=Once upon a time")
+
+    a, b, c = (
+        sample("--seed=1", "--prompt=Once upon a time"),
+        sample("--seed=1", "--prompt=Once upon a time"),
+        sample("--seed=2", "--prompt=Once upon a time"),
+    )
     assert a == b and a != c
     assert all(s.startswith("Once upon a time") for s in a.split("-" * 40 + "\n") if s.strip())
-    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'ckpt.pt'}",
-                        "--prompt=" + "word " * 100], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'ckpt.pt'}", "--prompt=" + "word " * 100],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0 and "longer than the model's context of 32" in p.stderr
 
 
 def test_wandb_offline_receives_every_row_of_the_log(small_data, tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data_dir={small_data}", f"--out_dir={tmp_path}", *TINY,
-                        "--max_iters=4", "--eval_interval=2", "--wandb_log=True", "--wandb_project=test",
-                        "--wandb_run_name=tiny"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"--data_dir={small_data}",
+            f"--out_dir={tmp_path}",
+            *TINY,
+            "--max_iters=4",
+            "--eval_interval=2",
+            "--wandb_log=True",
+            "--wandb_project=test",
+            "--wandb_run_name=tiny",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     rows = {}  # log.jsonl's rows merged by iteration, as wandb merges the rows of one step
     for r in log_rows(tmp_path):
@@ -126,7 +185,21 @@ def test_wandb_offline_receives_every_row_of_the_log(small_data, tmp_path):
 
 def test_wandb_log_without_wandb_installed_is_a_one_line_error(small_data, tmp_path):
     (tmp_path / "wandb.py").write_text("raise ImportError('No module named wandb')\n")  # shadows the installed one
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data_dir={small_data}", f"--out_dir={tmp_path / 'out'}",
-                        *TINY, "--max_iters=2", "--wandb_log=True"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)})
-    assert p.returncode != 0 and p.stderr.strip() == "error: --wandb_log=True needs the wandb package: pip install wandb"
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"--data_dir={small_data}",
+            f"--out_dir={tmp_path / 'out'}",
+            *TINY,
+            "--max_iters=2",
+            "--wandb_log=True",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)},
+    )
+    assert (
+        p.returncode != 0 and p.stderr.strip() == "error: --wandb_log=True needs the wandb package: pip install wandb"
+    )
