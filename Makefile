@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 # ---------------------------------------------------------------------------
 # Python set-up: a local venv with the pinned requirements (torch==2.13.0, CPU build).
@@ -23,7 +23,6 @@ demo: setup
 	$(PY) tinystories.py download
 	$(PY) tinystories.py train_vocab --vocab_size=512
 	$(PY) tinystories.py pretokenize --vocab_size=512
-	$(PY) tokenizer.py --tokenizer-model=data/tok512.model
 	$(PY) train.py
 	$(PY) sample.py --num_samples=3 --max_new_tokens=200
 	$(PY) export.py out/model.bin --checkpoint=out/ckpt.pt
@@ -37,8 +36,13 @@ demo: setup
 	$(PY) export.py out/ppo_model.bin --checkpoint=out/ppo_ckpt.pt
 	OMP_NUM_THREADS=1 ./run out/ppo_model.bin -z data/tok512.bin -t 1.0 -n 256 -i "Once upon a time"
 
-test: setup ctest lib
+test: setup lint ctest lib
 	$(PY) -m pytest -q tests
+
+# ruff (pyproject.toml): the lint rules and the formatting every Python file keeps
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # ---------------------------------------------------------------------------
 # C engine (run.c + csrc/)

@@ -42,12 +42,20 @@ def one_line_errors():
 @contextmanager
 def atomic_path(path):
     """A temporary name beside `path` (same extension) to write to; renamed to `path` when the block
-    ends, removed if it fails."""
+    ends, removed if it fails. A failed write (a full disk) is an OSError naming the file and the
+    cause, and the file already at path, if any, stays as it was."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer turns a failed write into RuntimeError("... unexpected pos ..."), the OSError its context
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError) or str(e).startswith("could not write"):
+            raise
+        kept = f"; the earlier {path} is unchanged" if os.path.exists(path) else ""
+        raise OSError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -61,18 +69,9 @@ def atomic_open(path, mode="wb"):
 
 
 def save_atomic(obj, path):
-    """torch.save, atomically. A failed write (a full disk) is an OSError naming the file and the cause,
-    and the file already at path, if any, stays as it was."""
-    try:
-        with atomic_open(path) as f:
-            torch.save(obj, f)
-    except (OSError, RuntimeError) as e:
-        # torch's zip writer turns a failed write into RuntimeError("... unexpected pos ..."), the OSError its context
-        cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError):
-            raise
-        kept = f"; the earlier {path} is unchanged" if os.path.exists(path) else ""
-        raise OSError(f"could not write {path}: {cause.strerror or cause}{kept}") from None
+    """torch.save, atomically (atomic_path)."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def out_dir_lock(out_dir):
@@ -268,29 +267,40 @@ def start_wandb(cfg, out_dir):
         import wandb
     except ImportError:
         raise DataError("--wandb_log=True needs the wandb package: pip install wandb") from None
-    return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg, dir=out_dir)
+    directory = os.environ.get("WANDB_DIR", out_dir)  # the user's WANDB_DIR wins
+    return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"] or None, config=cfg, dir=directory)
 
 
-def jsonl_log(path, resume_iter=None, enabled=True, wandb_run=None):
-    """A function log(row) that appends the dict row to path as one JSON line, where enabled (rank 0),
-    and logs it to wandb_run (from start_wandb) at the row's iteration (or step).
-    A new run starts the file empty; a resumed one (resume_iter) keeps the rows whose 'iter' is at most
-    resume_iter, so that the log continues where the checkpoint does."""
-    if enabled:
-        kept = []
-        if resume_iter is not None and os.path.exists(path):
-            kept = [line for line in open(path) if json.loads(line)["iter"] <= resume_iter]
-        with atomic_open(path, "w") as f:
-            f.writelines(kept)
+class MetricsLog:
+    """A run's metrics log: a JSON line a row, at path (where enabled: rank 0), each row also to wandb_run
+    (from start_wandb) at its iteration or step. Rows wait in memory until commit(), which a loop calls
+    once the checkpoint they belong to is saved: the file never runs ahead of its checkpoint, and a run
+    that fails before its first save leaves an earlier run's log as it was. The first commit rewrites
+    the file: empty for a new run, the rows up to resume_iter for a resumed one."""
 
-    def log(row):
-        if enabled:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if wandb_run is not None:
-                wandb_run.log(row, step=row.get("iter", row.get("step")))
+    def __init__(self, path, resume_iter=None, enabled=True, wandb_run=None):
+        self.path, self.resume_iter, self.enabled, self.wandb_run = path, resume_iter, enabled, wandb_run
+        self.pending, self.started = [], False
 
-    return log
+    def __call__(self, row):
+        if self.enabled:
+            self.pending.append(row)
+            if self.wandb_run is not None:
+                self.wandb_run.log(row, step=row.get("iter", row.get("step")))
+
+    def commit(self):
+        if not self.enabled:
+            return
+        if not self.started:
+            kept = []
+            if self.resume_iter is not None and os.path.exists(self.path):
+                kept = [line for line in open(self.path) if json.loads(line)["iter"] <= self.resume_iter]
+            with atomic_open(self.path, "w") as f:
+                f.writelines(kept)
+            self.started = True
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.pending)
+        self.pending = []
 
 
 def read_jsonl(path):

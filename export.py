@@ -12,7 +12,7 @@ a transformers Llama back. The command lines are llama2.c's export.py's.
     python export.py out/ckpt.pt --hf=out/hf       # -> a checkpoint for train.py, ppo.py, sample.py
 
 The .bin layouts are llama2.c's export.py (legacy_export, version1_export, version2_export); the
-byte-level writers live in csrc/formats.py beside the engine that reads them. README.md has the
+byte-level writers live in csrc/formats.py beside the engine that reads them. docs/export.md has the
 layout tables. The suffix picks the format: .gguf, .pt, else --version (-1: a transformers
 directory).
 """
@@ -209,11 +209,40 @@ def hf_config(p, tok, dtype):
     }
 
 
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+)
+EXPORTED_BY = "tinystories-rl export.py"  # config.json's mark of our own exports, which a new export may replace
+
+
+def check_hf_target(out_dir):
+    """A ValueError unless out_dir is missing, empty, or an earlier export of ours: a user's directory is never
+    overwritten."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    config = os.path.join(out_dir, "config.json")
+    try:
+        ours = json.load(open(config)).get("exported_by") == EXPORTED_BY
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    others = sorted(set(os.listdir(out_dir)) - set(HF_FILES))
+    if not ours or others:
+        what = f"holds {', '.join(others[:3])}" if others else "is not an export of this project"
+        raise ValueError(f"{out_dir} {what}: not overwriting it; export into a new or empty directory")
+
+
 def export_hf(model, out_dir, tok, dtype="fp32"):
     """A directory that transformers' AutoModelForCausalLM and AutoTokenizer load: config.json,
-    model.safetensors, generation_config.json and the tokenizer files. Each file is written atomically."""
+    model.safetensors, generation_config.json and the tokenizer files. Each file is written atomically,
+    into a new or empty directory or over an earlier export of ours (check_hf_target)."""
     from safetensors.torch import save
 
+    check_hf_target(out_dir)
     p = model.params
     if tok.n_words != p.vocab_size:
         raise ValueError(f"tokenizer {tok.model_path} has {tok.n_words} tokens, the model {p.vocab_size}")
@@ -230,7 +259,7 @@ def export_hf(model, out_dir, tok, dtype="fp32"):
     # stories end where the next one's BOS begins (pretokenize writes no EOS), so generation stops at either
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.bos_id], "pad_token_id": tok.eos_id}
     for name, obj in (
-        ("config.json", hf_config(p, tok, str(torch_dtype).removeprefix("torch."))),
+        ("config.json", {**hf_config(p, tok, str(torch_dtype).removeprefix("torch.")), "exported_by": EXPORTED_BY}),
         ("generation_config.json", generation),
     ):
         with atomic_open(os.path.join(out_dir, name), "w") as f:
@@ -244,7 +273,10 @@ def read_hf_config(hf_dir):
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {hf_dir}")
-    c = json.load(open(path))
+    try:
+        c = json.load(open(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
     needed = (
         "hidden_size",
         "intermediate_size",
@@ -297,7 +329,10 @@ def load_hf(hf_dir):
     for name in files:
         if not os.path.isfile(os.path.join(hf_dir, name)):
             raise FileNotFoundError(f"no {name} in {hf_dir} (only safetensors weights are read)")
-        hf.update(load_file(os.path.join(hf_dir, name)))
+        try:
+            hf.update(load_file(os.path.join(hf_dir, name)))
+        except Exception as e:  # safetensors raises its own SafetensorError on a truncated or foreign file
+            raise ValueError(f"{os.path.join(hf_dir, name)} is truncated or not a safetensors file ({e})") from None
     model = Transformer(args)
     ours = renamed({k: k for k in model.state_dict()}, HF)  # transformers' name -> ours
     if "lm_head.weight" in hf and not torch.equal(hf.pop("lm_head.weight"), hf["model.embed_tokens.weight"]):
@@ -393,16 +428,25 @@ def export_gguf(model, path, tok, dtype="fp32"):
     w.add_add_space_prefix(spec.add_dummy_prefix)
     w.add_remove_extra_whitespaces(spec.remove_extra_whitespaces)
 
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    fallback = set()
     for name, t in renamed(model.state_dict(), GGUF).items():
         a = t.detach().float().numpy()
         if a.ndim == 1 or dtype == "fp32":
             w.add_tensor(name, a)
-        elif dtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        elif dtype == "q8_0" and a.shape[-1] % block == 0:
             w.add_tensor(
                 name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0
             )
         else:  # fp16, or rows that are not whole Q8_0 blocks of 32 (llama.cpp's converter falls back to fp16 too)
             w.add_tensor(name, a.astype(np.float16))
+            if dtype == "q8_0":
+                fallback.add(name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0])
+    if fallback:
+        print(
+            f"note: {', '.join(sorted(fallback))} have rows of {p.dim} or {p.hidden_dim} values, not whole Q8_0 "
+            f"blocks of {block}: stored as F16, as llama.cpp's converter stores them"
+        )
     with atomic_path(path) as tmp:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()

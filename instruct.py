@@ -39,6 +39,7 @@ import torch
 from lemminflect import getAllInflections, getAllLemmas, getAllLemmasOOV
 
 from common import DataError
+from metrics import names
 
 POS = ("NOUN", "VERB", "ADJ")  # a header's words, in this order
 MIN_SENTENCE_WORDS = 5  # a required word counts only in a sentence at least this long...
@@ -52,7 +53,6 @@ WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)*")
 SENTENCE = re.compile(r"[^.!?\n]+")  # as prefs.sentences splits: at . ! ? and line breaks
 QUOTATION = re.compile(r"\"([^\"\n]*)\"|“([^”\n]*)”")  # "..." or “...” in a paragraph; not ’ or '
 LIST_SEPARATOR = re.compile(r"\s*[,;/&]\s*")
-NAME = re.compile(r"\b[A-Z][a-z]+\b")
 # capitalised words that are not a character's name: parents, titles, "The End"
 NOT_NAMES = {
     "Mom",
@@ -209,18 +209,8 @@ def has_dialogue(text):
 
 
 def name_counts(text):
-    """How often each name stands in the text: capitalised words that do not open a sentence or
-    a quotation (prefs.names' rule, counted), parents and titles left out."""
-    text = re.sub(r"\w+$", "", text)  # a last word the text may cut in two
-    counts = collections.Counter()
-    for m in NAME.finditer(text):
-        before = text[: m.start()]
-        if before.endswith(('"', "“")):  # the first word of a quotation: said, "Wow
-            continue
-        before = before.rstrip(" \t\n\"'”’")  # after a closing quote look further back: "Go," Mom said
-        if before and before[-1] not in ".!?:" and m.group() not in NOT_NAMES:
-            counts[m.group()] += 1
-    return counts
+    """How often each name stands in the text (metrics.names), parents and titles left out."""
+    return collections.Counter({name: n for name, n in names(text).items() if name not in NOT_NAMES})
 
 
 def main_name(text):

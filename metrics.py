@@ -8,6 +8,7 @@ the prompt's characters (judge() below). prefs.py labels preference pairs with i
 show it as a held-out measure that no method trains on.
 """
 
+import collections
 import math
 import re
 from contextlib import nullcontext
@@ -66,17 +67,18 @@ def repetition(text):
 
 
 def names(text):
-    """Capitalised words that do not open a sentence or a quotation: Lily in 'a girl named Lily'.
-    A last word the text may cut in two (no space or punctuation after it) is left out."""
+    """How often each name stands in the text: capitalised words that do not open a sentence or a
+    quotation (Lily in 'a girl named Lily'). A last word the text may cut in two (no space or
+    punctuation after it) is left out."""
     text = re.sub(r"\w+$", "", text)
-    found = set()
+    found = collections.Counter()
     for m in re.finditer(r"\b[A-Z][a-z]+\b", text):
         before = text[: m.start()]
         if before.endswith(('"', "“")):  # the first word of a quotation: said, "Wow
             continue
         before = before.rstrip(" \t\n\"'”’")  # after a closing quote look further back: "Go," Mom said
         if before and before[-1] not in ".!?:":
-            found.add(m.group())
+            found[m.group()] += 1
     return found
 
 

@@ -1,8 +1,8 @@
 """
 Every figure the project draws, from the logs and reports it writes: pretraining and SFT loss
 curves (train.py), an RL run's training and held-out curves (rl_train.py), the before/after figure
-of a report and the held-out curves of several runs side by side (report.py). Each is a PNG
-written atomically.
+of a report (report.py), several models side by side and the held-out curves of several runs
+(compare.py). Each is a PNG written atomically.
 """
 
 import os
@@ -117,4 +117,21 @@ def curves(runs, labels, panels, png_path):
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
+    save(fig, png_path)
+
+
+def compare(sets, names, values, best, key, png_path):
+    """compare.py's figure: one panel a held-out set, a bar a model (values: {(set, name): value}), and
+    the reference's best-of-n as dashed lines (best: {set: {n: value}})."""
+    fig, axes = pyplot().subplots(1, len(sets), figsize=(5.5 * len(sets), 3.8), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        ax.bar(range(len(names)), [values[s, n] for n in names], color="C0")
+        ax.set_xticks(range(len(names)), names, fontsize=8, rotation=20)
+        for i, (n, v) in enumerate(best.get(s, {}).items()):
+            ax.axhline(v, color=f"C{1 + i}", ls="--", lw=1, label=f"best-of-{n}")
+        ax.set_title(f"{s}: {key.replace('_', ' ')}", fontsize=10)
+        ax.set_ylim(0, max(1.0, *[values[s, n] for n in names]))
+        ax.grid(alpha=0.3, axis="y")
+        if best.get(s):
+            ax.legend(fontsize=7)
     save(fig, png_path)

@@ -148,19 +148,29 @@ def read_pairs(path):
     if not os.path.isfile(path):
         raise DataError(f"no pairs file {path}")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(
-                isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")
-            ):
-                got = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{lineno}: expected string fields prompt, chosen, rejected; got {got}")
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}:{lineno}: expected an object of prompt, chosen, rejected; got {type(row).__name__}"
+                )
+            for key in ("prompt", "chosen", "rejected"):
+                if key not in row:
+                    raise DataError(
+                        f"{path}:{lineno}: no {key!r} (expected prompt, chosen, rejected; got {', '.join(row)})"
+                    )
+                if not isinstance(row[key], str):
+                    raise DataError(f"{path}:{lineno}: {key!r} is {type(row[key]).__name__}, not a string")
             pairs.append(row)
     if not pairs:
         raise DataError(f"{path} holds no pairs")

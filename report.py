@@ -5,7 +5,6 @@ every RL method (ppo, grpo, rloo, reinforce_pp, dpo), as markdown and a PNG.
     python report.py --checkpoint=out/grpo_ckpt.pt                     # -> reports/grpo.md and .png
     python report.py --checkpoint=out/ppo_ckpt.pt --rm_path=out/rm.pt --report_path=reports/ppo_rlhf.md
     python report.py --checkpoint=out/dpo_ckpt.pt --before=out/ckpt.pt
-    python report.py --compare=a/ppo_log.jsonl,b/grpo_log.jsonl --labels=PPO,GRPO --report_path=reports/runs.png
 
 "Before" is the starting model stored in the RL checkpoint (or --before). Both models answer the same
 report_prompts validation prompts from the same seed, with the run's own sampling settings and
@@ -13,7 +12,7 @@ reward. The table: the score the run trained on (and, with --rm_path, a reward m
 ending, the task's own measures (tasks.py), the judge (metrics.py; held out: no method trains on
 it), KL to the starting model, the fluency measures (the NLL ratio and the share of known words),
 distinct-n, and the validation perplexity. Then the run's timing from its log, and three stories side by side.
---compare plots the held-out evaluations of several runs' logs against rollouts instead, one line a run.
+compare.py puts several models side by side, and the curves of several runs.
 """
 
 import os
@@ -23,7 +22,7 @@ import configurator
 import metrics
 import plots
 import tasks
-from common import DataError, atomic_open, autocast, one_line_errors, read_jsonl, resolve_device_dtype
+from common import atomic_open, autocast, one_line_errors, read_jsonl, resolve_device_dtype
 from reward_model import load_reward_model
 from rl_train import evaluate_model
 from tinystories import SEPARATOR as END
@@ -37,8 +36,6 @@ config = dict(
     report_prompts=(200, "> 0"),  # held-out prompts, one sample each per model
     val_windows=(128, "> 0"),  # windows of the context of val.bin for the perplexity
     num_show=(3, ">= 0"),  # stories shown side by side
-    compare="",  # comma-separated {method}_log.jsonl files: plot their held-out curves together to report_path (a .png)
-    labels="",  # comma-separated names of the compared runs; empty = the log files' directories
     seed=1337,
     data_dir="",  # empty: the checkpoint's (where an older one records none, give it)
     device="auto",
@@ -189,41 +186,5 @@ def printable(text):
     return "".join(c if c.isprintable() or c == "\n" else "\ufffd" for c in text)
 
 
-CURVES = (
-    ("eval/score", "score (the reward trained on)"),
-    ("eval/within_10pct", "within ±10% of the target"),
-    ("eval/all", "every constraint met"),
-    ("eval/judge", "judge (held out)"),
-    ("eval/kl", "KL to the start (nats/response)"),
-    ("eval/nll_ratio", "NLL ratio (1 = as fluent as the start)"),
-    ("eval/word_share", "share of words found in the training text"),
-    ("eval/val_ppl", "validation perplexity"),
-)
-
-
-def compare_runs(cfg):
-    """The held-out evaluations of several runs against episodes (rollouts; DPO: pairs), one panel a measure
-    that any of the logs holds, one line a run."""
-    with one_line_errors():
-        paths = cfg["compare"].split(",")
-        labels = (
-            cfg["labels"].split(",") if cfg["labels"] else [os.path.basename(os.path.dirname(p)) or p for p in paths]
-        )
-        if len(labels) != len(paths):
-            raise DataError(f"--labels names {len(labels)} runs, --compare {len(paths)}")
-        if not cfg["report_path"].endswith(".png"):
-            raise DataError(f"--compare writes a figure: --report_path must end in .png, not {cfg['report_path']!r}")
-        for p in paths:
-            if not os.path.isfile(p):
-                raise DataError(f"no log file {p}")
-        runs = [[r for r in read_jsonl(p) if "eval/kl" in r] for p in paths]
-    plots.curves(runs, labels, CURVES, cfg["report_path"])
-    print(f"wrote {cfg['report_path']}")
-
-
 if __name__ == "__main__":
-    cfg, _ = configurator.configure(config)
-    if cfg["compare"]:
-        compare_runs(cfg)
-    else:
-        main(cfg)
+    main(configurator.configure(config)[0])

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import checkpoint
 import configurator
-from common import jsonl_log, one_line_errors, resolve_device_dtype, start_wandb
+from common import MetricsLog, one_line_errors, resolve_device_dtype, start_wandb
 from model import ModelArgs, Transformer
 from prefs import encode_story, pad_right, read_pairs
 
@@ -199,7 +199,7 @@ def main(cfg):
     torch.manual_seed(cfg["seed"])
     reward_model = RewardModel(checkpoint.model_from(ckpt)).to(device)
     log_path = os.path.splitext(cfg["rm_path"])[0] + "_log.jsonl"
-    log = jsonl_log(log_path, wandb_run=wandb_run)
+    log = MetricsLog(log_path, wandb_run=wandb_run)
     before = evaluate(reward_model, eval_set, cfg["batch_size"], device)
     log({"step": 0, "epoch": 0, **{f"eval/{k}": v for k, v in before.items()}})
     history = train_reward_model(
@@ -232,6 +232,7 @@ def main(cfg):
             base_checkpoint=cfg["checkpoint"],
             eval=history[-1],
         )
+        log.commit()
     print(f"saved the reward model to {cfg['rm_path']}")
 
 

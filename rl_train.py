@@ -34,10 +34,10 @@ import prefs
 import tasks
 from common import (
     DataError,
+    MetricsLog,
     autocast,
     get_lr,
     init_ddp,
-    jsonl_log,
     mean_over_ranks,
     one_line_errors,
     out_dir_lock,
@@ -128,6 +128,7 @@ def setup(cfg, given, method):
     reference from the starting checkpoint (or, resuming, from out_dir/{method}_ckpt.pt), its tokenizer
     and data, the optimizer, the KL controller, the task. Bad input raises DataError."""
     name = method.__name__
+    tasks.parse_reward(cfg["reward"])  # a bad spec is named before anything else
     reuse_freed_memory()
     device, device_type, dtype = resolve_device_dtype(cfg["device"], cfg["dtype"])
     ddp, rank, local_rank, world_size, device = init_ddp(device, device_type)
@@ -160,7 +161,7 @@ def setup(cfg, given, method):
     attention = policy.model.set_attention(cfg["attention"], device_type)
     reference.model.set_attention(attention, device_type)
 
-    task = tasks.make_task(cfg, tok, data_dir, model_args["max_seq_len"], device, ctx)
+    task = tasks.make_task(cfg, tok, data_dir, model_args["max_seq_len"], device, ctx, trains=method.UNIT != "pairs")
     if method.UNIT == "groups":
         check_groups(cfg)
     pairs = (
@@ -293,7 +294,9 @@ def save(run):
         optimizer=run.optimizer.state_dict(),
         rl=rl_state,
     )
-    plots.rl_log(run.log_path, os.path.splitext(run.log_path)[0] + ".png", run.cfg.get("target_len"))
+
+
+PLOT_SECONDS = 60  # the curves' figure is drawn at the end and at a save this long after the last (it takes seconds)
 
 
 def check_finite(run, stats):
@@ -317,7 +320,7 @@ def train(cfg, given, method):
         run.vocabulary = metrics.training_words(run.start["data_dir"]) if run.rank == 0 else None
         wandb_run = start_wandb(run.cfg, cfg["out_dir"]) if run.rank == 0 else None
     cfg, master = run.cfg, run.rank == 0
-    log = jsonl_log(run.log_path, run.iter_num if run.resuming else None, master, wandb_run)
+    log = MetricsLog(run.log_path, run.iter_num if run.resuming else None, master, wandb_run)
     if master:
         unit = "pairs" if method.UNIT == "pairs" else "rollouts"
         print(
@@ -329,6 +332,7 @@ def train(cfg, given, method):
         if not run.resuming:
             log({"iter": 0, "episode": 0, **start, "eval/nll_ratio": 1.0})
     bar = tqdm(total=cfg["max_iters"], initial=run.iter_num, disable=not master, unit="it", dynamic_ncols=True)
+    plotted = time.time()
     while run.iter_num < cfg["max_iters"]:
         t0, c0 = (
             time.perf_counter(),
@@ -373,10 +377,16 @@ def train(cfg, given, method):
             t0, c0 = time.perf_counter(), time.process_time()
             row.update(evaluate(run, run.policy.model))
             row.update({"time/eval": time.perf_counter() - t0, "time/eval_cpu": time.process_time() - c0})
+        if "eval/kl" in row:
+            with one_line_errors():  # e.g. a full disk: one line, and the earlier checkpoint (and log) stay
+                save(run)
         log(row)
         if "eval/kl" in row:
-            with one_line_errors():  # e.g. a full disk: one line, and the earlier checkpoint stays
-                save(run)
+            log.commit()  # after the save: the log never runs ahead of its checkpoint
+        if "eval/kl" in row and (run.iter_num == cfg["max_iters"] or time.time() - plotted > PLOT_SECONDS):
+            with one_line_errors():
+                plots.rl_log(run.log_path, os.path.splitext(run.log_path)[0] + ".png", cfg.get("target_len"))
+            plotted = time.time()
         shown = ("env/reward_mean", "loss", "objective/kl", "tokens/responses_len_mean")
         bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in shown if k in row})
     bar.close()

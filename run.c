@@ -233,7 +233,8 @@ int main(int argc, char *argv[]) {
         case 's': rng_seed = (unsigned long long)parse_int(argv[i], value); break;
         case 'n': {
             long long n = parse_int(argv[i], value);
-            steps = n < 0 ? 0 : n > INT_MAX ? INT_MAX : (int)n; // 0 = seq_len
+            if (n < 0) bad_value("-n", "a number of steps >= 0 (0 = the whole context)", value);
+            steps = n > INT_MAX ? INT_MAX : (int)n; // 0 = seq_len
             break;
         }
         case 'i': prompt = value; break;

@@ -65,6 +65,24 @@ def _delimited(pieces, delimiter):
     yield rest, 0
 
 
+def _jsonl_rows(pieces):
+    """The objects of a .jsonl file, one a line: yields (rows, bytes read). A line that is not JSON is a
+    ValueError naming its number."""
+    lineno, rest = 0, ""
+    for text, nbytes in itertools.chain(pieces, [(None, 0)]):  # None: the end of the file
+        lines = (rest + (text or "")).split("\n")
+        rest = lines.pop() if text is not None else ""  # a line the text read so far may cut in two
+        rows = []
+        for line in lines:
+            lineno += 1
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"line {lineno} is not valid JSON ({e.msg})") from None
+        yield rows, nbytes
+
+
 JSON_SPACE = re.compile(r"[ \t\n\r]*")
 JSON_EXPECTED = {"[": "'['", ",": "',' or ']'", "": "the end of the file"}
 
@@ -133,14 +151,7 @@ def read_file(path, chunk_bytes=CHUNK_BYTES):
         elif suffix == ".txt":
             texts = ((t.split(SEPARATOR), n) for t, n in _delimited(_read_text(path, chunk_bytes), SEPARATOR))
         else:
-            rows = (
-                _json_array(_read_text(path, chunk_bytes))
-                if suffix == ".json"
-                else (
-                    ([json.loads(line) for line in t.splitlines() if line.strip()], n)  # .jsonl
-                    for t, n in _delimited(_read_text(path, chunk_bytes), "\n")
-                )
-            )
+            rows = (_json_array if suffix == ".json" else _jsonl_rows)(_read_text(path, chunk_bytes))
             texts = (([r.get("story", r.get("text")) for r in rs], n) for rs, n in rows)
         for t, nbytes in texts:
             stories = clean(t)

@@ -105,9 +105,10 @@ def story_prompts(cfg, tok, data_dir, split):
 # the task of a run
 
 
-def make_task(cfg, tok, data_dir, max_seq_len, device="cpu", ctx=nullcontext()):
+def make_task(cfg, tok, data_dir, max_seq_len, device="cpu", ctx=nullcontext(), trains=True):
     """The Task that cfg's reward (with start_len, target_len, missing_eos_penalty, rm_path, eval_prompts,
-    prompt_split) asks for, on the data in data_dir."""
+    prompt_split) asks for, on the data in data_dir. trains=False: the reward only measures (DPO's
+    evaluation), so its settings need not suit training."""
     weights = parse_reward(cfg["reward"])
     if "instruct" in weights:
         import instruct
@@ -122,7 +123,7 @@ def make_task(cfg, tok, data_dir, max_seq_len, device="cpu", ctx=nullcontext()):
         held_out = story_prompts(cfg, tok, data_dir, "val")[1]
     eval_prompts = held_out(cfg["eval_prompts"])
     cap = min(cfg["max_new_tokens"], max_seq_len - max(map(len, eval_prompts)))
-    if "length" in weights and cfg["target_len"] >= cap:
+    if "length" in weights and cfg["target_len"] >= cap and trains:
         raise DataError(
             f"--target_len={cfg['target_len']} is not below the response cap of {cap} tokens "
             "(--max_new_tokens, or the context left after the prompt)"

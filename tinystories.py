@@ -2,7 +2,7 @@
 TinyStories (Eldan & Li 2023): download, tokenizer training, pretokenization, batches.
 
     python tinystories.py download [--source=DIR]     # text -> data/TinyStories/
-    python tinystories.py train_vocab --vocab_size=N  # -> data/tok{N}.model (+ .vocab)
+    python tinystories.py train_vocab --vocab_size=N  # -> data/tok{N}.model (+ .vocab, and .bin for ./run)
     python tinystories.py pretokenize --vocab_size=N  # -> data/tok{N}/{train,val}.bin
     python tinystories.py instruct --vocab_size=N     # -> data/tok{N}/instruct_* (instruct.py)
 
@@ -183,11 +183,17 @@ def train_vocab(vocab_size, data_dir=DATA_DIR):
             m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", reason)
             if m:
                 reason = f"vocab_size {m[1]} is too large for this data (at most {m[2]})"
+            m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", reason)
+            if m:
+                reason = (
+                    f"vocab_size {m[1]} is too small for this data: its characters and the control pieces need {m[2]}"
+                )
             raise DataError(f"sentencepiece training failed: {reason}") from None
         for ext in (".model", ".vocab"):
             os.replace(prefix + ext, os.path.join(data_dir, f"tok{vocab_size}{ext}"))
     path = tokenizer_path(data_dir, vocab_size)
-    print(f"wrote {path}")
+    bin_path = Tokenizer(path).export()  # llama2.c's tokenizer .bin, for the C engine (./run -z)
+    print(f"wrote {path} and {bin_path}")
     return path
 
 

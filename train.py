@@ -33,10 +33,10 @@ import plots
 from common import (
     PTDTYPES,
     DataError,
+    MetricsLog,
     autocast,
     get_lr,
     init_ddp,
-    jsonl_log,
     one_line_errors,
     out_dir_lock,
     peak_matmul_flops,
@@ -109,6 +109,7 @@ config = dict(
     rl="",  # an RL method (rl_train.py), from out_dir's checkpoint
     ppo=False,  # the llama2.c PPO fork's switch: --rl=ppo
 )
+PLOT_SECONDS = 60  # the loss figure is drawn at the end and at a save this long after the last (it takes seconds)
 SFT_DEFAULTS = dict(learning_rate=1e-3, max_iters=600, warmup_iters=20, eval_interval=100, weight_decay=0.0)
 SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size")
 # -----------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def main(cfg, given):
     log_path = os.path.join(out_dir, f"{prefix}log.jsonl")
     with one_line_errors():
         wandb_run = start_wandb(cfg, out_dir) if master_process else None
-    log = jsonl_log(log_path, iter_num if iter_num else None, master_process, wandb_run)
+    log = MetricsLog(log_path, iter_num if iter_num else None, master_process, wandb_run)
 
     # training loop
     t0 = time.time()
@@ -290,6 +291,7 @@ def main(cfg, given):
         (), dtype=torch.bool, device=device
     )  # every loss and gradient norm so far, checked before a save
     bar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master_process, unit="it", dynamic_ncols=True)
+    plotted = time.time()
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -314,17 +316,26 @@ def main(cfg, given):
                     f"(train {losses['train']:.4g}, "
                     f"val {losses['val']:.4g}); lower --learning_rate or check the data. Nothing was saved"
                 )
-            log(row)
             if master_process:
                 tqdm.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if iter_num > 0:
-                    with one_line_errors():  # e.g. a full disk
+                    with one_line_errors():  # e.g. a full disk: one line, and the earlier checkpoints (and log) stay
                         save(f"{prefix}last.pt")
                         if losses["val"] < best_val_loss or cfg["always_save_checkpoint"]:
                             best_val_loss = min(best_val_loss, losses["val"])
                             save(f"{prefix}ckpt.pt")
                             tqdm.write(f"saved checkpoint to {out_dir}/{prefix}ckpt.pt")
-                        plots.losses(log_path, os.path.join(out_dir, f"{prefix}loss.png"))
+            log(row)
+            if iter_num > 0:
+                log.commit()  # after the saves: the log never runs ahead of its checkpoint
+            if (
+                master_process
+                and iter_num > 0
+                and (iter_num >= cfg["max_iters"] or time.time() - plotted > PLOT_SECONDS)
+            ):
+                with one_line_errors():
+                    plots.losses(log_path, os.path.join(out_dir, f"{prefix}loss.png"))
+                plotted = time.time()
         if cfg["eval_only"] or iter_num >= cfg["max_iters"]:
             break
 

@@ -53,6 +53,15 @@ static int parse_header(Checkpoint *c, const unsigned char *data, size_t size, c
     Config *p = &c->config;
     uint32_t magic = 0;
     if (size >= 4) memcpy(&magic, data, 4);
+    // other formats a user may hand us: say what the file is and what to do instead
+    if (size >= 4 && memcmp(data, "GGUF", 4) == 0) {
+        return fail(err, "%s is a GGUF file (llama.cpp's format): run it with llama.cpp, or give this "
+                         "engine a .bin from `python export.py model.bin --checkpoint=CKPT`", name);
+    }
+    if (size >= 9 && data[8] == '{' && read_i32(data + 4) == 0 && read_i32(data) > 0) {
+        return fail(err, "%s is a safetensors file (Hugging Face): convert its transformers directory "
+                         "with `python export.py model.bin --hf=DIR`, or run it with transformers", name);
+    }
     if (magic != CHECKPOINT_MAGIC) {
         // legacy files have no magic: the header is the 7 config ints
         if (size < HEADER_V0) {

@@ -14,11 +14,12 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers and datasets read local paths only; the hub is never asked
 
+import sources  # noqa: E402
 import tinystories  # noqa: E402
 
 
 def first_stories(path, n):
-    return tinystories.read_stories(path)[:n]
+    return sources.read_stories(path)[:n]
 
 
 def real_story_parts(n, offset=0):

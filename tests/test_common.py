@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-from common import DataError, atomic_open, get_lr, jsonl_log, one_line_errors, read_jsonl, save_atomic
+from common import DataError, MetricsLog, atomic_open, get_lr, one_line_errors, read_jsonl, save_atomic
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -22,16 +22,24 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
-def test_the_log_starts_empty_or_keeps_the_rows_up_to_the_resume_point(tmp_path):
+def test_the_log_holds_only_committed_rows_and_keeps_the_rows_up_to_the_resume_point(tmp_path):
     path = str(tmp_path / "log.jsonl")
-    log = jsonl_log(path)
+    log = MetricsLog(path)
     for it in range(1, 6):
         log({"iter": it, "loss": 1.0 / it})
-    jsonl_log(path, resume_iter=3)({"iter": 4, "loss": 0.0})
+    assert not os.path.exists(path)  # nothing saved yet: nothing written
+    log.commit()
+    resumed = MetricsLog(path, resume_iter=3)
+    resumed({"iter": 4, "loss": 0.0})
+    assert len(read_jsonl(path)) == 5  # an earlier run's log stays as it was until the new run commits
+    resumed.commit()
     assert [(r["iter"], r["loss"]) for r in read_jsonl(path)] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.0)]
-    jsonl_log(path, enabled=False)({"iter": 1})  # another rank: neither empties nor writes
+    other_rank = MetricsLog(path, enabled=False)
+    other_rank({"iter": 1})
+    other_rank.commit()  # another rank: neither empties nor writes
     assert len(read_jsonl(path)) == 4
-    jsonl_log(path)  # a new run
+    new = MetricsLog(path)
+    new.commit()  # a new run
     assert read_jsonl(path) == []
 
 

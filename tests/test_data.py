@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, SHARED, first_stories
 
+import sources
 import tinystories
 from tokenizer import Tokenizer
 
@@ -82,7 +83,7 @@ def test_a_broken_json_array_is_an_error_wherever_the_chunks_fall(tmp_path):
         (tmp_path / "train.json").write_text(bad)
         for chunk_bytes in (1, 64, 2**20):
             with pytest.raises(tinystories.DataError, match=words):
-                list(tinystories.read_file(tmp_path / "train.json", chunk_bytes))
+                list(sources.read_file(tmp_path / "train.json", chunk_bytes))
 
 
 def test_pretokenize_in_small_chunks_writes_the_same_bytes_as_in_one(small_data, tmp_path):

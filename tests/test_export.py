@@ -14,6 +14,7 @@ from conftest import ROOT, SHARED
 
 import checkpoint
 import export
+import sources
 from csrc import engine, formats
 from model import PRESETS, ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -91,7 +92,7 @@ def test_int8_export_stays_close_and_agrees_on_greedy_tokens(stories260k, story_
     agree = (q.argmax(-1) == ref.argmax(-1)).mean()
     print(f"int8 vs fp32: max logit error {np.abs(q - ref).max():.3f}, greedy agreement {agree:.1%}")
     # stories260K (dim 64, logit margins of ~0.9) is where int8 noise weighs most: 94.0% here, the same as
-    # quantising its weights alone in PyTorch (94.5%); the default model trained here agrees on 99.4% (README)
+    # quantising its weights alone in PyTorch (94.5%); the default model trained here agrees on 99.4% (reports/engine_accuracy.md)
     assert agree >= 0.93
     assert np.abs(q - ref).mean() < 0.5
 
@@ -200,9 +201,8 @@ def tok(small_data):
 
 @pytest.fixture(scope="module")
 def real_stories():
-    import tinystories
 
-    return tinystories.read_stories(SHARED / "tinystories" / "valid-000.txt")[:200]
+    return sources.read_stories(SHARED / "tinystories" / "valid-000.txt")[:200]
 
 
 def wide_random_model(seed=0):
@@ -463,7 +463,7 @@ def test_llama_cpp_generates_the_same_100_greedy_tokens_as_run(stories260k_ckpt,
     llama_cpp = pytest.importorskip(
         "llama_cpp",
         reason="llama-cpp-python is not installed (pip install llama-cpp-python "
-        "builds llama.cpp from source, see README)",
+        "builds llama.cpp from source, see docs/export.md)",
     )
     # fixed files, so that the story is the same everywhere: stories260K with llama2.c's tok512 (a sentencepiece
     # model with remove_extra_whitespaces), whose greedy continuation of "One day" runs 100 tokens without BOS

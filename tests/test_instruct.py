@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 import instruct
+import instruct_data
 import tinystories
 from common import DataError
 from tokenizer import Tokenizer
@@ -73,11 +74,11 @@ def test_the_name_counts_spelt_with_its_capital_and_as_a_possessive():
     ]
 
 
-def test_names_are_the_names_prefs_finds_counted(small_data):
-    import prefs
+def test_names_are_the_names_the_judge_finds_counted(small_data):
+    import metrics
 
     for story in tinystories.load_text(small_data, "train")[:100]:
-        assert set(instruct.name_counts(story)) == prefs.names(story) - instruct.NOT_NAMES
+        assert set(instruct.name_counts(story)) == set(metrics.names(story)) - instruct.NOT_NAMES
 
 
 def test_the_main_character_is_the_most_frequent_name_that_is_no_parent():
@@ -186,15 +187,15 @@ def test_truncation_keeps_whole_sentences_and_fits(small_data):
     encode = tok.sp_model.encode
     for story in tinystories.load_text(small_data, "train")[:40]:
         for budget in (40, 120):
-            text, ids, truncated = instruct.cut(story, encode, budget)
-            ends = instruct.sentence_ends(story)
+            text, ids, truncated = instruct_data.cut(story, encode, budget)
+            ends = instruct_data.sentence_ends(story)
             assert truncated and len(text) in ends and ids == encode(text) and len(ids) <= budget
             after = [e for e in ends if e > len(text)]
             assert not after or len(encode(story[: after[0]])) > budget  # the next sentence would not fit
     assert (
-        instruct.cut('Tom said, "Hi. Come here, Lily!" and ran.', encode, 12) is None
+        instruct_data.cut('Tom said, "Hi. Come here, Lily!" and ran.', encode, 12) is None
     )  # no end outside the quote fits
-    assert instruct.cut("A short story. It fits.", encode, 100)[2] is False
+    assert instruct_data.cut("A short story. It fits.", encode, 100)[2] is False
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_training_stories_have_several_different_headers(prepared):
     by_story = {}
     for r in rows:
         by_story.setdefault(r["story"], []).append(r["header"])
-    assert max(map(len, by_story.values())) == meta["headers_per_story"] == instruct.HEADERS_PER_STORY
+    assert max(map(len, by_story.values())) == meta["headers_per_story"] == instruct_data.HEADERS_PER_STORY
     assert all(len(set(h)) == len(h) for h in by_story.values())
     assert len(read_jsonl(os.path.join(out, "instruct_val.jsonl"))) == meta["val"]["stories_kept"]  # one each
 
@@ -267,7 +268,7 @@ def test_training_stories_have_several_different_headers(prepared):
 def test_ood_headers_name_words_that_no_training_story_holds_together(prepared, small_data):
     out, meta = prepared
     ood = read_jsonl(os.path.join(out, "instruct_ood.jsonl"))
-    assert len(ood) == meta["ood"]["headers"] == instruct.N_OOD
+    assert len(ood) == meta["ood"]["headers"] == instruct_data.N_OOD
     assert len({r["header"] for r in ood}) == len(ood)
     held = [instruct.held(s) for s in tinystories.load_text(small_data, "train")]
     for r in ood:
@@ -302,8 +303,8 @@ def test_kept_stories_begin_their_story_and_end_a_sentence(prepared, small_data)
     for r in read_jsonl(os.path.join(out, "instruct_train.jsonl")):
         story = stories[r["story"][:100]]
         assert story.startswith(r["story"]) and r["truncated"] is (r["story"] != story)
-        assert not r["truncated"] or len(r["story"]) in instruct.sentence_ends(story)
-        assert len(instruct.sentence_ends(r["story"])) >= instruct.MIN_KEPT_SENTENCES
+        assert not r["truncated"] or len(r["story"]) in instruct_data.sentence_ends(story)
+        assert len(instruct_data.sentence_ends(r["story"])) >= instruct_data.MIN_KEPT_SENTENCES
 
 
 def test_the_stage_is_deterministic_for_a_seed(prepared, small_data, tmp_path):
@@ -313,7 +314,7 @@ def test_the_stage_is_deterministic_for_a_seed(prepared, small_data, tmp_path):
     def stories(split, desc):
         return iter(tinystories.load_text(small_data, split))
 
-    instruct.prepare(stories, tok, tmp_path, seed=meta["seed"], quiet=True)
+    instruct_data.prepare(stories, tok, tmp_path, seed=meta["seed"], quiet=True)
     assert sorted(os.listdir(tmp_path)) == sorted(f for f in os.listdir(out) if f.startswith("instruct_"))
     for name in os.listdir(tmp_path):
         assert (tmp_path / name).read_bytes() == open(os.path.join(out, name), "rb").read(), name
@@ -328,7 +329,7 @@ def test_the_seed_chooses_the_words():
     def words(seed):
         return [
             [w for w, _ in c["words"]]
-            for c in instruct.choose(story, instruct.random.Random(seed), lambda w, p: True, 4)
+            for c in instruct_data.choose(story, instruct_data.random.Random(seed), lambda w, p: True, 4)
         ]
 
     assert words(1) == words(1) and words(1) != words(2)
@@ -355,7 +356,7 @@ def test_bad_settings_and_too_little_data_are_one_line_errors(small_data, tmp_pa
         return iter(tinystories.load_text(small_data, split)[:2])
 
     with pytest.raises(DataError, match="--headers_per_story must be at least 1, not 0"):
-        instruct.prepare(stories, tok, tmp_path, headers_per_story=0)
+        instruct_data.prepare(stories, tok, tmp_path, headers_per_story=0)
     with pytest.raises(DataError, match=r"too few training stories \(2\)"):
-        instruct.prepare(stories, tok, tmp_path)
+        instruct_data.prepare(stories, tok, tmp_path)
     assert not os.listdir(tmp_path)

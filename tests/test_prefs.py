@@ -35,10 +35,10 @@ def test_pairs_round_trip_through_jsonl(tmp_path):
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n', ":2: not valid JSON"),
         (
             '{"prompt": "a", "good": "b", "bad": "c"}\n',
-            ":1: expected string fields prompt, chosen, rejected; got prompt, good, bad",
+            ":1: no 'chosen' \\(expected prompt, chosen, rejected; got prompt, good, bad\\)",
         ),
-        ('{"prompt": "a", "chosen": 1, "rejected": "c"}\n', ":1: expected string fields"),
-        ('["a", "b", "c"]\n', ":1: expected string fields prompt, chosen, rejected; got list"),
+        ('{"prompt": "a", "chosen": 1, "rejected": "c"}\n', ":1: 'chosen' is int, not a string"),
+        ('["a", "b", "c"]\n', ":1: expected an object of prompt, chosen, rejected; got list"),
         ("\n\n", " holds no pairs"),
     ],
 )

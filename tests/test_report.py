@@ -1,6 +1,5 @@
 """report.py: the one before/after report of every RL method, end to end on a tiny run."""
 
-import json
 import os
 import re
 import shutil
@@ -111,23 +110,3 @@ def test_a_checkpoint_that_no_rl_stage_wrote_is_named(pretrained):
         f"error: {pretrained / 'ckpt.pt'} was written by train.py; "
         "this needs one written by an RL stage (train.py --rl=...)"
     )
-
-
-def test_compare_plots_the_held_out_curves_of_several_runs(tmp_path):
-    logs = []
-    for name, extra in (("ppo", "eval/within_10pct"), ("dpo", "eval/judge")):  # each log has a metric the other lacks
-        rows = [
-            {"iter": i, "episode": 64 * i, "eval/kl": float(i), "eval/score": -1.0 + 0.1 * i, extra: 0.1 * i}
-            for i in range(3)
-        ]
-        rows.insert(1, {"iter": 1, "episode": 64, "objective/kl": 0.5})  # a training row, no evaluation: left out
-        path = tmp_path / name / f"{name}_log.jsonl"
-        path.parent.mkdir()
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        logs.append(str(path))
-    png = tmp_path / "reports" / "runs.png"
-    p = report(f"--compare={','.join(logs)}", f"--report_path={png}")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert png.stat().st_size > 5000
-    p = report(f"--compare={','.join(logs)}", "--labels=PPO", f"--report_path={png}")
-    assert p.returncode != 0 and p.stderr.strip() == "error: --labels names 1 runs, --compare 2"
