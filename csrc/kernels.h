@@ -22,6 +22,7 @@
 #endif
 
 #define ROWS 4 // output rows per call: each load of x serves ROWS rows of W
+#define COLS 4 // vectors x per call of a tile kernel: each load of W serves COLS of them
 
 // out[r] = w[r] . x for r < ROWS, over n columns
 void rows_f32_scalar(float *out, const float *const w[ROWS], const float *x, int n);
@@ -37,13 +38,19 @@ void rows_q8_tail(float *out, const int8_t *const wq[ROWS], const float *const w
 // The SIMD versions, for group sizes that divide their chunk (64, 32 and 16 int8 values) or are
 // multiples of it: a chunk then holds whole groups or lies inside one. lane_group[l]: the group,
 // relative to the chunk's first, of the 4 values of int32 lane l; zeros when gs >= the chunk.
+//
+// A tile kernel computes the rows kernel's products for COLS vectors at once, out (COLS, ROWS): out[c *
+// ROWS + r] = w[r] . x[c], each product exactly as the rows kernel computes it (the same lanes, the
+// same sums in the same order), so that a vector's result does not depend on the batch it is in.
 #if defined(KERNELS_AVX512)
 void rows_f32_avx512(float *out, const float *const w[ROWS], const float *x, int n);
+void tile_f32_avx512(float *out, const float *const w[ROWS], const float *const x[COLS], int n);
 void rows_q8_avx512(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                     const QVector *xq, int n, int gs, const int *lane_group);
 #endif
 #if defined(KERNELS_AVX2)
 void rows_f32_avx2(float *out, const float *const w[ROWS], const float *x, int n);
+void tile_f32_avx2(float *out, const float *const w[ROWS], const float *const x[COLS], int n);
 void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int n, int gs, const int *lane_group);
 #endif

@@ -33,38 +33,58 @@
 #define KERNELS_NAME "portable"
 #endif
 
+typedef void TileF32(float *out, const float *const w[ROWS], const float *const x[COLS], int n);
 typedef void RowsQ8(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                     const QVector *xq, int n, int gs, const int *lane_group);
+typedef void TileQ8(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
+                    const QVector xq[COLS], int n, int gs, const int *lane_group);
+
+// The fp32 tile kernel (NULL: a batch is computed a row at a time, as by the portable build).
+static TileF32 *f32_tile(void) {
+#if defined(KERNELS_AVX512)
+    return tile_f32_avx512;
+#elif defined(KERNELS_AVX2)
+    return tile_f32_avx2;
+#else
+    return NULL;
+#endif
+}
 
 // whether chunks of `chunk` int8 values hold whole groups of gs or lie inside one
 static inline int fits(int gs, int chunk) { return gs >= 4 && (chunk % gs == 0 || gs % chunk == 0); }
 
-// The Q8_0 kernel for group size gs, and the chunk of values its SIMD steps take (0: portable C).
-static RowsQ8 *q8_kernel(int gs, int *chunk) {
+// The Q8_0 kernel for group size gs, the chunk of values its SIMD steps take (0: portable C), and
+// the tile kernel that computes the same products COLS rows at a time (NULL: a row at a time).
+static RowsQ8 *q8_kernel(int gs, int *chunk, TileQ8 **tile) {
     (void)gs; // the portable build takes any
 #if defined(KERNELS_AVX512)
     if (gs == 32) { // the 256-bit kernel's four-groups-at-once path: 1.25x the 512-bit one here
         *chunk = 32;
+        *tile = NULL;
         return rows_q8_avx2;
     }
     if (fits(gs, 64)) {
         *chunk = 64;
+        *tile = NULL;
         return rows_q8_avx512;
     }
 #endif
 #if defined(KERNELS_AVX2)
     if (fits(gs, 32)) {
         *chunk = 32;
+        *tile = NULL;
         return rows_q8_avx2;
     }
 #endif
 #if defined(KERNELS_NEON)
     if (fits(gs, 16)) {
         *chunk = 16;
+        *tile = NULL;
         return rows_q8_neon;
     }
 #endif
     *chunk = 0;
+    *tile = NULL;
     return rows_q8_scalar;
 }
 
@@ -88,54 +108,87 @@ void quantize_q8(QVector *xq, const float *x, int n, int group_size) {
     }
 }
 
-void matmul_rope(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
-                 int group_size, const float *rope, int head_size) {
+// this thread's share [*lo, *hi) of n items
+static void share(Team team, int n, int *lo, int *hi) {
+    *lo = (int)((long long)n * team.id / team.n);
+    *hi = (int)((long long)n * (team.id + 1) / team.n);
+}
+
+void matmul_rope(Team team, float *out, const Matrix *w, const float *x, const QVector *xq, int n,
+                 int d, int n_rows, int group_size, const float *rope, const int *pos, int head_size) {
     const int gs = group_size, groups = gs ? n / gs : 0; // scales per row
     int chunk = 0, lane_group[16] = {0};
-    RowsQ8 *rows_q8 = gs ? q8_kernel(gs, &chunk) : NULL;
+    TileQ8 *tile_q8 = NULL;
+    RowsQ8 *rows_q8 = gs ? q8_kernel(gs, &chunk, &tile_q8) : NULL;
+    TileF32 *tile_f32 = f32_tile();
     for (int l = 0; l < chunk / 4; l++) lane_group[l] = gs < chunk ? 4 * l / gs : 0;
-    const int blocks = (d + ROWS - 1) / ROWS;
-#pragma omp for schedule(static) nowait
-    for (int b = 0; b < blocks; b++) {
+    int b0, b1;
+    share(team, (d + ROWS - 1) / ROWS, &b0, &b1);
+    for (int b = b0; b < b1; b++) {
         const int r0 = b * ROWS;
         const int nr = d - r0 < ROWS ? d - r0 : ROWS;
-        float res[ROWS];
         // a short last block repeats its last row rather than branching in the kernels
         size_t row[ROWS];
         for (int r = 0; r < ROWS; r++) row[r] = (size_t)(r0 + (r < nr ? r : nr - 1));
-        if (w->f) {
-            const float *wf[ROWS];
-            for (int r = 0; r < ROWS; r++) wf[r] = w->f + row[r] * n;
-            rows_f32(res, wf, x, n);
-        } else {
-            const int8_t *wq[ROWS];
-            const float *ws[ROWS];
-            for (int r = 0; r < ROWS; r++) {
+        const float *wf[ROWS];
+        const int8_t *wq[ROWS];
+        const float *ws[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            if (w->f) {
+                wf[r] = w->f + row[r] * n;
+            } else {
                 wq[r] = w->q + row[r] * n;
                 ws[r] = w->s + row[r] * groups;
             }
-            rows_q8(res, wq, ws, xq, n, gs, lane_group);
         }
-        // (ROWS is even and so are d and head_size when rope is given: the pairs are whole)
-        if (rope) rope_rotate(res, r0, nr, rope, head_size);
-        for (int r = 0; r < nr; r++) out[r0 + r] = res[r];
+        // the block's rows of W stay in L1 while every row of x goes past them
+        for (int c0 = 0; c0 < n_rows; c0 += COLS) {
+            const int nc = n_rows - c0 < COLS ? n_rows - c0 : COLS;
+            float res[COLS][ROWS];
+            if (w->f) {
+                const float *xf[COLS];
+                for (int c = 0; c < nc; c++) xf[c] = x + (size_t)(c0 + c) * n;
+                if (nc == COLS && tile_f32) {
+                    tile_f32(res[0], wf, xf, n);
+                } else {
+                    for (int c = 0; c < nc; c++) rows_f32(res[c], wf, xf[c], n);
+                }
+            } else {
+                QVector xc[COLS];
+                for (int c = 0; c < nc; c++) {
+                    xc[c] = (QVector){xq->q + (size_t)(c0 + c) * n, xq->s + (size_t)(c0 + c) * groups};
+                }
+                if (nc == COLS && tile_q8) {
+                    tile_q8(res[0], wq, ws, xc, n, gs, lane_group);
+                } else {
+                    for (int c = 0; c < nc; c++) rows_q8(res[c], wq, ws, &xc[c], n, gs, lane_group);
+                }
+            }
+            for (int c = 0; c < nc; c++) {
+                // (ROWS is even and so are d and head_size when rope is given: the pairs are whole)
+                if (rope) rope_rotate(res[c], r0, nr, rope + (size_t)pos[c0 + c] * head_size, head_size);
+                float *o = out + (size_t)(c0 + c) * d + r0;
+                for (int r = 0; r < nr; r++) o[r] = res[c][r];
+            }
+        }
     }
 }
 
-void matmul(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
-            int group_size) {
-    matmul_rope(out, w, x, xq, n, d, group_size, NULL, 0);
+void matmul(Team team, float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d,
+            int n_rows, int group_size) {
+    matmul_rope(team, out, w, x, xq, n, d, n_rows, group_size, NULL, NULL, 0);
 }
 
 // ----------------------------------------------------------------------------
 // attention's products over the KV cache
 
-void dot_rows(float *out, const float *x, const void *rows, int n, int head_size, KVType type) {
+void dot_rows(float *out, const float *x, const void *rows, int n, int head_size, int stride,
+              KVType type) {
     if (type == KV_F32) { // plain loops: the compiler vectorises them
         const float *r = rows;
         for (int t = 0; t < n; t++) {
             float sum = 0.0f;
-            for (int i = 0; i < head_size; i++) sum += x[i] * r[(size_t)t * head_size + i];
+            for (int i = 0; i < head_size; i++) sum += x[i] * r[(size_t)t * stride + i];
             out[t] = sum;
         }
     }
@@ -148,11 +201,11 @@ void dot_rows(float *out, const float *x, const void *rows, int n, int head_size
 }
 
 void add_weighted_rows(float *out, const float *a, const void *rows, int n, int head_size,
-                       KVType type) {
+                       int stride, KVType type) {
     if (type == KV_F32) {
         const float *r = rows;
         for (int t = 0; t < n; t++) {
-            for (int i = 0; i < head_size; i++) out[i] += a[t] * r[(size_t)t * head_size + i];
+            for (int i = 0; i < head_size; i++) out[i] += a[t] * r[(size_t)t * stride + i];
         }
     }
 #if defined(KERNELS_F16_X86)

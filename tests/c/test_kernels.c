@@ -1,14 +1,17 @@
 // The matmul kernels this build selected (kernels.h, by -march) against a float64 reference on
 // random data, through matmul.c's driver: fp32 at every width up to 70 and the model widths, Q8_0
 // at every group size the engine accepts (the SIMD ones and those that fall back to portable C),
-// with tails of columns and of rows; quantize_q8 against its definition; attention's products over
+// with tails of columns and of rows; batches of vectors (the tile kernels, and the rows kernels for
+// a batch's last few), each vector's result also bit for bit the one it gets alone; quantize_q8 against its definition; attention's products over
 // fp16 cache rows, and the fp16 conversions (every half there and back). Prints the kernels'
 // name and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
 // tests/test_kernels.py runs it for every path the CPU can execute, and under qemu-aarch64.)
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "matmul.h"
 
@@ -34,53 +37,85 @@ static void check(const char *what, int n, int d, int gs, const float *got, cons
     passed++;
 }
 
-static void test_f32(int n, int d) {
-    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * d);
-    double *want = calloc(d, sizeof(double)), *mag = calloc(d, sizeof(double));
+// W (d, n) @ x (b, n)^T into out (b, d), the region's threads sharing out the rows of W
+static void product(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d, int b, int gs) {
+#pragma omp parallel
+    matmul((Team){omp_get_thread_num(), omp_get_num_threads()}, out, w, x, xq, n, d, b, gs);
+}
+
+// each of the b vectors of a batch gets the very bits it gets alone
+static void check_alone(const char *what, const Matrix *w, const float *x, const QVector *xq, int n, int d,
+                        int b, int gs, const float *out) {
+    float *alone = malloc(sizeof(float) * d);
+    int same = 1;
+    for (int c = 0; c < b; c++) {
+        QVector row = gs ? (QVector){xq->q + (size_t)c * n, xq->s + (size_t)c * (n / gs)} : (QVector){0};
+        product(alone, w, x ? x + (size_t)c * n : NULL, &row, n, d, 1, gs);
+        same &= memcmp(alone, out + (size_t)c * d, sizeof(float) * d) == 0;
+    }
+    if (same) {
+        passed++;
+    } else {
+        failed++;
+        printf("FAIL %s batch of %d: a vector's result differs from its result alone (n=%d d=%d gs=%d)\n",
+               what, b, n, d, gs);
+    }
+    free(alone);
+}
+
+// W (d, n) by a batch of b vectors
+static void test_f32(int n, int d, int b) {
+    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n * b), *out = malloc(sizeof(float) * d * b);
+    double *want = calloc(d * b, sizeof(double)), *mag = calloc(d * b, sizeof(double));
     for (int i = 0; i < n * d; i++) w[i] = uniform();
-    for (int j = 0; j < n; j++) x[j] = uniform();
-    for (int i = 0; i < d; i++) {
-        for (int j = 0; j < n; j++) {
-            want[i] += (double)w[i * n + j] * x[j];
-            mag[i] += fabs((double)w[i * n + j] * x[j]);
+    for (int j = 0; j < n * b; j++) x[j] = uniform();
+    for (int c = 0; c < b; c++) {
+        for (int i = 0; i < d; i++) {
+            for (int j = 0; j < n; j++) {
+                want[c * d + i] += (double)w[i * n + j] * x[c * n + j];
+                mag[c * d + i] += fabs((double)w[i * n + j] * x[c * n + j]);
+            }
         }
     }
     Matrix m = {w, NULL, NULL};
-#pragma omp parallel
-    matmul(out, &m, x, NULL, n, d, 0);
-    check("fp32", n, d, 0, out, want, mag);
+    product(out, &m, x, NULL, n, d, b, 0);
+    check(b > 1 ? "fp32 batch" : "fp32", n, d * b, 0, out, want, mag);
+    if (b > 1) check_alone("fp32", &m, x, NULL, n, d, b, 0, out);
     free(w), free(x), free(out), free(want), free(mag);
 }
 
-static void test_q8(int n, int d, int gs) {
-    int8_t *wq = malloc(n * d), *xq = malloc(n);
-    float *ws = malloc(sizeof(float) * d * (n / gs)), *xs = malloc(sizeof(float) * (n / gs));
-    float *out = malloc(sizeof(float) * d);
-    double *want = calloc(d, sizeof(double)), *mag = calloc(d, sizeof(double));
+static void test_q8(int n, int d, int gs, int b) {
+    int8_t *wq = malloc(n * d), *xq = malloc(n * b);
+    float *ws = malloc(sizeof(float) * d * (n / gs)), *xs = malloc(sizeof(float) * (n / gs) * b);
+    float *out = malloc(sizeof(float) * d * b);
+    double *want = calloc(d * b, sizeof(double)), *mag = calloc(d * b, sizeof(double));
     // the full int8 range the kernels must handle: weights -127..127 (a file may hold -128 too),
     // activations -127..127 as quantize_q8 makes them
     for (int i = 0; i < n * d; i++) wq[i] = (int8_t)lrintf(uniform() * 127.0f);
-    for (int j = 0; j < n; j++) xq[j] = (int8_t)lrintf(uniform() * 127.0f);
-    wq[0] = 127, xq[0] = -127, wq[n - 1] = -128, xq[n - 1] = 127;
+    for (int j = 0; j < n * b; j++) xq[j] = (int8_t)lrintf(uniform() * 127.0f);
+    wq[0] = 127, wq[n - 1] = -128; // (the sign trick of the SIMD kernels needs x >= 0 against -128)
+    for (int c = 0; c < b; c++) xq[c * n] = -127, xq[c * n + n - 1] = 127;
     for (int i = 0; i < d * (n / gs); i++) ws[i] = 0.01f * (1.5f + uniform());
-    for (int g = 0; g < n / gs; g++) xs[g] = 0.02f * (1.5f + uniform());
-    for (int i = 0; i < d; i++) {
-        for (int g = 0; g < n / gs; g++) {
-            long long dot = 0, absdot = 0; // the kernels may split a group's sum across lanes
-            for (int k = g * gs; k < (g + 1) * gs; k++) {
-                dot += (long long)wq[i * n + k] * xq[k];
-                absdot += llabs((long long)wq[i * n + k] * xq[k]);
+    for (int g = 0; g < n / gs * b; g++) xs[g] = 0.02f * (1.5f + uniform());
+    for (int c = 0; c < b; c++) {
+        for (int i = 0; i < d; i++) {
+            for (int g = 0; g < n / gs; g++) {
+                long long dot = 0, absdot = 0; // the kernels may split a group's sum across lanes
+                for (int k = g * gs; k < (g + 1) * gs; k++) {
+                    dot += (long long)wq[i * n + k] * xq[c * n + k];
+                    absdot += llabs((long long)wq[i * n + k] * xq[c * n + k]);
+                }
+                double scale = (double)ws[i * (n / gs) + g] * xs[c * (n / gs) + g];
+                want[c * d + i] += dot * scale;
+                mag[c * d + i] += absdot * scale;
             }
-            double scale = (double)ws[i * (n / gs) + g] * xs[g];
-            want[i] += dot * scale;
-            mag[i] += absdot * scale;
         }
     }
     Matrix m = {NULL, wq, ws};
     QVector x = {xq, xs};
-#pragma omp parallel
-    matmul(out, &m, NULL, &x, n, d, gs);
-    check("q8", n, d, gs, out, want, mag);
+    product(out, &m, NULL, &x, n, d, b, gs);
+    check(b > 1 ? "q8 batch" : "q8", n, d * b, gs, out, want, mag);
+    if (b > 1) check_alone("q8", &m, NULL, &x, n, d, b, gs, out);
     free(wq), free(xq), free(ws), free(xs), free(out), free(want), free(mag);
 }
 
@@ -132,8 +167,8 @@ static void test_f16_rows(int head_size, int n_rows) {
             want_sums[i] += (double)a[t] * r, mag_sums[i] += fabs((double)a[t] * r);
         }
     }
-    dot_rows(dots, x, rows, n_rows, head_size, KV_F16);
-    add_weighted_rows(sums, a, rows, n_rows, head_size, KV_F16);
+    dot_rows(dots, x, rows, n_rows, head_size, head_size, KV_F16);
+    add_weighted_rows(sums, a, rows, n_rows, head_size, head_size, KV_F16);
     check("f16 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);
     check("f16 add_weighted_rows", n_rows, head_size, 0, sums, want_sums, mag_sums);
     free(rows), free(x), free(a), free(dots), free(sums);
@@ -159,21 +194,34 @@ int main(void) {
     printf("kernels: %s\n", matmul_kernels());
     const int widths[] = {64, 96, 172, 288, 512, 768, 1376};
     const int rows[] = {1, 3, 4, 5, 9, 34};
-    for (int n = 1; n <= 70; n++) test_f32(n, 7);
+    for (int n = 1; n <= 70; n++) test_f32(n, 7, 1);
     for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) {
-        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f32(widths[i], rows[r]);
+        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f32(widths[i], rows[r], 1);
     }
     // SIMD group sizes (4 to 128), and 2, 12, 48, 96, which fall back to portable C
     const int group_sizes[] = {2, 4, 8, 12, 16, 32, 48, 64, 96, 128};
     for (size_t g = 0; g < sizeof(group_sizes) / sizeof(group_sizes[0]); g++) {
         int gs = group_sizes[g];
         for (int k = 1; k <= 13; k++) { // tails of every length short of the widest chunk (64)
-            for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_q8(gs * k, rows[r], gs);
+            for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_q8(gs * k, rows[r], gs, 1);
         }
         test_quantize(gs * 12, gs);
     }
-    for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4);
-    test_q8(172, 5, 4), test_q8(288, 6, 32), test_q8(768, 6, 32), test_q8(1376, 5, 32), test_q8(2048, 5, 64);
+    for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4, 1);
+    test_q8(172, 5, 4, 1), test_q8(288, 6, 32, 1), test_q8(768, 6, 32, 1), test_q8(1376, 5, 32, 1), test_q8(2048, 5, 64, 1);
+    // batches: whole tiles of COLS vectors and the odd ones after, at odd widths and odd rows of W
+    const int batches[] = {2, 4, 5, 7, 9};
+    for (size_t k = 0; k < sizeof(batches) / sizeof(batches[0]); k++) {
+        const int b = batches[k];
+        for (int n = 1; n <= 40; n += 3) test_f32(n, 7, b);
+        test_f32(128, 9, b), test_f32(288, 5, b), test_f32(352, 3, b);
+        for (size_t g = 0; g < sizeof(group_sizes) / sizeof(group_sizes[0]); g++) {
+            const int gs = group_sizes[g];
+            for (int m = 1; m <= 5; m++) test_q8(gs * m, 5, gs, b);
+            test_q8(gs * 12, 9, gs, b);
+        }
+        test_q8(128, 6, 32, b), test_q8(352, 5, 32, b), test_q8(288, 7, 32, b), test_q8(768, 3, 32, b);
+    }
     // SIMD widths (multiples of 8 on x86, 4 on ARM) and others, which take the portable loop
     const int head_sizes[] = {4, 6, 8, 12, 16, 48, 64, 72, 128};
     for (size_t h = 0; h < sizeof(head_sizes) / sizeof(head_sizes[0]); h++) {
