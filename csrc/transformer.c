@@ -18,10 +18,8 @@ static int omp_get_num_threads(void) { return 1; }
 // run state
 
 static void free_rows(RowState *r) {
-    free(r->x);
-    free(r->xb);
-    free(r->xq.q);
-    free(r->xq.s);
+    void *buffers[] = {r->x, r->xb, r->xh, r->xq.q, r->xq.s, r->xqh.q, r->xqh.s};
+    for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
 }
 
 static void free_run_state(RunState *s) {
@@ -41,16 +39,18 @@ static size_t cache_size(const Config *p, int n_slots) {
     return (size_t)n_slots * p->n_layers * p->seq_len * (p->dim / p->n_heads * p->n_kv_heads);
 }
 
+// (each width has a buffer of its own: with the threads sharing out the rows, one thread may write
+// its rows of xh while another still reads its rows of xb)
 static int malloc_rows(RowState *r, size_t rows, const Config *p, int group_size) {
-    const size_t max_n = p->dim > p->hidden_dim ? p->dim : p->hidden_dim;
     r->x = calloc(rows * p->dim, sizeof(float));
-    r->xb = calloc(rows * max_n, sizeof(float));
+    r->xb = calloc(rows * p->dim, sizeof(float));
+    r->xh = calloc(rows * p->hidden_dim, sizeof(float));
     if (group_size > 0) {
-        r->xq.q = calloc(rows * max_n, sizeof(int8_t));
-        r->xq.s = calloc(rows * max_n / group_size, sizeof(float));
-        return r->x && r->xb && r->xq.q && r->xq.s ? 0 : -1;
+        r->xq = (QVector){calloc(rows * p->dim, 1), calloc(rows * p->dim / group_size, sizeof(float))};
+        r->xqh = (QVector){calloc(rows * p->hidden_dim, 1), calloc(rows * p->hidden_dim / group_size, sizeof(float))};
+        if (!r->xq.q || !r->xq.s || !r->xqh.q || !r->xqh.s) return -1;
     }
-    return r->x && r->xb ? 0 : -1;
+    return r->x && r->xb && r->xh ? 0 : -1;
 }
 
 static int malloc_run_state(RunState *s, const Config *p, int group_size, KVType kv_type,
@@ -299,18 +299,18 @@ float *transformer_forward_rows(Transformer *t, const int *tokens, const int *po
             rmsnorm(rs->xb + (size_t)i * dim, x, w->layers[0].rms_att, dim);
         }
         quantize_rows(&rs->xq, rs->xb, r0, r1, dim, gs);
-        const float *xb_dim = rs->xb + (size_t)r0 * dim, *xb_hidden = rs->xb + (size_t)r0 * hidden_dim;
-        const QVector xq_dim = q8_rows(&rs->xq, r0, dim, gs), xq_hidden = q8_rows(&rs->xq, r0, hidden_dim, gs);
+        const float *xb = rs->xb + (size_t)r0 * dim, *xh = rs->xh + (size_t)r0 * hidden_dim;
+        const QVector xq = q8_rows(&rs->xq, r0, dim, gs), xqh = q8_rows(&rs->xqh, r0, hidden_dim, gs);
         for (int l = 0; l < p->n_layers; l++) {
             const Layer *L = &w->layers[l];
             float *k = s->k + ((size_t)l * s->max_rows + r0) * kv_dim;
             float *v = s->v + ((size_t)l * s->max_rows + r0) * kv_dim;
 
             // attention
-            matmul_rope(team, s->q + (size_t)r0 * dim, &L->wq, xb_dim, &xq_dim, dim, dim, nr, gs, s->rope,
+            matmul_rope(team, s->q + (size_t)r0 * dim, &L->wq, xb, &xq, dim, dim, nr, gs, s->rope,
                         pos + r0, head_size);
-            matmul_rope(team, k, &L->wk, xb_dim, &xq_dim, dim, kv_dim, nr, gs, s->rope, pos + r0, head_size);
-            matmul(team, v, &L->wv, xb_dim, &xq_dim, dim, kv_dim, nr, gs);
+            matmul_rope(team, k, &L->wk, xb, &xq, dim, kv_dim, nr, gs, s->rope, pos + r0, head_size);
+            matmul(team, v, &L->wv, xb, &xq, dim, kv_dim, nr, gs);
             if (!share_rows || several) {
 #pragma omp barrier
             }
@@ -325,24 +325,24 @@ float *transformer_forward_rows(Transformer *t, const int *tokens, const int *po
 #pragma omp barrier
             }
             quantize_rows(&rs->xq, s->xb, r0, r1, dim, gs);
-            matmul(team, s->xb2 + (size_t)r0 * dim, &L->wo, s->xb + (size_t)r0 * dim, &xq_dim, dim, dim, nr, gs);
+            matmul(team, s->xb2 + (size_t)r0 * dim, &L->wo, s->xb + (size_t)r0 * dim, &xq, dim, dim, nr, gs);
             if (!share_rows) {
 #pragma omp barrier
             }
             residual_norm(rs, r0, r1, s->xb2, L->rms_ffn, dim, gs);
 
             // ffn: w2(silu(w1(x)) * w3(x))
-            matmul(team, s->hb + (size_t)r0 * hidden_dim, &L->w1, xb_dim, &xq_dim, dim, hidden_dim, nr, gs);
-            matmul(team, s->hb2 + (size_t)r0 * hidden_dim, &L->w3, xb_dim, &xq_dim, dim, hidden_dim, nr, gs);
+            matmul(team, s->hb + (size_t)r0 * hidden_dim, &L->w1, xb, &xq, dim, hidden_dim, nr, gs);
+            matmul(team, s->hb2 + (size_t)r0 * hidden_dim, &L->w3, xb, &xq, dim, hidden_dim, nr, gs);
             if (!share_rows) {
 #pragma omp barrier
             }
             for (int i = r0; i < r1; i++) {
                 const size_t at = (size_t)i * hidden_dim;
-                swiglu(rs->xb + at, s->hb + at, s->hb2 + at, hidden_dim);
+                swiglu(rs->xh + at, s->hb + at, s->hb2 + at, hidden_dim);
             }
-            quantize_rows(&rs->xq, rs->xb, r0, r1, hidden_dim, gs);
-            matmul(team, s->xb2 + (size_t)r0 * dim, &L->w2, xb_hidden, &xq_hidden, hidden_dim, dim, nr, gs);
+            quantize_rows(&rs->xqh, rs->xh, r0, r1, hidden_dim, gs);
+            matmul(team, s->xb2 + (size_t)r0 * dim, &L->w2, xh, &xqh, hidden_dim, dim, nr, gs);
             if (!share_rows) {
 #pragma omp barrier
             }
@@ -351,7 +351,7 @@ float *transformer_forward_rows(Transformer *t, const int *tokens, const int *po
                           dim, gs);
         }
         if (logits) {
-            matmul(team, s->logits + (size_t)r0 * p->vocab_size, &w->wcls, xb_dim, &xq_dim, dim,
+            matmul(team, s->logits + (size_t)r0 * p->vocab_size, &w->wcls, xb, &xq, dim,
                    p->vocab_size, nr, gs);
         }
     } // the region's end waits for every thread's rows of the logits

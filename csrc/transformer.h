@@ -15,8 +15,10 @@
 // under the same floating-point settings.)
 typedef struct {
     float *x;   // (rows, dim) the residual stream
-    float *xb;  // (rows, max(dim, hidden_dim)) the next matmul's input: x normalised, or the gated ffn
-    QVector xq; // (rows, max(dim, hidden_dim)) a matmul's input quantised, for Q8_0 weights
+    float *xb;  // (rows, dim) x normalised: the next matmul's input
+    float *xh;  // (rows, hidden_dim) the gated ffn: w2's input
+    QVector xq; // (rows, dim) xb or the attention heads' output quantised, for Q8_0 weights
+    QVector xqh; // (rows, hidden_dim) xh quantised
 } RowState;
 
 typedef struct {
