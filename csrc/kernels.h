@@ -56,24 +56,33 @@ void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const w
 #endif
 #if defined(KERNELS_NEON)
 void rows_f32_neon(float *out, const float *const w[ROWS], const float *x, int n);
+void tile_f32_neon(float *out, const float *const w[ROWS], const float *const x[COLS], int n);
 void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int n, int gs, const int *lane_group);
 #endif
 
-// fp16 cache rows (matmul.h's dot_rows and add_weighted_rows for KV_F16): scalar for any width n,
-// SIMD for n a multiple of 8 (x86, F16C's conversions) or 4 (NEON)
-float f16_value(uint16_t h);
-uint16_t f16_from(float x);
-void dot_rows_f16_scalar(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
-void add_weighted_rows_f16_scalar(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+// Attention's products over rows of fp32 or fp16 values (matmul.h's dot_rows and add_weighted_rows):
+// scalar for any width n, SIMD for n a multiple of 8 (x86; fp16 rows need F16C's conversions) or 4
+// (NEON). Row t starts `stride` values after row t - 1.
 #if defined(KERNELS_AVX2) && defined(__F16C__)
 #define KERNELS_F16_X86 1
-void dot_rows_f16_avx2(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
-void add_weighted_rows_f16_avx2(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+#else
+#define KERNELS_F16_X86 0
+#endif
+float f16_value(uint16_t h);
+uint16_t f16_from(float x);
+void dot_rows_scalar(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type);
+void add_weighted_rows_scalar(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                              KVType type);
+#if defined(KERNELS_AVX2)
+void dot_rows_avx2(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type);
+void add_weighted_rows_avx2(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                            KVType type);
 #endif
 #if defined(KERNELS_NEON)
-void dot_rows_f16_neon(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
-void add_weighted_rows_f16_neon(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+void dot_rows_neon(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type);
+void add_weighted_rows_neon(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                            KVType type);
 #endif
 
 // Software prefetch distance of the SIMD kernels, in rows (two blocks ahead): the hardware

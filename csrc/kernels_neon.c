@@ -5,24 +5,45 @@
 
 #ifdef KERNELS_NEON
 #include <arm_neon.h>
+#include <math.h>
 
-void rows_f32_neon(float *out, const float *const w[ROWS], const float *x, int n) {
-    float32x4_t acc[ROWS][2];
-    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = vdupq_n_f32(0.0f);
+// out[c * ROWS + r] = w[r] . x[c] for ROWS rows and nc vectors (1 or 2, a constant once inlined),
+// every product the same way: two sums a product, then the columns past the last 8 one at a time
+static inline __attribute__((always_inline)) void block_f32(float *out, const float *const w[ROWS],
+                                                            const float *const *x, int nc, int n) {
+    float32x4_t acc[2][ROWS][2], x0[2], x1[2];
+    for (int c = 0; c < nc; c++) {
+        for (int r = 0; r < ROWS; r++) acc[c][r][0] = acc[c][r][1] = vdupq_n_f32(0.0f);
+    }
     int j = 0;
     for (; j + 8 <= n; j += 8) {
-        float32x4_t x0 = vld1q_f32(x + j), x1 = vld1q_f32(x + j + 4);
+        for (int c = 0; c < nc; c++) x0[c] = vld1q_f32(x[c] + j), x1[c] = vld1q_f32(x[c] + j + 4);
         for (int r = 0; r < ROWS; r++) {
             __builtin_prefetch(w[r] + j + PREFETCH * n);
-            acc[r][0] = vfmaq_f32(acc[r][0], vld1q_f32(w[r] + j), x0);
-            acc[r][1] = vfmaq_f32(acc[r][1], vld1q_f32(w[r] + j + 4), x1);
+            float32x4_t w0 = vld1q_f32(w[r] + j), w1 = vld1q_f32(w[r] + j + 4);
+            for (int c = 0; c < nc; c++) {
+                acc[c][r][0] = vfmaq_f32(acc[c][r][0], w0, x0[c]);
+                acc[c][r][1] = vfmaq_f32(acc[c][r][1], w1, x1[c]);
+            }
         }
     }
-    for (int r = 0; r < ROWS; r++) {
-        float sum = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));
-        for (int k = j; k < n; k++) sum += w[r][k] * x[k];
-        out[r] = sum;
+    for (int c = 0; c < nc; c++) {
+        for (int r = 0; r < ROWS; r++) {
+            float sum = vaddvq_f32(vaddq_f32(acc[c][r][0], acc[c][r][1]));
+            // (fmaf: one fused step whatever the compiler makes of each instance of this loop)
+            for (int k = j; k < n; k++) sum = fmaf(w[r][k], x[c][k], sum);
+            out[c * ROWS + r] = sum;
+        }
     }
+}
+
+void rows_f32_neon(float *out, const float *const w[ROWS], const float *x, int n) {
+    block_f32(out, w, &x, 1, n);
+}
+
+// two passes of 4 rows by 2 vectors: 16 sums in flight of NEON's 32 registers
+void tile_f32_neon(float *out, const float *const w[ROWS], const float *const x[COLS], int n) {
+    for (int c0 = 0; c0 < COLS; c0 += 2) block_f32(out + c0 * ROWS, w, x + c0, 2, n);
 }
 
 // acc + per 32-bit lane l, the sum of the products of bytes 4l..4l+3 of a and b
@@ -83,25 +104,26 @@ void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const w
     if (j < n) rows_q8_tail(out, wq, ws, xq, j, n, gs); // < 16 values left: whole groups
 }
 
-static inline float32x4_t load_f16(const uint16_t *h) {
-    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+// values j..j+3 of rows of fp32 or fp16
+static inline float32x4_t load_row(const void *rows, size_t at, KVType type) {
+    if (type == KV_F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)rows + at)));
+    return vld1q_f32((const float *)rows + at);
 }
 
-void dot_rows_f16_neon(float *out, const float *x, const uint16_t *rows, int n_rows, int n) {
+void dot_rows_neon(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type) {
     for (int t = 0; t < n_rows; t++) {
-        const uint16_t *row = rows + (size_t)t * n;
         float32x4_t acc = vdupq_n_f32(0.0f);
-        for (int j = 0; j < n; j += 4) acc = vfmaq_f32(acc, vld1q_f32(x + j), load_f16(row + j));
+        for (int j = 0; j < n; j += 4) acc = vfmaq_f32(acc, vld1q_f32(x + j), load_row(rows, (size_t)t * stride + j, type));
         out[t] = vaddvq_f32(acc);
     }
 }
 
-void add_weighted_rows_f16_neon(float *out, const float *a, const uint16_t *rows, int n_rows, int n) {
-    for (int t = 0; t < n_rows; t++) {
-        const uint16_t *row = rows + (size_t)t * n;
-        for (int j = 0; j < n; j += 4) {
-            vst1q_f32(out + j, vfmaq_n_f32(vld1q_f32(out + j), load_f16(row + j), a[t]));
-        }
+void add_weighted_rows_neon(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                            KVType type) {
+    for (int j = 0; j < n; j += 4) { // each 4 values of out in a register across the rows
+        float32x4_t acc = vld1q_f32(out + j);
+        for (int t = 0; t < n_rows; t++) acc = vfmaq_n_f32(acc, load_row(rows, (size_t)t * stride + j, type), a[t]);
+        vst1q_f32(out + j, acc);
     }
 }
 #endif

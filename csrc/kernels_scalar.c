@@ -69,16 +69,22 @@ uint16_t f16_from(float x) {
     return sign | (uint16_t)(units + (rest > half || (rest == half && (units & 1))));
 }
 
-void dot_rows_f16_scalar(float *out, const float *x, const uint16_t *rows, int n_rows, int n) {
+// row t's value j as fp32
+static inline float row_value(const void *rows, size_t at, KVType type) {
+    return type == KV_F16 ? f16_value(((const uint16_t *)rows)[at]) : ((const float *)rows)[at];
+}
+
+void dot_rows_scalar(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type) {
     for (int t = 0; t < n_rows; t++) {
         float sum = 0.0f;
-        for (int j = 0; j < n; j++) sum += x[j] * f16_value(rows[(size_t)t * n + j]);
+        for (int j = 0; j < n; j++) sum += x[j] * row_value(rows, (size_t)t * stride + j, type);
         out[t] = sum;
     }
 }
 
-void add_weighted_rows_f16_scalar(float *out, const float *a, const uint16_t *rows, int n_rows, int n) {
+void add_weighted_rows_scalar(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                              KVType type) {
     for (int t = 0; t < n_rows; t++) {
-        for (int j = 0; j < n; j++) out[j] += a[t] * f16_value(rows[(size_t)t * n + j]);
+        for (int j = 0; j < n; j++) out[j] += a[t] * row_value(rows, (size_t)t * stride + j, type);
     }
 }

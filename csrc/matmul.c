@@ -45,6 +45,8 @@ static TileF32 *f32_tile(void) {
     return tile_f32_avx512;
 #elif defined(KERNELS_AVX2)
     return tile_f32_avx2;
+#elif defined(KERNELS_NEON)
+    return tile_f32_neon;
 #else
     return NULL;
 #endif
@@ -182,38 +184,48 @@ void matmul(Team team, float *out, const Matrix *w, const float *x, const QVecto
 // ----------------------------------------------------------------------------
 // attention's products over the KV cache
 
+#if defined(KERNELS_AVX2) || defined(KERNELS_NEON)
+// the SIMD kernels take widths of whole vectors (and fp16 rows on x86 with F16C)
+static int simd_rows(int head_size, KVType type) {
+#if defined(KERNELS_AVX2)
+    return head_size % 8 == 0 && (type == KV_F32 || KERNELS_F16_X86);
+#else
+    (void)type;
+    return head_size % 4 == 0;
+#endif
+}
+#endif
+
 void dot_rows(float *out, const float *x, const void *rows, int n, int head_size, int stride,
               KVType type) {
-    if (type == KV_F32) { // plain loops: the compiler vectorises them
-        const float *r = rows;
-        for (int t = 0; t < n; t++) {
-            float sum = 0.0f;
-            for (int i = 0; i < head_size; i++) sum += x[i] * r[(size_t)t * stride + i];
-            out[t] = sum;
-        }
+#if defined(KERNELS_AVX2)
+    if (simd_rows(head_size, type)) {
+        dot_rows_avx2(out, x, rows, n, head_size, stride, type);
+        return;
     }
-#if defined(KERNELS_F16_X86)
-    else if (head_size % 8 == 0) dot_rows_f16_avx2(out, x, rows, n, head_size);
 #elif defined(KERNELS_NEON)
-    else if (head_size % 4 == 0) dot_rows_f16_neon(out, x, rows, n, head_size);
+    if (simd_rows(head_size, type)) {
+        dot_rows_neon(out, x, rows, n, head_size, stride, type);
+        return;
+    }
 #endif
-    else dot_rows_f16_scalar(out, x, rows, n, head_size);
+    dot_rows_scalar(out, x, rows, n, head_size, stride, type);
 }
 
 void add_weighted_rows(float *out, const float *a, const void *rows, int n, int head_size,
                        int stride, KVType type) {
-    if (type == KV_F32) {
-        const float *r = rows;
-        for (int t = 0; t < n; t++) {
-            for (int i = 0; i < head_size; i++) out[i] += a[t] * r[(size_t)t * stride + i];
-        }
+#if defined(KERNELS_AVX2)
+    if (simd_rows(head_size, type)) {
+        add_weighted_rows_avx2(out, a, rows, n, head_size, stride, type);
+        return;
     }
-#if defined(KERNELS_F16_X86)
-    else if (head_size % 8 == 0) add_weighted_rows_f16_avx2(out, a, rows, n, head_size);
 #elif defined(KERNELS_NEON)
-    else if (head_size % 4 == 0) add_weighted_rows_f16_neon(out, a, rows, n, head_size);
+    if (simd_rows(head_size, type)) {
+        add_weighted_rows_neon(out, a, rows, n, head_size, stride, type);
+        return;
+    }
 #endif
-    else add_weighted_rows_f16_scalar(out, a, rows, n, head_size);
+    add_weighted_rows_scalar(out, a, rows, n, head_size, stride, type);
 }
 
 void f32_to_f16(uint16_t *out, const float *x, int n) {

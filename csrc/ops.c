@@ -16,7 +16,7 @@ void softmax(float *x, int size) {
     for (int i = 1; i < size; i++) max_val = x[i] > max_val ? x[i] : max_val;
     float sum = 0.0f;
     for (int i = 0; i < size; i++) {
-        x[i] = expf(x[i] - max_val);
+        x[i] = exp_fast(x[i] - max_val);
         sum += x[i];
     }
     for (int i = 0; i < size; i++) x[i] /= sum;
@@ -41,5 +41,5 @@ void rope_rotate(float *vec, int first, int n, const float *rope, int head_size)
 }
 
 void swiglu(float *out, const float *h, const float *h2, int size) {
-    for (int i = 0; i < size; i++) out[i] = h[i] / (1.0f + expf(-h[i])) * h2[i];
+    for (int i = 0; i < size; i++) out[i] = h[i] / (1.0f + exp_fast(-h[i])) * h2[i];
 }

@@ -126,7 +126,7 @@ static float tempered_sum(const float *logits, int n, float temperature, float *
     for (int i = 0; i < n; i++) m = logits[i] / temperature > m ? logits[i] / temperature : m;
     float sum = 0.0f;
     for (int i = 0; i < n; i++) {
-        float e = expf(logits[i] / temperature - m);
+        float e = exp_fast(logits[i] / temperature - m);
         if (terms) terms[i] = e;
         sum += e;
     }

@@ -2,10 +2,11 @@
 // random data, through matmul.c's driver: fp32 at every width up to 70 and the model widths, Q8_0
 // at every group size the engine accepts (the SIMD ones and those that fall back to portable C),
 // with tails of columns and of rows; batches of vectors (the tile kernels, and the rows kernels for
-// a batch's last few), each vector's result also bit for bit the one it gets alone; quantize_q8 against its definition; attention's products over
-// fp16 cache rows, and the fp16 conversions (every half there and back). Prints the kernels'
-// name and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
-// tests/test_kernels.py runs it for every path the CPU can execute, and under qemu-aarch64.)
+// a batch's last few), each vector's result also bit for bit the one it gets alone; quantize_q8
+// against its definition; exp_fast against exp; attention's products over fp32 and fp16 rows, and
+// the fp16 conversions (every half there and back). Prints the kernels' name and "N passed, M
+// failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...; tests/test_kernels.py runs it
+// for every path the CPU can execute, and under qemu-aarch64.)
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 
 #include "matmul.h"
+#include "ops.h"
 
 static int passed = 0, failed = 0;
 static unsigned long long rng = 42;
@@ -146,14 +148,21 @@ static void test_quantize(int n, int gs) {
     free(x), free(q), free(s);
 }
 
-// dot_rows and add_weighted_rows over n_rows fp16 rows of head_size values
-static void test_f16_rows(int head_size, int n_rows) {
-    uint16_t *rows = malloc(sizeof(uint16_t) * head_size * n_rows);
+// dot_rows and add_weighted_rows over n_rows rows of head_size values of `type`, `stride` apart (the
+// cache's fp16 rows are contiguous; fp32 rows also come a forward's kv_dim apart)
+static void test_rows(int head_size, int n_rows, KVType type, int stride) {
+    uint16_t *halves = malloc(sizeof(uint16_t) * stride * n_rows);
+    float *floats = malloc(sizeof(float) * stride * n_rows), *values = malloc(sizeof(float) * stride * n_rows);
     float *x = malloc(sizeof(float) * head_size), *a = malloc(sizeof(float) * n_rows);
     float *dots = malloc(sizeof(float) * n_rows), *sums = malloc(sizeof(float) * head_size);
     double *want_dots = calloc(n_rows, sizeof(double)), *mag_dots = calloc(n_rows, sizeof(double));
     double *want_sums = calloc(head_size, sizeof(double)), *mag_sums = calloc(head_size, sizeof(double));
-    for (int i = 0; i < head_size * n_rows; i++) f32_to_f16(&rows[i], (float[]){4.0f * uniform()}, 1);
+    for (int i = 0; i < stride * n_rows; i++) { // values as the rows hold them
+        floats[i] = 4.0f * uniform();
+        f32_to_f16(&halves[i], &floats[i], 1);
+        if (type == KV_F16) f16_to_f32(&values[i], &halves[i], 1);
+        else values[i] = floats[i];
+    }
     for (int i = 0; i < head_size; i++) {
         x[i] = uniform(), sums[i] = want_sums[i] = uniform();
         mag_sums[i] = fabs(want_sums[i]); // add_weighted_rows adds to what is there
@@ -161,18 +170,34 @@ static void test_f16_rows(int head_size, int n_rows) {
     for (int t = 0; t < n_rows; t++) a[t] = uniform();
     for (int t = 0; t < n_rows; t++) {
         for (int i = 0; i < head_size; i++) {
-            float r;
-            f16_to_f32(&r, &rows[t * head_size + i], 1);
-            want_dots[t] += (double)x[i] * r, mag_dots[t] += fabs((double)x[i] * r);
-            want_sums[i] += (double)a[t] * r, mag_sums[i] += fabs((double)a[t] * r);
+            const double r = values[t * stride + i];
+            want_dots[t] += x[i] * r, mag_dots[t] += fabs(x[i] * r);
+            want_sums[i] += a[t] * r, mag_sums[i] += fabs(a[t] * r);
         }
     }
-    dot_rows(dots, x, rows, n_rows, head_size, head_size, KV_F16);
-    add_weighted_rows(sums, a, rows, n_rows, head_size, head_size, KV_F16);
-    check("f16 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);
-    check("f16 add_weighted_rows", n_rows, head_size, 0, sums, want_sums, mag_sums);
-    free(rows), free(x), free(a), free(dots), free(sums);
+    const void *rows = type == KV_F16 ? (const void *)halves : (const void *)floats;
+    dot_rows(dots, x, rows, n_rows, head_size, stride, type);
+    add_weighted_rows(sums, a, rows, n_rows, head_size, stride, type);
+    check(type == KV_F16 ? "f16 dot_rows" : "f32 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);
+    check(type == KV_F16 ? "f16 add_weighted_rows" : "f32 add_weighted_rows", n_rows, head_size, 0, sums, want_sums,
+          mag_sums);
+    free(halves), free(floats), free(values), free(x), free(a), free(dots), free(sums);
     free(want_dots), free(mag_dots), free(want_sums), free(mag_sums);
+}
+
+// exp_fast within 2 ulp of e^x wherever e^x is a normal float, every 1/64 from -87 to 88 and at
+// random points; 0, inf and NaN beyond
+static void test_exp(void) {
+    int bad = 0;
+    for (int i = 0; i <= 175 * 64 + 1000; i++) {
+        const float x = i <= 175 * 64 ? -87.0f + i / 64.0f : -87.0f + 175.0f * (uniform() + 1.0f) / 2.0f;
+        const double want = exp((double)x), got = exp_fast(x);
+        bad += !(fabs(got - want) <= 2.0 * 0x1p-23 * want);
+    }
+    const float below = exp_fast(-88.0f), above = exp_fast(89.0f), inf = exp_fast(INFINITY), nan = exp_fast(NAN);
+    bad += below != 0.0f || exp_fast(-INFINITY) != 0.0f || !isinf(above) || !isinf(inf) || !isnan(nan);
+    if (bad) printf("FAIL exp_fast: %d values\n", bad);
+    bad ? failed++ : passed++;
 }
 
 // every half but NaN survives fp16 -> fp32 -> fp16 unchanged; NaN stays NaN
@@ -225,9 +250,14 @@ int main(void) {
     // SIMD widths (multiples of 8 on x86, 4 on ARM) and others, which take the portable loop
     const int head_sizes[] = {4, 6, 8, 12, 16, 48, 64, 72, 128};
     for (size_t h = 0; h < sizeof(head_sizes) / sizeof(head_sizes[0]); h++) {
-        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f16_rows(head_sizes[h], rows[r]);
+        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) {
+            test_rows(head_sizes[h], rows[r], KV_F16, head_sizes[h]);
+            test_rows(head_sizes[h], rows[r], KV_F32, head_sizes[h]);
+            test_rows(head_sizes[h], rows[r], KV_F32, 3 * head_sizes[h]);
+        }
     }
     test_f16_round_trip();
+    test_exp();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
