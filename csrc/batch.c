@@ -197,14 +197,15 @@ static int check_score(const Transformer *t, const int *const *seq, int n_seqs, 
 int transformer_score_batch(Transformer *t, const int *tokens, int n_seqs, int max_len, const int *lens,
                             const int *starts, float temperature, float *out_logprobs, float *out_hidden,
                             char *err) {
-    const int vocab_size = t->ckpt.config.vocab_size, dim = t->ckpt.config.dim;
+    const int vocab_size = t->ckpt.config.vocab_size, dim = t->ckpt.config.dim, n_threads = omp_get_max_threads();
     if (n_seqs < 1 || max_len < 1) {
         return n_seqs < 1 ? check_batch(t, n_seqs, err) : fail(err, "tokens' width %d is not positive", max_len);
     }
     const int **seq = malloc(n_seqs * sizeof(int *));
     int *at = malloc(n_seqs * sizeof(int)), *end = malloc(n_seqs * sizeof(int));
+    float *probs = malloc((size_t)n_threads * vocab_size * sizeof(float));
     Chunk c;
-    int ok = alloc_chunk(&c, t->state.max_rows) == 0 && seq && at && end;
+    int ok = alloc_chunk(&c, t->state.max_rows) == 0 && seq && at && end && probs;
     int rc = ok ? 0 : fail(err, "out of memory");
     for (int b = 0; ok && b < n_seqs; b++) seq[b] = tokens + (size_t)b * max_len;
     if (ok) rc = check_score(t, seq, n_seqs, max_len, lens, starts, temperature, err);
@@ -228,11 +229,12 @@ int transformer_score_batch(Transformer *t, const int *tokens, int n_seqs, int m
 #pragma omp parallel for schedule(static) if (c.n > 1)
         for (int i = 0; i < c.n; i++) {
             const size_t o = (size_t)c.slots[i] * max_len + c.pos[i] + 1; // the token row i predicts
-            out_logprobs[o] = token_logprob(logits + (size_t)i * vocab_size, vocab_size, temperature, tokens[o]);
+            out_logprobs[o] = token_logprob(logits + (size_t)i * vocab_size, vocab_size, temperature, tokens[o],
+                                            probs + (size_t)omp_get_thread_num() * vocab_size);
             if (out_hidden) memcpy(out_hidden + o * dim, t->state.hidden + (size_t)i * dim, dim * sizeof(float));
         }
     }
     free_chunk(&c);
-    free(seq), free(at), free(end);
+    free(seq), free(at), free(end), free(probs);
     return rc;
 }

@@ -182,14 +182,27 @@ void dot_rows_avx2(float *out, const float *x, const void *rows, int n_rows, int
     }
 }
 
+// out[0..8k) += the weighted sum of the rows' values j0..j0+8k, k (a constant once inlined) sums in
+// registers across the rows: k independent chains of FMAs, each value's terms still added in row order
+static inline __attribute__((always_inline)) void add_weighted_block(float *out, const float *a, const void *rows,
+                                                                     size_t j0, int k, int n_rows, int stride,
+                                                                     KVType type) {
+    __m256 acc[4];
+    for (int c = 0; c < k; c++) acc[c] = _mm256_loadu_ps(out + 8 * c);
+    for (int t = 0; t < n_rows; t++) {
+        const __m256 at = _mm256_set1_ps(a[t]);
+        for (int c = 0; c < k; c++) {
+            acc[c] = _mm256_fmadd_ps(at, load_row(rows, (size_t)t * stride + j0 + 8 * c, type), acc[c]);
+        }
+    }
+    for (int c = 0; c < k; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
 void add_weighted_rows_avx2(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
                             KVType type) {
-    for (int j = 0; j < n; j += 8) { // each 8 values of out in a register across the rows
-        __m256 acc = _mm256_loadu_ps(out + j);
-        for (int t = 0; t < n_rows; t++) {
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(a[t]), load_row(rows, (size_t)t * stride + j, type), acc);
-        }
-        _mm256_storeu_ps(out + j, acc);
-    }
+    int j = 0;
+    for (; j + 32 <= n; j += 32) add_weighted_block(out + j, a, rows, j, 4, n_rows, stride, type);
+    for (; j + 16 <= n; j += 16) add_weighted_block(out + j, a, rows, j, 2, n_rows, stride, type);
+    for (; j < n; j += 8) add_weighted_block(out + j, a, rows, j, 1, n_rows, stride, type);
 }
 #endif

@@ -7,25 +7,23 @@
 // Sums of 16-lane vectors, each by the same tree (the one of GCC's _mm512_reduce_add_ps): the two
 // 256-bit halves, then the two 128-bit quarters of that, then lanes 0 + 2 and 1 + 3, then those
 // two. The steps below take two vectors at once, so a tile's 16 sums cost a fifth of 16 reductions.
+// shuffle(a, b, lo) + shuffle(a, b, hi): each step below adds two selections of the lanes of a and b
+#define ADD_SHUFFLED(shuffle, a, b, lo, hi) _mm512_add_ps(shuffle(a, b, lo), shuffle(a, b, hi))
 // [a0 + a2, a1 + a3, b0 + b2, b1 + b3] of the 128-bit quarters of a and b
 static inline __m512 halves(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    return ADD_SHUFFLED(_mm512_shuffle_f32x4, a, b, _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2));
 }
 // [a0 + a1, b0 + b1, c0 + c1, d0 + d1] of the outputs of halves(), a = [a0, a1, b0, b1], b = [c0, c1, d0, d1]
 static inline __m512 quarters(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+    return ADD_SHUFFLED(_mm512_shuffle_f32x4, a, b, _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1));
 }
 // in each 128-bit quarter holding one sum's 4 lanes in a and another's in b: [a0 + a2, a1 + a3, b0 + b2, b1 + b3]
 static inline __m512 pairs(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    return ADD_SHUFFLED(_mm512_shuffle_ps, a, b, _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2));
 }
 // in each quarter of pairs()'s outputs a = [a0, a1, b0, b1], b = [c0, c1, d0, d1]: [a0 + a1, b0 + b1, c0 + c1, d0 + d1]
 static inline __m512 lanes(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+    return ADD_SHUFFLED(_mm512_shuffle_ps, a, b, _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1));
 }
 
 // out[r] = the sum of v[r], r < ROWS

@@ -120,22 +120,16 @@ int sampler_sample(Sampler *s, float *logits) {
 // batched generation and scoring
 
 // The largest of z = logits / temperature (NaN ignored), and the sum of exp(z - max), each term
-// written to terms (n,) when it is not NULL
+// written to terms (n,)
 static float tempered_sum(const float *logits, int n, float temperature, float *max, float *terms) {
     float m = -INFINITY;
     for (int i = 0; i < n; i++) m = logits[i] / temperature > m ? logits[i] / temperature : m;
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        float e = exp_fast(logits[i] / temperature - m);
-        if (terms) terms[i] = e;
-        sum += e;
-    }
     *max = m;
-    return sum;
+    return exp_sum(terms, logits, n, temperature, m);
 }
 
-float token_logprob(const float *logits, int n, float temperature, int token) {
-    float m, sum = tempered_sum(logits, n, temperature, &m, NULL);
+float token_logprob(const float *logits, int n, float temperature, int token, float *probs) {
+    float m, sum = tempered_sum(logits, n, temperature, &m, probs);
     return (logits[token] / temperature - m) - logf(sum);
 }
 

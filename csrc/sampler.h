@@ -32,7 +32,7 @@ int sampler_sample(Sampler *s, float *logits);
 int sample_logprob(const float *logits, int n, float temperature, unsigned long long *rng,
                    float *probs, float *logprob);
 // log softmax(logits / temperature)[token] for logits (n,), temperature > 0, as PyTorch computes it:
-// z[token] - max(z) - log(sum(exp(z - max(z)))), z = logits / temperature
-float token_logprob(const float *logits, int n, float temperature, int token);
+// z[token] - max(z) - log(sum(exp(z - max(z)))), z = logits / temperature; probs (n,) is scratch
+float token_logprob(const float *logits, int n, float temperature, int token, float *probs);
 
 #endif
