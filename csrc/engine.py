@@ -189,6 +189,9 @@ class Model:
                 q, s = formats.quantize_q80(m, self.group_size)
                 (values[l] if value.ndim == 3 else values)[...] = q.reshape(m.shape)
                 (scales[l] if value.ndim == 3 else scales)[...] = s.reshape(m.shape[0], -1)
+        err = _error()
+        if self._t.panels != ffi.NULL and self.lib.transformer_pack(self._t, err) != 0:  # batches' copy of the fp32 weights
+            raise ValueError(_message(err))
 
     def _reserve(self, n_seqs):
         err = _error()

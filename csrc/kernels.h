@@ -61,6 +61,30 @@ void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const w
                   const QVector *xq, int n, int gs, const int *lane_group);
 #endif
 
+// Batched fp32 products on W packed in panels (matmul.h's pack_panels): PANEL rows of W side by
+// side, column after column, so that one vector load serves PANEL rows and one broadcast value of x
+// serves them all, with no sums across lanes (the tile kernels spend a third of their time on those
+// at the default model's widths). out[c * 2 * PANEL + i] = row i of the panels p0 and p1 (2 * PANEL
+// rows) . x[c] for c < nc <= PANEL_COLS: each product one chain of FMAs in column order, whatever nc.
+#if defined(KERNELS_AVX512)
+#define PANEL 16
+#elif defined(KERNELS_AVX2)
+#define PANEL 8
+#else
+#define PANEL 4
+#endif
+#define PANEL_COLS 6
+void panels_f32_scalar(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
+#if defined(KERNELS_AVX512)
+void panels_f32_avx512(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
+#endif
+#if defined(KERNELS_AVX2) && !defined(KERNELS_AVX512)
+void panels_f32_avx2(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
+#endif
+#if defined(KERNELS_NEON)
+void panels_f32_neon(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
+#endif
+
 // Attention's products over rows of fp32 or fp16 values (matmul.h's dot_rows and add_weighted_rows):
 // scalar for any width n, SIMD for n a multiple of 8 (x86; fp16 rows need F16C's conversions) or 4
 // (NEON). Row t starts `stride` values after row t - 1.

@@ -205,4 +205,37 @@ void add_weighted_rows_avx2(float *out, const float *a, const void *rows, int n_
     for (; j + 16 <= n; j += 16) add_weighted_block(out + j, a, rows, j, 2, n_rows, stride, type);
     for (; j < n; j += 8) add_weighted_block(out + j, a, rows, j, 1, n_rows, stride, type);
 }
+
+#if !defined(KERNELS_AVX512) // (AVX-512 builds take the 16-wide panels)
+// panels_f32_avx2 for a constant nc (once inlined): 2 * nc sums in registers
+static inline __attribute__((always_inline)) void panels_block(float *out, const float *p0, const float *p1,
+                                                               const float *const x[], int nc, int n) {
+    __m256 a0[PANEL_COLS], a1[PANEL_COLS];
+    for (int c = 0; c < nc; c++) a0[c] = a1[c] = _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const __m256 w0 = _mm256_loadu_ps(p0 + (size_t)j * PANEL), w1 = _mm256_loadu_ps(p1 + (size_t)j * PANEL);
+        for (int c = 0; c < nc; c++) {
+            const __m256 xv = _mm256_set1_ps(x[c][j]);
+            a0[c] = _mm256_fmadd_ps(w0, xv, a0[c]);
+            a1[c] = _mm256_fmadd_ps(w1, xv, a1[c]);
+        }
+    }
+    for (int c = 0; c < nc; c++) {
+        _mm256_storeu_ps(out + c * 2 * PANEL, a0[c]);
+        _mm256_storeu_ps(out + c * 2 * PANEL + PANEL, a1[c]);
+    }
+}
+
+void panels_f32_avx2(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
+    switch (nc) { // (constant column counts keep the sums in registers)
+    case 6: panels_block(out, p0, p1, x, 6, n); break;
+    case 5: panels_block(out, p0, p1, x, 5, n); break;
+    case 4: panels_block(out, p0, p1, x, 4, n); break;
+    case 3: panels_block(out, p0, p1, x, 3, n); break;
+    case 2: panels_block(out, p0, p1, x, 2, n); break;
+    default: panels_block(out, p0, p1, x, 1, n);
+    }
+}
+
+#endif
 #endif

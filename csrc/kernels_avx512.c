@@ -158,4 +158,35 @@ void rows_q8_avx512(float *out, const int8_t *const wq[ROWS], const float *const
     }
     for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
+
+// panels_f32_avx512 for a constant nc (once inlined): 2 * nc sums in registers
+static inline __attribute__((always_inline)) void panels_block(float *out, const float *p0, const float *p1,
+                                                               const float *const x[], int nc, int n) {
+    __m512 a0[PANEL_COLS], a1[PANEL_COLS];
+    for (int c = 0; c < nc; c++) a0[c] = a1[c] = _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const __m512 w0 = _mm512_loadu_ps(p0 + (size_t)j * PANEL), w1 = _mm512_loadu_ps(p1 + (size_t)j * PANEL);
+        for (int c = 0; c < nc; c++) {
+            const __m512 xv = _mm512_set1_ps(x[c][j]);
+            a0[c] = _mm512_fmadd_ps(w0, xv, a0[c]);
+            a1[c] = _mm512_fmadd_ps(w1, xv, a1[c]);
+        }
+    }
+    for (int c = 0; c < nc; c++) {
+        _mm512_storeu_ps(out + c * 2 * PANEL, a0[c]);
+        _mm512_storeu_ps(out + c * 2 * PANEL + PANEL, a1[c]);
+    }
+}
+
+void panels_f32_avx512(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
+    switch (nc) { // (constant column counts keep the sums in registers)
+    case 6: panels_block(out, p0, p1, x, 6, n); break;
+    case 5: panels_block(out, p0, p1, x, 5, n); break;
+    case 4: panels_block(out, p0, p1, x, 4, n); break;
+    case 3: panels_block(out, p0, p1, x, 3, n); break;
+    case 2: panels_block(out, p0, p1, x, 2, n); break;
+    default: panels_block(out, p0, p1, x, 1, n);
+    }
+}
+
 #endif

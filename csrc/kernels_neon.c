@@ -126,4 +126,35 @@ void add_weighted_rows_neon(float *out, const float *a, const void *rows, int n_
         vst1q_f32(out + j, acc);
     }
 }
+
+// panels_f32_neon for a constant nc (once inlined): 2 * nc sums in registers
+static inline __attribute__((always_inline)) void panels_block(float *out, const float *p0, const float *p1,
+                                                               const float *const x[], int nc, int n) {
+    float32x4_t a0[PANEL_COLS], a1[PANEL_COLS];
+    for (int c = 0; c < nc; c++) a0[c] = a1[c] = vdupq_n_f32(0.0f);
+    for (int j = 0; j < n; j++) {
+        const float32x4_t w0 = vld1q_f32(p0 + (size_t)j * PANEL), w1 = vld1q_f32(p1 + (size_t)j * PANEL);
+        for (int c = 0; c < nc; c++) {
+            const float32x4_t xv = vdupq_n_f32(x[c][j]);
+            a0[c] = vfmaq_f32(a0[c], w0, xv);
+            a1[c] = vfmaq_f32(a1[c], w1, xv);
+        }
+    }
+    for (int c = 0; c < nc; c++) {
+        vst1q_f32(out + c * 2 * PANEL, a0[c]);
+        vst1q_f32(out + c * 2 * PANEL + PANEL, a1[c]);
+    }
+}
+
+void panels_f32_neon(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
+    switch (nc) { // (constant column counts keep the sums in registers)
+    case 6: panels_block(out, p0, p1, x, 6, n); break;
+    case 5: panels_block(out, p0, p1, x, 5, n); break;
+    case 4: panels_block(out, p0, p1, x, 4, n); break;
+    case 3: panels_block(out, p0, p1, x, 3, n); break;
+    case 2: panels_block(out, p0, p1, x, 2, n); break;
+    default: panels_block(out, p0, p1, x, 1, n);
+    }
+}
+
 #endif

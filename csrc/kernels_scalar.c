@@ -11,6 +11,17 @@ void rows_f32_scalar(float *out, const float *const w[ROWS], const float *x, int
     }
 }
 
+void panels_f32_scalar(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
+    for (int c = 0; c < nc; c++) {
+        for (int i = 0; i < 2 * PANEL; i++) {
+            const float *p = i < PANEL ? p0 + i : p1 + i - PANEL;
+            float sum = 0.0f;
+            for (int j = 0; j < n; j++) sum += p[(size_t)j * PANEL] * x[c][j];
+            out[c * 2 * PANEL + i] = sum;
+        }
+    }
+}
+
 void rows_q8_tail(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int j, int n, int gs) {
     for (int r = 0; r < ROWS; r++) {

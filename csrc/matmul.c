@@ -9,6 +9,7 @@
 
 #if defined(KERNELS_AVX512)
 #define rows_f32 rows_f32_avx512
+#define panels_f32 panels_f32_avx512
 #ifdef __AVX512VNNI__
 #define KERNELS_NAME "avx512-vnni"
 #else
@@ -16,6 +17,7 @@
 #endif
 #elif defined(KERNELS_AVX2)
 #define rows_f32 rows_f32_avx2
+#define panels_f32 panels_f32_avx2
 #ifdef __AVXVNNI__
 #define KERNELS_NAME "avx2-vnni"
 #else
@@ -23,6 +25,7 @@
 #endif
 #elif defined(KERNELS_NEON)
 #define rows_f32 rows_f32_neon
+#define panels_f32 panels_f32_neon
 #ifdef __ARM_FEATURE_DOTPROD
 #define KERNELS_NAME "neon-dotprod"
 #else
@@ -30,6 +33,7 @@
 #endif
 #else
 #define rows_f32 rows_f32_scalar
+#define panels_f32 panels_f32_scalar
 #define KERNELS_NAME "portable"
 #endif
 
@@ -116,8 +120,53 @@ static void share(Team team, int n, int *lo, int *hi) {
     *hi = (int)((long long)n * (team.id + 1) / team.n);
 }
 
+size_t panels_size(int n, int d) {
+    return (size_t)((d + 2 * PANEL - 1) / (2 * PANEL)) * 2 * PANEL * n; // whole pairs of panels
+}
+
+void pack_panels(float *panels, const float *w, int n, int d) {
+    const int rows = (int)(panels_size(n, d) / n);
+    for (int p = 0; p < rows / PANEL; p++) {
+        for (int j = 0; j < n; j++) {
+            float *dst = panels + ((size_t)p * n + j) * PANEL;
+            for (int i = 0; i < PANEL; i++) {
+                const int r = p * PANEL + i;
+                dst[i] = r < d ? w[(size_t)r * n + j] : 0.0f;
+            }
+        }
+    }
+}
+
+// matmul_rope on packed panels: the threads share out pairs of panels (2 * PANEL rows of W)
+static void matmul_panels(Team team, float *out, const Matrix *w, const float *x, int n, int d, int n_rows,
+                          const float *rope, const int *pos, int head_size) {
+    const int span = 2 * PANEL;
+    int b0, b1;
+    share(team, (d + span - 1) / span, &b0, &b1);
+    for (int b = b0; b < b1; b++) {
+        const int r0 = b * span, nr = d - r0 < span ? d - r0 : span;
+        const float *p0 = w->panels + (size_t)r0 * n, *p1 = p0 + (size_t)PANEL * n;
+        for (int c0 = 0; c0 < n_rows; c0 += PANEL_COLS) {
+            const int nc = n_rows - c0 < PANEL_COLS ? n_rows - c0 : PANEL_COLS;
+            const float *xc[PANEL_COLS];
+            float res[PANEL_COLS][2 * PANEL];
+            for (int c = 0; c < nc; c++) xc[c] = x + (size_t)(c0 + c) * n;
+            panels_f32(res[0], p0, p1, xc, nc, n);
+            for (int c = 0; c < nc; c++) {
+                if (rope) rope_rotate(res[c], r0, nr, rope + (size_t)pos[c0 + c] * head_size, head_size);
+                float *o = out + (size_t)(c0 + c) * d + r0;
+                for (int r = 0; r < nr; r++) o[r] = res[c][r];
+            }
+        }
+    }
+}
+
 void matmul_rope(Team team, float *out, const Matrix *w, const float *x, const QVector *xq, int n,
                  int d, int n_rows, int group_size, const float *rope, const int *pos, int head_size) {
+    if (w->panels) {
+        matmul_panels(team, out, w, x, n, d, n_rows, rope, pos, head_size);
+        return;
+    }
     const int gs = group_size, groups = gs ? n / gs : 0; // scales per row
     int chunk = 0, lane_group[16] = {0};
     TileQ8 *tile_q8 = NULL;

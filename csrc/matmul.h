@@ -36,6 +36,12 @@ void matmul(Team team, float *out, const Matrix *w, const float *x, const QVecto
 void matmul_rope(Team team, float *out, const Matrix *w, const float *x, const QVector *xq, int n,
                  int d, int n_rows, int group_size, const float *rope, const int *pos, int head_size);
 
+// fp32 W (d, n) packed for batched products into panels, (panels_size floats): each PANEL rows side
+// by side, column after column, and zeros past row d. matmul uses a matrix's panels when it has
+// them, whatever n_rows (transformer.h's transformer_pack fills them).
+size_t panels_size(int n, int d);
+void pack_panels(float *panels, const float *w, int n, int d);
+
 // The KV cache's element type: fp32, or IEEE fp16 (binary16, kept as uint16_t), which halves the
 // cache's memory and the bytes attention reads, at fp16's rounding of the keys and values
 // (llama.cpp's default cache type).

@@ -90,6 +90,49 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size, KVType
     return 0;
 }
 
+// every fp32 matrix of the forward (the classifier too, shared or not) with its shape (d, n)
+static void matrices(Checkpoint *c, Matrix **m, int *n, int *d) {
+    const Config *p = &c->config;
+    const int kv_dim = p->dim * p->n_kv_heads / p->n_heads;
+    int k = 0;
+    for (int l = 0; l < p->n_layers; l++) {
+        Layer *L = &c->layers[l];
+        Matrix *list[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
+        const int rows[7] = {p->dim, kv_dim, kv_dim, p->dim, p->hidden_dim, p->dim, p->hidden_dim};
+        for (int i = 0; i < 7; i++, k++) {
+            m[k] = list[i], d[k] = rows[i], n[k] = i == 5 ? p->hidden_dim : p->dim;
+        }
+    }
+    m[k] = &c->wcls, d[k] = p->vocab_size, n[k] = p->dim;
+}
+
+int transformer_pack(Transformer *t, char *err) {
+    if (t->ckpt.group_size) return 0;
+    const int count = 7 * t->ckpt.config.n_layers + 1;
+    Matrix **m = malloc(count * sizeof(Matrix *));
+    int *n = malloc(count * sizeof(int)), *d = malloc(count * sizeof(int));
+    if (!m || !n || !d) {
+        free(m), free(n), free(d);
+        return fail(err, "out of memory");
+    }
+    matrices(&t->ckpt, m, n, d);
+    size_t size = 0;
+    for (int i = 0; i < count; i++) size += panels_size(n[i], d[i]);
+    if (!t->panels) t->panels = malloc(size * sizeof(float));
+    if (!t->panels) {
+        free(m), free(n), free(d);
+        return fail(err, "out of memory for the packed weights (%.0f MB)", size * 4.0 / 1e6);
+    }
+    float *at = t->panels;
+    for (int i = 0; i < count; i++) {
+        pack_panels(at, m[i]->f, n[i], d[i]);
+        m[i]->panels = at;
+        at += panels_size(n[i], d[i]);
+    }
+    free(m), free(n), free(d);
+    return 0;
+}
+
 int transformer_reserve(Transformer *t, int n_slots, int max_rows, char *err) {
     const Config *p = &t->ckpt.config;
     RunState *s = &t->state;
@@ -106,7 +149,7 @@ int transformer_reserve(Transformer *t, int n_slots, int max_rows, char *err) {
     }
     free_run_state(s);
     *s = bigger;
-    return 0;
+    return n_slots > 1 && !t->panels ? transformer_pack(t, err) : 0;
 }
 
 int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err) {
@@ -132,6 +175,8 @@ int transformer_open(Transformer *t, const char *path, KVType kv_type, char *err
 void transformer_close(Transformer *t) {
     free_run_state(&t->state);
     checkpoint_close(&t->ckpt);
+    free(t->panels);
+    t->panels = NULL;
 }
 
 void transformer_reset(Transformer *t) {

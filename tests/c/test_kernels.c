@@ -65,8 +65,8 @@ static void check_alone(const char *what, const Matrix *w, const float *x, const
     free(alone);
 }
 
-// W (d, n) by a batch of b vectors
-static void test_f32(int n, int d, int b) {
+// W (d, n) by a batch of b vectors, through the rows and tile kernels, or packed in panels
+static void test_f32(int n, int d, int b, int packed) {
     float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n * b), *out = malloc(sizeof(float) * d * b);
     double *want = calloc(d * b, sizeof(double)), *mag = calloc(d * b, sizeof(double));
     for (int i = 0; i < n * d; i++) w[i] = uniform();
@@ -79,11 +79,13 @@ static void test_f32(int n, int d, int b) {
             }
         }
     }
-    Matrix m = {w, NULL, NULL};
+    float *panels = packed ? malloc(sizeof(float) * panels_size(n, d)) : NULL;
+    if (packed) pack_panels(panels, w, n, d);
+    Matrix m = {w, NULL, NULL, panels};
     product(out, &m, x, NULL, n, d, b, 0);
-    check(b > 1 ? "fp32 batch" : "fp32", n, d * b, 0, out, want, mag);
-    if (b > 1) check_alone("fp32", &m, x, NULL, n, d, b, 0, out);
-    free(w), free(x), free(out), free(want), free(mag);
+    check(packed ? "fp32 panels" : b > 1 ? "fp32 batch" : "fp32", n, d * b, 0, out, want, mag);
+    if (b > 1) check_alone(packed ? "fp32 panels" : "fp32", &m, x, NULL, n, d, b, 0, out);
+    free(w), free(x), free(out), free(want), free(mag), free(panels);
 }
 
 static void test_q8(int n, int d, int gs, int b) {
@@ -113,7 +115,7 @@ static void test_q8(int n, int d, int gs, int b) {
             }
         }
     }
-    Matrix m = {NULL, wq, ws};
+    Matrix m = {NULL, wq, ws, NULL};
     QVector x = {xq, xs};
     product(out, &m, NULL, &x, n, d, b, gs);
     check(b > 1 ? "q8 batch" : "q8", n, d * b, gs, out, want, mag);
@@ -218,9 +220,9 @@ int main(void) {
     printf("kernels: %s\n", matmul_kernels());
     const int widths[] = {64, 96, 172, 288, 512, 768, 1376};
     const int rows[] = {1, 3, 4, 5, 9, 34};
-    for (int n = 1; n <= 70; n++) test_f32(n, 7, 1);
+    for (int n = 1; n <= 70; n++) test_f32(n, 7, 1, 0);
     for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) {
-        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f32(widths[i], rows[r], 1);
+        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f32(widths[i], rows[r], 1, 0);
     }
     // SIMD group sizes (4 to 128), and 2, 12, 48, 96, which fall back to portable C
     const int group_sizes[] = {2, 4, 8, 12, 16, 32, 48, 64, 96, 128};
@@ -233,12 +235,16 @@ int main(void) {
     }
     for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4, 1);
     test_q8(172, 5, 4, 1), test_q8(288, 6, 32, 1), test_q8(768, 6, 32, 1), test_q8(1376, 5, 32, 1), test_q8(2048, 5, 64, 1);
-    // batches: whole tiles of COLS vectors and the odd ones after, at odd widths and odd rows of W
-    const int batches[] = {2, 4, 5, 7, 9};
+    // batches: whole tiles of COLS (and PANEL_COLS) vectors and the odd ones after, at odd widths and
+    // odd rows of W
+    const int batches[] = {1, 2, 4, 5, 7, 9, 13}; // 13: two calls of PANEL_COLS and one more
     for (size_t k = 0; k < sizeof(batches) / sizeof(batches[0]); k++) {
         const int b = batches[k];
-        for (int n = 1; n <= 40; n += 3) test_f32(n, 7, b);
-        test_f32(128, 9, b), test_f32(288, 5, b), test_f32(352, 3, b);
+        for (int packed = 0; packed <= 1; packed++) {
+            for (int n = 1; n <= 40; n += 3) test_f32(n, 7, b, packed);
+            test_f32(128, 9, b, packed), test_f32(288, 5, b, packed), test_f32(352, 3, b, packed);
+            test_f32(64, 40, b, packed), test_f32(96, 64, b, packed); // panels past one pair
+        }
         for (size_t g = 0; g < sizeof(group_sizes) / sizeof(group_sizes[0]); g++) {
             const int gs = group_sizes[g];
             for (int m = 1; m <= 5; m++) test_q8(gs * m, 5, gs, b);
