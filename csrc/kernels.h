@@ -22,7 +22,6 @@
 #endif
 
 #define ROWS 4 // output rows per call: each load of x serves ROWS rows of W
-#define COLS 4 // vectors x per call of a tile kernel: each load of W serves COLS of them
 
 // out[r] = w[r] . x for r < ROWS, over n columns
 void rows_f32_scalar(float *out, const float *const w[ROWS], const float *x, int n);
@@ -38,52 +37,37 @@ void rows_q8_tail(float *out, const int8_t *const wq[ROWS], const float *const w
 // The SIMD versions, for group sizes that divide their chunk (64, 32 and 16 int8 values) or are
 // multiples of it: a chunk then holds whole groups or lies inside one. lane_group[l]: the group,
 // relative to the chunk's first, of the 4 values of int32 lane l; zeros when gs >= the chunk.
-//
-// A tile kernel computes the rows kernel's products for COLS vectors at once, out (COLS, ROWS): out[c *
-// ROWS + r] = w[r] . x[c], each product exactly as the rows kernel computes it (the same lanes, the
-// same sums in the same order), so that a vector's result does not depend on the batch it is in.
 #if defined(KERNELS_AVX512)
 void rows_f32_avx512(float *out, const float *const w[ROWS], const float *x, int n);
-void tile_f32_avx512(float *out, const float *const w[ROWS], const float *const x[COLS], int n);
 void rows_q8_avx512(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                     const QVector *xq, int n, int gs, const int *lane_group);
 #endif
 #if defined(KERNELS_AVX2)
 void rows_f32_avx2(float *out, const float *const w[ROWS], const float *x, int n);
-void tile_f32_avx2(float *out, const float *const w[ROWS], const float *const x[COLS], int n);
 void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int n, int gs, const int *lane_group);
 #endif
 #if defined(KERNELS_NEON)
 void rows_f32_neon(float *out, const float *const w[ROWS], const float *x, int n);
-void tile_f32_neon(float *out, const float *const w[ROWS], const float *const x[COLS], int n);
 void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int n, int gs, const int *lane_group);
 #endif
 
 // Batched fp32 products on W packed in panels (matmul.h's pack_panels): PANEL rows of W side by
 // side, column after column, so that one vector load serves PANEL rows and one broadcast value of x
-// serves them all, with no sums across lanes (the tile kernels spend a third of their time on those
+// serves them all, with no sums across lanes (the rows kernels spend a third of their time on those
 // at the default model's widths). out[c * 2 * PANEL + i] = row i of the panels p0 and p1 (2 * PANEL
 // rows) . x[c] for c < nc <= PANEL_COLS: each product one chain of FMAs in column order, whatever nc.
+// One source for every instruction set, in GCC's vector types of PANEL floats (kernels_scalar.c).
 #if defined(KERNELS_AVX512)
 #define PANEL 16
 #elif defined(KERNELS_AVX2)
 #define PANEL 8
 #else
-#define PANEL 4
+#define PANEL 4 // NEON, and SSE2 or whatever the portable build's target has
 #endif
 #define PANEL_COLS 6
-void panels_f32_scalar(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
-#if defined(KERNELS_AVX512)
-void panels_f32_avx512(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
-#endif
-#if defined(KERNELS_AVX2) && !defined(KERNELS_AVX512)
-void panels_f32_avx2(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
-#endif
-#if defined(KERNELS_NEON)
-void panels_f32_neon(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
-#endif
+void panels_f32(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
 
 // Attention's products over rows of fp32 or fp16 values (matmul.h's dot_rows and add_weighted_rows):
 // scalar for any width n, SIMD for n a multiple of 8 (x86; fp16 rows need F16C's conversions) or 4

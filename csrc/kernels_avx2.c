@@ -18,54 +18,29 @@ static inline __m256i first_lanes(int k) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// out[c * nr + r] = w[r] . x[c] for nr rows and nc vectors, nr * nc = 4 (constants once inlined),
-// every product the same way: two sums per product, so that the rows kernel (4 x 1) has eight FMA
-// chains in flight to hide the FMA latency, as does a tile's pass (2 x 2), which loads each row of
-// W for two vectors
-static inline __attribute__((always_inline)) void block_f32(float *out, const float *const *w, int nr,
-                                                            const float *const *x, int nc, int n) {
-    __m256 acc[4][2], x0[2], x1[2];
-    for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
+void rows_f32_avx2(float *out, const float *const w[ROWS], const float *x, int n) {
+    // two sums per row: eight FMA chains in flight hide the FMA latency
+    __m256 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     int j = 0;
     for (; j + 16 <= n; j += 16) {
-        for (int c = 0; c < nc; c++) x0[c] = _mm256_loadu_ps(x[c] + j), x1[c] = _mm256_loadu_ps(x[c] + j + 8);
-        for (int r = 0; r < nr; r++) {
+        __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+        for (int r = 0; r < ROWS; r++) {
             _mm_prefetch((const char *)(w[r] + j + PREFETCH * n), _MM_HINT_T0);
-            __m256 w0 = _mm256_loadu_ps(w[r] + j), w1 = _mm256_loadu_ps(w[r] + j + 8);
-            for (int c = 0; c < nc; c++) {
-                acc[c * nr + r][0] = _mm256_fmadd_ps(w0, x0[c], acc[c * nr + r][0]);
-                acc[c * nr + r][1] = _mm256_fmadd_ps(w1, x1[c], acc[c * nr + r][1]);
-            }
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + j), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + j + 8), x1, acc[r][1]);
         }
     }
     for (; j < n; j += 8) {
         __m256i m = first_lanes(n - j);
-        for (int c = 0; c < nc; c++) x0[c] = _mm256_maskload_ps(x[c] + j, m);
-        for (int r = 0; r < nr; r++) {
-            __m256 wv = _mm256_maskload_ps(w[r] + j, m);
-            for (int c = 0; c < nc; c++) acc[c * nr + r][0] = _mm256_fmadd_ps(wv, x0[c], acc[c * nr + r][0]);
+        __m256 xv = _mm256_maskload_ps(x + j, m);
+        for (int r = 0; r < ROWS; r++) {
+            acc[r][0] = _mm256_fmadd_ps(_mm256_maskload_ps(w[r] + j, m), xv, acc[r][0]);
         }
     }
-    __m256 sum[4];
-    for (int k = 0; k < 4; k++) sum[k] = _mm256_add_ps(acc[k][0], acc[k][1]);
+    __m256 sum[ROWS];
+    for (int r = 0; r < ROWS; r++) sum[r] = _mm256_add_ps(acc[r][0], acc[r][1]);
     hsum4(out, sum);
-}
-
-void rows_f32_avx2(float *out, const float *const w[ROWS], const float *x, int n) {
-    block_f32(out, w, ROWS, &x, 1, n);
-}
-
-// four passes of 2 rows by 2 vectors
-void tile_f32_avx2(float *out, const float *const w[ROWS], const float *const x[COLS], int n) {
-    for (int r0 = 0; r0 < ROWS; r0 += 2) {
-        for (int c0 = 0; c0 < COLS; c0 += 2) {
-            float sums[4];
-            block_f32(sums, w + r0, 2, x + c0, 2, n);
-            for (int c = 0; c < 2; c++) {
-                for (int r = 0; r < 2; r++) out[(c0 + c) * ROWS + r0 + r] = sums[c * 2 + r];
-            }
-        }
-    }
 }
 
 // acc + per 32-bit lane, the sum of 4 products of unsigned a and signed b bytes
@@ -206,36 +181,4 @@ void add_weighted_rows_avx2(float *out, const float *a, const void *rows, int n_
     for (; j < n; j += 8) add_weighted_block(out + j, a, rows, j, 1, n_rows, stride, type);
 }
 
-#if !defined(KERNELS_AVX512) // (AVX-512 builds take the 16-wide panels)
-// panels_f32_avx2 for a constant nc (once inlined): 2 * nc sums in registers
-static inline __attribute__((always_inline)) void panels_block(float *out, const float *p0, const float *p1,
-                                                               const float *const x[], int nc, int n) {
-    __m256 a0[PANEL_COLS], a1[PANEL_COLS];
-    for (int c = 0; c < nc; c++) a0[c] = a1[c] = _mm256_setzero_ps();
-    for (int j = 0; j < n; j++) {
-        const __m256 w0 = _mm256_loadu_ps(p0 + (size_t)j * PANEL), w1 = _mm256_loadu_ps(p1 + (size_t)j * PANEL);
-        for (int c = 0; c < nc; c++) {
-            const __m256 xv = _mm256_set1_ps(x[c][j]);
-            a0[c] = _mm256_fmadd_ps(w0, xv, a0[c]);
-            a1[c] = _mm256_fmadd_ps(w1, xv, a1[c]);
-        }
-    }
-    for (int c = 0; c < nc; c++) {
-        _mm256_storeu_ps(out + c * 2 * PANEL, a0[c]);
-        _mm256_storeu_ps(out + c * 2 * PANEL + PANEL, a1[c]);
-    }
-}
-
-void panels_f32_avx2(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
-    switch (nc) { // (constant column counts keep the sums in registers)
-    case 6: panels_block(out, p0, p1, x, 6, n); break;
-    case 5: panels_block(out, p0, p1, x, 5, n); break;
-    case 4: panels_block(out, p0, p1, x, 4, n); break;
-    case 3: panels_block(out, p0, p1, x, 3, n); break;
-    case 2: panels_block(out, p0, p1, x, 2, n); break;
-    default: panels_block(out, p0, p1, x, 1, n);
-    }
-}
-
-#endif
 #endif

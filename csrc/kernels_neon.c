@@ -5,45 +5,24 @@
 
 #ifdef KERNELS_NEON
 #include <arm_neon.h>
-#include <math.h>
-
-// out[c * ROWS + r] = w[r] . x[c] for ROWS rows and nc vectors (1 or 2, a constant once inlined),
-// every product the same way: two sums a product, then the columns past the last 8 one at a time
-static inline __attribute__((always_inline)) void block_f32(float *out, const float *const w[ROWS],
-                                                            const float *const *x, int nc, int n) {
-    float32x4_t acc[2][ROWS][2], x0[2], x1[2];
-    for (int c = 0; c < nc; c++) {
-        for (int r = 0; r < ROWS; r++) acc[c][r][0] = acc[c][r][1] = vdupq_n_f32(0.0f);
-    }
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        for (int c = 0; c < nc; c++) x0[c] = vld1q_f32(x[c] + j), x1[c] = vld1q_f32(x[c] + j + 4);
-        for (int r = 0; r < ROWS; r++) {
-            __builtin_prefetch(w[r] + j + PREFETCH * n);
-            float32x4_t w0 = vld1q_f32(w[r] + j), w1 = vld1q_f32(w[r] + j + 4);
-            for (int c = 0; c < nc; c++) {
-                acc[c][r][0] = vfmaq_f32(acc[c][r][0], w0, x0[c]);
-                acc[c][r][1] = vfmaq_f32(acc[c][r][1], w1, x1[c]);
-            }
-        }
-    }
-    for (int c = 0; c < nc; c++) {
-        for (int r = 0; r < ROWS; r++) {
-            float sum = vaddvq_f32(vaddq_f32(acc[c][r][0], acc[c][r][1]));
-            // (fmaf: one fused step whatever the compiler makes of each instance of this loop)
-            for (int k = j; k < n; k++) sum = fmaf(w[r][k], x[c][k], sum);
-            out[c * ROWS + r] = sum;
-        }
-    }
-}
 
 void rows_f32_neon(float *out, const float *const w[ROWS], const float *x, int n) {
-    block_f32(out, w, &x, 1, n);
-}
-
-// two passes of 4 rows by 2 vectors: 16 sums in flight of NEON's 32 registers
-void tile_f32_neon(float *out, const float *const w[ROWS], const float *const x[COLS], int n) {
-    for (int c0 = 0; c0 < COLS; c0 += 2) block_f32(out + c0 * ROWS, w, x + c0, 2, n);
+    float32x4_t acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = vdupq_n_f32(0.0f);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        float32x4_t x0 = vld1q_f32(x + j), x1 = vld1q_f32(x + j + 4);
+        for (int r = 0; r < ROWS; r++) {
+            __builtin_prefetch(w[r] + j + PREFETCH * n);
+            acc[r][0] = vfmaq_f32(acc[r][0], vld1q_f32(w[r] + j), x0);
+            acc[r][1] = vfmaq_f32(acc[r][1], vld1q_f32(w[r] + j + 4), x1);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        float sum = vaddvq_f32(vaddq_f32(acc[r][0], acc[r][1]));
+        for (int k = j; k < n; k++) sum += w[r][k] * x[k];
+        out[r] = sum;
+    }
 }
 
 // acc + per 32-bit lane l, the sum of the products of bytes 4l..4l+3 of a and b
@@ -126,35 +105,4 @@ void add_weighted_rows_neon(float *out, const float *a, const void *rows, int n_
         vst1q_f32(out + j, acc);
     }
 }
-
-// panels_f32_neon for a constant nc (once inlined): 2 * nc sums in registers
-static inline __attribute__((always_inline)) void panels_block(float *out, const float *p0, const float *p1,
-                                                               const float *const x[], int nc, int n) {
-    float32x4_t a0[PANEL_COLS], a1[PANEL_COLS];
-    for (int c = 0; c < nc; c++) a0[c] = a1[c] = vdupq_n_f32(0.0f);
-    for (int j = 0; j < n; j++) {
-        const float32x4_t w0 = vld1q_f32(p0 + (size_t)j * PANEL), w1 = vld1q_f32(p1 + (size_t)j * PANEL);
-        for (int c = 0; c < nc; c++) {
-            const float32x4_t xv = vdupq_n_f32(x[c][j]);
-            a0[c] = vfmaq_f32(a0[c], w0, xv);
-            a1[c] = vfmaq_f32(a1[c], w1, xv);
-        }
-    }
-    for (int c = 0; c < nc; c++) {
-        vst1q_f32(out + c * 2 * PANEL, a0[c]);
-        vst1q_f32(out + c * 2 * PANEL + PANEL, a1[c]);
-    }
-}
-
-void panels_f32_neon(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
-    switch (nc) { // (constant column counts keep the sums in registers)
-    case 6: panels_block(out, p0, p1, x, 6, n); break;
-    case 5: panels_block(out, p0, p1, x, 5, n); break;
-    case 4: panels_block(out, p0, p1, x, 4, n); break;
-    case 3: panels_block(out, p0, p1, x, 3, n); break;
-    case 2: panels_block(out, p0, p1, x, 2, n); break;
-    default: panels_block(out, p0, p1, x, 1, n);
-    }
-}
-
 #endif

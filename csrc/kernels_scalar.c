@@ -11,14 +11,40 @@ void rows_f32_scalar(float *out, const float *const w[ROWS], const float *x, int
     }
 }
 
-void panels_f32_scalar(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
-    for (int c = 0; c < nc; c++) {
-        for (int i = 0; i < 2 * PANEL; i++) {
-            const float *p = i < PANEL ? p0 + i : p1 + i - PANEL;
-            float sum = 0.0f;
-            for (int j = 0; j < n; j++) sum += p[(size_t)j * PANEL] * x[c][j];
-            out[c * 2 * PANEL + i] = sum;
+typedef float Panel __attribute__((vector_size(PANEL * sizeof(float)))); // PANEL rows' values
+
+static inline Panel load_panel(const float *p) {
+    Panel v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+// panels_f32 for a constant nc (once inlined): 2 * nc sums in registers
+static inline __attribute__((always_inline)) void panels_block(float *out, const float *p0, const float *p1,
+                                                               const float *const x[], int nc, int n) {
+    Panel a0[PANEL_COLS], a1[PANEL_COLS];
+    for (int c = 0; c < nc; c++) a0[c] = a1[c] = (Panel){0};
+    for (int j = 0; j < n; j++) {
+        const Panel w0 = load_panel(p0 + (size_t)j * PANEL), w1 = load_panel(p1 + (size_t)j * PANEL);
+        for (int c = 0; c < nc; c++) {
+            a0[c] += w0 * x[c][j]; // (an FMA where the target has them)
+            a1[c] += w1 * x[c][j];
         }
+    }
+    for (int c = 0; c < nc; c++) {
+        memcpy(out + c * 2 * PANEL, &a0[c], sizeof(Panel));
+        memcpy(out + c * 2 * PANEL + PANEL, &a1[c], sizeof(Panel));
+    }
+}
+
+void panels_f32(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
+    switch (nc) { // (constant column counts keep the sums in registers)
+    case 6: panels_block(out, p0, p1, x, 6, n); break;
+    case 5: panels_block(out, p0, p1, x, 5, n); break;
+    case 4: panels_block(out, p0, p1, x, 4, n); break;
+    case 3: panels_block(out, p0, p1, x, 3, n); break;
+    case 2: panels_block(out, p0, p1, x, 2, n); break;
+    default: panels_block(out, p0, p1, x, 1, n);
     }
 }
 

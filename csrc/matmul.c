@@ -9,7 +9,6 @@
 
 #if defined(KERNELS_AVX512)
 #define rows_f32 rows_f32_avx512
-#define panels_f32 panels_f32_avx512
 #ifdef __AVX512VNNI__
 #define KERNELS_NAME "avx512-vnni"
 #else
@@ -17,7 +16,6 @@
 #endif
 #elif defined(KERNELS_AVX2)
 #define rows_f32 rows_f32_avx2
-#define panels_f32 panels_f32_avx2
 #ifdef __AVXVNNI__
 #define KERNELS_NAME "avx2-vnni"
 #else
@@ -25,7 +23,6 @@
 #endif
 #elif defined(KERNELS_NEON)
 #define rows_f32 rows_f32_neon
-#define panels_f32 panels_f32_neon
 #ifdef __ARM_FEATURE_DOTPROD
 #define KERNELS_NAME "neon-dotprod"
 #else
@@ -33,64 +30,41 @@
 #endif
 #else
 #define rows_f32 rows_f32_scalar
-#define panels_f32 panels_f32_scalar
 #define KERNELS_NAME "portable"
 #endif
 
-typedef void TileF32(float *out, const float *const w[ROWS], const float *const x[COLS], int n);
 typedef void RowsQ8(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                     const QVector *xq, int n, int gs, const int *lane_group);
-typedef void TileQ8(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
-                    const QVector xq[COLS], int n, int gs, const int *lane_group);
-
-// The fp32 tile kernel (NULL: a batch is computed a row at a time, as by the portable build).
-static TileF32 *f32_tile(void) {
-#if defined(KERNELS_AVX512)
-    return tile_f32_avx512;
-#elif defined(KERNELS_AVX2)
-    return tile_f32_avx2;
-#elif defined(KERNELS_NEON)
-    return tile_f32_neon;
-#else
-    return NULL;
-#endif
-}
 
 // whether chunks of `chunk` int8 values hold whole groups of gs or lie inside one
 static inline int fits(int gs, int chunk) { return gs >= 4 && (chunk % gs == 0 || gs % chunk == 0); }
 
-// The Q8_0 kernel for group size gs, the chunk of values its SIMD steps take (0: portable C), and
-// the tile kernel that computes the same products COLS rows at a time (NULL: a row at a time).
-static RowsQ8 *q8_kernel(int gs, int *chunk, TileQ8 **tile) {
+// The Q8_0 kernel for group size gs, and the chunk of values its SIMD steps take (0: portable C).
+static RowsQ8 *q8_kernel(int gs, int *chunk) {
     (void)gs; // the portable build takes any
 #if defined(KERNELS_AVX512)
     if (gs == 32) { // the 256-bit kernel's four-groups-at-once path: 1.25x the 512-bit one here
         *chunk = 32;
-        *tile = NULL;
         return rows_q8_avx2;
     }
     if (fits(gs, 64)) {
         *chunk = 64;
-        *tile = NULL;
         return rows_q8_avx512;
     }
 #endif
 #if defined(KERNELS_AVX2)
     if (fits(gs, 32)) {
         *chunk = 32;
-        *tile = NULL;
         return rows_q8_avx2;
     }
 #endif
 #if defined(KERNELS_NEON)
     if (fits(gs, 16)) {
         *chunk = 16;
-        *tile = NULL;
         return rows_q8_neon;
     }
 #endif
     *chunk = 0;
-    *tile = NULL;
     return rows_q8_scalar;
 }
 
@@ -169,9 +143,7 @@ void matmul_rope(Team team, float *out, const Matrix *w, const float *x, const Q
     }
     const int gs = group_size, groups = gs ? n / gs : 0; // scales per row
     int chunk = 0, lane_group[16] = {0};
-    TileQ8 *tile_q8 = NULL;
-    RowsQ8 *rows_q8 = gs ? q8_kernel(gs, &chunk, &tile_q8) : NULL;
-    TileF32 *tile_f32 = f32_tile();
+    RowsQ8 *rows_q8 = gs ? q8_kernel(gs, &chunk) : NULL;
     for (int l = 0; l < chunk / 4; l++) lane_group[l] = gs < chunk ? 4 * l / gs : 0;
     int b0, b1;
     share(team, (d + ROWS - 1) / ROWS, &b0, &b1);
@@ -193,34 +165,17 @@ void matmul_rope(Team team, float *out, const Matrix *w, const float *x, const Q
             }
         }
         // the block's rows of W stay in L1 while every row of x goes past them
-        for (int c0 = 0; c0 < n_rows; c0 += COLS) {
-            const int nc = n_rows - c0 < COLS ? n_rows - c0 : COLS;
-            float res[COLS][ROWS];
+        for (int c = 0; c < n_rows; c++) {
+            float res[ROWS];
             if (w->f) {
-                const float *xf[COLS];
-                for (int c = 0; c < nc; c++) xf[c] = x + (size_t)(c0 + c) * n;
-                if (nc == COLS && tile_f32) {
-                    tile_f32(res[0], wf, xf, n);
-                } else {
-                    for (int c = 0; c < nc; c++) rows_f32(res[c], wf, xf[c], n);
-                }
+                rows_f32(res, wf, x + (size_t)c * n, n);
             } else {
-                QVector xc[COLS];
-                for (int c = 0; c < nc; c++) {
-                    xc[c] = (QVector){xq->q + (size_t)(c0 + c) * n, xq->s + (size_t)(c0 + c) * groups};
-                }
-                if (nc == COLS && tile_q8) {
-                    tile_q8(res[0], wq, ws, xc, n, gs, lane_group);
-                } else {
-                    for (int c = 0; c < nc; c++) rows_q8(res[c], wq, ws, &xc[c], n, gs, lane_group);
-                }
+                QVector xc = {xq->q + (size_t)c * n, xq->s + (size_t)c * groups};
+                rows_q8(res, wq, ws, &xc, n, gs, lane_group);
             }
-            for (int c = 0; c < nc; c++) {
-                // (ROWS is even and so are d and head_size when rope is given: the pairs are whole)
-                if (rope) rope_rotate(res[c], r0, nr, rope + (size_t)pos[c0 + c] * head_size, head_size);
-                float *o = out + (size_t)(c0 + c) * d + r0;
-                for (int r = 0; r < nr; r++) o[r] = res[c][r];
-            }
+            // (ROWS is even and so are d and head_size when rope is given: the pairs are whole)
+            if (rope) rope_rotate(res, r0, nr, rope + (size_t)pos[c] * head_size, head_size);
+            for (int r = 0; r < nr; r++) out[(size_t)c * d + r0 + r] = res[r];
         }
     }
 }

@@ -149,7 +149,7 @@ int transformer_reserve(Transformer *t, int n_slots, int max_rows, char *err) {
     }
     free_run_state(s);
     *s = bigger;
-    return n_slots > 1 && !t->panels ? transformer_pack(t, err) : 0;
+    return max_rows > 1 && !t->panels ? transformer_pack(t, err) : 0;
 }
 
 int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err) {

@@ -56,7 +56,7 @@ int transformer_open(Transformer *t, const char *path, KVType kv_type, char *err
 // Allocates the run state for one sequence for t->ckpt, already opened or parsed (checkpoint.h).
 int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err);
 // Makes the run state hold at least n_slots sequences' KV caches and take max_rows rows a forward
-// (at least n_slots); keeps it if it does already. With more than one slot, packs the weights
+// (at least n_slots); keeps it if it does already. With more than one row, packs the weights
 // (transformer_pack) if they are not yet. -1 with a message, and the state unchanged, if out of
 // memory.
 int transformer_reserve(Transformer *t, int n_slots, int max_rows, char *err);

@@ -1,8 +1,8 @@
 // The matmul kernels this build selected (kernels.h, by -march) against a float64 reference on
 // random data, through matmul.c's driver: fp32 at every width up to 70 and the model widths, Q8_0
 // at every group size the engine accepts (the SIMD ones and those that fall back to portable C),
-// with tails of columns and of rows; batches of vectors (the tile kernels, and the rows kernels for
-// a batch's last few), each vector's result also bit for bit the one it gets alone; quantize_q8
+// with tails of columns and of rows; batches of vectors (through the rows kernels, and fp32 W packed
+// in panels), each vector's result also bit for bit the one it gets alone; quantize_q8
 // against its definition; exp_fast against exp; attention's products over fp32 and fp16 rows, and
 // the fp16 conversions (every half there and back). Prints the kernels' name and "N passed, M
 // failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...; tests/test_kernels.py runs it
@@ -65,7 +65,7 @@ static void check_alone(const char *what, const Matrix *w, const float *x, const
     free(alone);
 }
 
-// W (d, n) by a batch of b vectors, through the rows and tile kernels, or packed in panels
+// W (d, n) by a batch of b vectors, through the rows kernels, or packed in panels
 static void test_f32(int n, int d, int b, int packed) {
     float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n * b), *out = malloc(sizeof(float) * d * b);
     double *want = calloc(d * b, sizeof(double)), *mag = calloc(d * b, sizeof(double));
@@ -235,8 +235,7 @@ int main(void) {
     }
     for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4, 1);
     test_q8(172, 5, 4, 1), test_q8(288, 6, 32, 1), test_q8(768, 6, 32, 1), test_q8(1376, 5, 32, 1), test_q8(2048, 5, 64, 1);
-    // batches: whole tiles of COLS (and PANEL_COLS) vectors and the odd ones after, at odd widths and
-    // odd rows of W
+    // batches: whole calls of PANEL_COLS vectors and the odd ones after, at odd widths and odd rows of W
     const int batches[] = {1, 2, 4, 5, 7, 9, 13}; // 13: two calls of PANEL_COLS and one more
     for (size_t k = 0; k < sizeof(batches) / sizeof(batches[0]); k++) {
         const int b = batches[k];
