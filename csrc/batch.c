@@ -72,7 +72,7 @@ static int check_generate(const Transformer *t, const int *const *prompt, const 
     const Config *p = &t->ckpt.config;
     if (check_batch(t, n_seqs, err) != 0) return -1;
     if (max_new_tokens < 1) return fail(err, "max_new_tokens %d is not positive", max_new_tokens);
-    if (!(temperature >= 0.0f && temperature <= INFINITY) || isinf(temperature)) {
+    if (!(temperature >= 0.0f) || isinf(temperature)) { // (NaN fails the first)
         return fail(err, "temperature %g is not a finite number >= 0", temperature);
     }
     if (n_stop < 0) return fail(err, "n_stop %d is negative", n_stop);

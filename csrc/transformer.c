@@ -17,6 +17,16 @@ static int omp_get_num_threads(void) { return 1; }
 // ----------------------------------------------------------------------------
 // run state
 
+// Rows a thread from which the threads of a forward share out its rows rather than each matmul's
+// rows of W (see the forward below): from there W-sharing's small steps, which every thread runs for
+// every row (SwiGLU's exponentials too), cost more than reading all of W on each thread, and rows
+// need no barriers. Measured on a shared, busy 2-core Zen 4: at B = 8, row-sharing took a third of
+// W-sharing's time; at B = 64 the two were within the machine's noise. `make lib CC="cc
+// -DSHARE_ROWS=1000"` keeps W-sharing, to measure again.
+#ifndef SHARE_ROWS
+#define SHARE_ROWS 2
+#endif
+
 static void free_rows(RowState *r) {
     void *buffers[] = {r->x, r->xb, r->xh, r->xq.q, r->xq.s, r->xqh.q, r->xqh.s};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
@@ -79,8 +89,8 @@ static int malloc_run_state(RunState *s, const Config *p, int group_size, KVType
     int ok = s->att && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->v && s->logits &&
              s->first && s->rope && s->key_cache && s->value_cache && s->threads &&
              malloc_rows(&s->shared, rows, p, group_size) == 0;
-    // a thread's own copy serves forwards of fewer than 2 rows a thread
-    const size_t own = rows < 2 * (size_t)s->n_threads ? rows : 2 * (size_t)s->n_threads - 1;
+    // a thread's own copy serves forwards of fewer than SHARE_ROWS rows a thread
+    const size_t few = (size_t)SHARE_ROWS * s->n_threads - 1, own = rows < few ? rows : few;
     for (int i = 0; ok && i < s->n_threads; i++) ok = malloc_rows(&s->threads[i], own, p, group_size) == 0;
     if (!ok) {
         free_run_state(s);
@@ -293,8 +303,8 @@ static int check_rows(const RunState *s, const Config *p, const int *tokens, con
 // ----------------------------------------------------------------------------
 // forward
 //
-// One OpenMP parallel region for the whole forward. With fewer than two rows a thread (a single
-// token: ./run), the threads share out the rows of each matmul and the attention heads, and meet at
+// One OpenMP parallel region for the whole forward. With fewer than SHARE_ROWS rows a thread (a
+// single token: ./run), the threads share out the rows of each matmul and the attention heads, and meet at
 // a barrier before whatever reads the results: five barriers a layer. The small steps between
 // matmuls (residual, RMSNorm, SwiGLU, quantising) run on every thread, each into its own RowState,
 // rather than on one thread while the others wait at two more barriers; RoPE runs inside the q and k
@@ -321,7 +331,7 @@ float *transformer_forward_rows(Transformer *t, const int *tokens, const int *po
     }
     // (no more threads than the state has room for; fewer if the caller has asked for fewer since)
     const int n_threads = omp_get_max_threads() < s->n_threads ? omp_get_max_threads() : s->n_threads;
-    const int share_rows = n >= 2 * n_threads;
+    const int share_rows = n >= SHARE_ROWS * n_threads;
     s->hidden = share_rows ? s->shared.xb : s->threads[0].xb;
 
 #pragma omp parallel num_threads(n_threads)

@@ -24,7 +24,7 @@ typedef struct {
 typedef struct {
     int n_slots;          // sequences with a KV cache of their own
     int max_rows;         // rows a forward takes at once
-    RowState *threads;    // (n_threads,) each thread's copy, for forwards of fewer than 2 rows a thread
+    RowState *threads;    // (n_threads,) each thread's copy, for forwards of few rows a thread (SHARE_ROWS)
     int n_threads;        // OpenMP's thread count when the state was made: the most a forward uses
     RowState shared;      // (max_rows,) the copy of forwards whose threads share out the rows
     float *att;           // (n_threads, seq_len) each thread's scores of the attention head it is on
