@@ -91,8 +91,8 @@ def _message(err):
 
 
 KV_TYPES = {"f32": "KV_F32", "f16": "KV_F16"}
-# rows a forward takes at once when generate() and score() run many sequences: a scoring chunk, enough
-# for each thread's share to fill the tile kernels many times over
+# rows a forward takes at once when generate() and score() run many sequences (a scoring chunk): each
+# thread's share fills the packed fp32 kernels' 6 columns several times over
 BATCH_ROWS = 64
 
 
@@ -120,7 +120,8 @@ def _ptr(ctype, a):
 class Model:
     """A checkpoint (llama2.c version 0, 1 or 2) with its KV cache, fp32 or (kv_cache="f16") fp16.
     generate() and score() run batches, each sequence with a KV cache of its own (the model makes
-    room for the largest batch it has seen)."""
+    room for the largest batch it has seen, and packs fp32 weights for batched products: forward() then
+    runs on them too, within float rounding of a fresh model's)."""
 
     def __init__(self, path, lib=None, kv_cache="f32"):
         self.lib = lib = lib or load()
