@@ -22,6 +22,22 @@ static float sum_lanes(const float *x, int n) {
     return add_lanes(part);
 }
 
+// x's bits as an integer that orders like x: negative floats' magnitudes count down (and back again)
+static inline int32_t ordered(int32_t bits) { return bits < 0 ? bits ^ 0x7fffffff : bits; }
+
+float max_of(const float *x, int n) {
+    int32_t m = INT32_MIN;
+    for (int i = 0; i < n; i++) {
+        int32_t bits;
+        memcpy(&bits, &x[i], sizeof(bits));
+        m = ordered(bits) > m ? ordered(bits) : m;
+    }
+    m = ordered(m);
+    float max;
+    memcpy(&max, &m, sizeof(max));
+    return max;
+}
+
 float exp_sum(float *out, const float *x, int n, float divisor, float shift) {
     for (int i = 0; i < n; i++) out[i] = x[i] / divisor - shift;
     for (int i = 0; i < n; i++) out[i] = exp_fast(out[i]); // (with the division above, it stays scalar)
@@ -40,9 +56,7 @@ void rmsnorm(float *o, const float *x, const float *weight, int size) {
 }
 
 void softmax(float *x, int size) {
-    float max_val = x[0]; // subtracted for numerical stability
-    for (int i = 1; i < size; i++) max_val = x[i] > max_val ? x[i] : max_val;
-    const float sum = exp_sum(x, x, size, 1.0f, max_val);
+    const float sum = exp_sum(x, x, size, 1.0f, max_of(x, size)); // the maximum for numerical stability
     for (int i = 0; i < size; i++) x[i] /= sum;
 }
 

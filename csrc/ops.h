@@ -43,6 +43,10 @@ static inline float exp_fast(float x) {
 // -ffast-math (make lib); this order vectorises, and is the same on every instruction set.
 #define SUM_LANES 16
 
+// the largest of x (n,), n >= 1, on the floats' bits ordered as integers: a reduction the compiler
+// vectorises without -ffast-math, where a float compare keeps a loop scalar (a NaN is larger than any
+// number here)
+float max_of(const float *x, int n);
 // out[i] = exp_fast(x[i] / divisor - shift) for i < n (out may be x); returns the sum of them
 float exp_sum(float *out, const float *x, int n, float divisor, float shift);
 // o = weight * x / sqrt(mean(x^2) + 1e-5); o may be x

@@ -119,13 +119,10 @@ int sampler_sample(Sampler *s, float *logits) {
 // ----------------------------------------------------------------------------
 // batched generation and scoring
 
-// The largest of z = logits / temperature (NaN ignored), and the sum of exp(z - max), each term
-// written to terms (n,)
+// The largest of z = logits / temperature, and the sum of exp(z - max), each term written to terms (n,)
 static float tempered_sum(const float *logits, int n, float temperature, float *max, float *terms) {
-    float m = -INFINITY;
-    for (int i = 0; i < n; i++) m = logits[i] / temperature > m ? logits[i] / temperature : m;
-    *max = m;
-    return exp_sum(terms, logits, n, temperature, m);
+    *max = max_of(logits, n) / temperature; // (the largest of logits / temperature: dividing keeps order)
+    return exp_sum(terms, logits, n, temperature, *max);
 }
 
 float token_logprob(const float *logits, int n, float temperature, int token, float *probs) {

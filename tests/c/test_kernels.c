@@ -3,10 +3,10 @@
 // at every group size the engine accepts (the SIMD ones and those that fall back to portable C),
 // with tails of columns and of rows; batches of vectors (through the rows kernels, and fp32 W packed
 // in panels), each vector's result also bit for bit the one it gets alone; quantize_q8
-// against its definition; exp_fast against exp; attention's products over fp32 and fp16 rows, and
-// the fp16 conversions (every half there and back). Prints the kernels' name and "N passed, M
-// failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...; tests/test_kernels.py runs it
-// for every path the CPU can execute, and under qemu-aarch64.)
+// against its definition; exp_fast against exp, max_of against a loop; attention's products over
+// fp32 and fp16 rows, and the fp16 conversions (every half there and back). Prints the kernels' name
+// and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
+// tests/test_kernels.py runs it for every path the CPU can execute, and under qemu-aarch64.)
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -201,6 +201,24 @@ static void test_exp(void) {
     bad ? failed++ : passed++;
 }
 
+// max_of against a plain loop: all negative, mixed signs, -0 and +0, -inf, one value
+static void test_max_of(void) {
+    int bad = 0;
+    float x[100];
+    for (int k = 0; k < 40; k++) {
+        const int n = 1 + k * 7 % 100;
+        for (int i = 0; i < n; i++) x[i] = (k % 2 ? -10.0f : 3.0f) * uniform() - (k % 2 ? 20.0f : 0.0f);
+        if (k == 5) x[n - 1] = -INFINITY;
+        float want = x[0];
+        for (int i = 1; i < n; i++) want = x[i] > want ? x[i] : want;
+        bad += max_of(x, n) != want;
+    }
+    x[0] = -0.0f, x[1] = 0.0f, x[2] = -1.0f;
+    bad += max_of(x, 3) != 0.0f || signbit(max_of(x, 3)) || max_of(x + 2, 1) != -1.0f;
+    if (bad) printf("FAIL max_of: %d cases\n", bad);
+    bad ? failed++ : passed++;
+}
+
 // every half but NaN survives fp16 -> fp32 -> fp16 unchanged; NaN stays NaN
 static void test_f16_round_trip(void) {
     int bad = 0;
@@ -262,6 +280,7 @@ int main(void) {
     }
     test_f16_round_trip();
     test_exp();
+    test_max_of();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
