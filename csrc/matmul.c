@@ -6,6 +6,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <string.h>
 
 #if defined(KERNELS_AVX512)
 #define rows_f32 rows_f32_avx512
@@ -73,8 +74,17 @@ const char *matmul_kernels(void) { return KERNELS_NAME; }
 void quantize_q8(QVector *xq, const float *x, int n, int group_size) {
     for (int g = 0; g < n / group_size; g++) {
         const float *xg = x + (size_t)g * group_size;
-        float wmax = 0.0f;
-        for (int i = 0; i < group_size; i++) wmax = fmaxf(wmax, fabsf(xg[i]));
+        // max |x| on the bits of |x|, which order as integers: fmaxf is a call into libm without
+        // -ffast-math (make lib)
+        uint32_t bits_max = 0;
+        for (int i = 0; i < group_size; i++) {
+            uint32_t bits;
+            memcpy(&bits, &xg[i], sizeof(bits));
+            bits &= 0x7fffffffu;
+            bits_max = bits > bits_max ? bits : bits_max;
+        }
+        float wmax;
+        memcpy(&wmax, &bits_max, sizeof(wmax));
         float scale = wmax / 127.0f;
         float inv = scale > 0.0f ? 1.0f / scale : 0.0f; // an all-zero group stays zero
         xq->s[g] = scale;
