@@ -68,6 +68,14 @@ void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const w
 #endif
 #define PANEL_COLS 6
 void panels_f32(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
+// The same for Q8_0 W in matmul.h's blocks of 16 rows, with VNNI's dpbusd (unsigned by signed bytes:
+// x + 128 against W, less the blocks' 128 * sum of W): out[c * 32 + i] for rows i of p0 then p1, for
+// c < nc <= Q8_COLS; each product's groups added in order, whatever nc.
+#define Q8_COLS 4
+#if defined(KERNELS_AVX512) && defined(__AVX512VNNI__)
+#define KERNELS_Q8_PANELS 1
+void panels_q8_avx512(float *out, const int8_t *p0, const int8_t *p1, const QVector xq[], int nc, int n, int gs);
+#endif
 
 // Attention's products over rows of fp32 or fp16 values (matmul.h's dot_rows and add_weighted_rows):
 // scalar for any width n, SIMD for n a multiple of 8 (x86; fp16 rows need F16C's conversions) or 4

@@ -104,42 +104,96 @@ static void share(Team team, int n, int *lo, int *hi) {
     *hi = (int)((long long)n * (team.id + 1) / team.n);
 }
 
-size_t panels_size(int n, int d) {
-    return (size_t)((d + 2 * PANEL - 1) / (2 * PANEL)) * 2 * PANEL * n; // whole pairs of panels
+// whether this build packs Q8_0 W of group size gs
+static int q8_packs(int gs) {
+#ifdef KERNELS_Q8_PANELS
+    return gs % 4 == 0;
+#else
+    (void)gs;
+    return 0;
+#endif
 }
 
-void pack_panels(float *panels, const float *w, int n, int d) {
-    const int rows = (int)(panels_size(n, d) / n);
-    for (int p = 0; p < rows / PANEL; p++) {
-        for (int j = 0; j < n; j++) {
-            float *dst = panels + ((size_t)p * n + j) * PANEL;
-            for (int i = 0; i < PANEL; i++) {
-                const int r = p * PANEL + i;
-                dst[i] = r < d ? w[(size_t)r * n + j] : 0.0f;
+size_t panels_size(int n, int d, int group_size) {
+    if (!group_size) return (size_t)((d + 2 * PANEL - 1) / (2 * PANEL)) * 2 * PANEL * n * sizeof(float);
+    if (!q8_packs(group_size)) return 0;
+    const size_t panels = (size_t)(d + 31) / 32 * 2; // whole pairs of 16 rows
+    return panels * (16 * (size_t)n + 128 * (size_t)(n / group_size));
+}
+
+void pack_panels(void *panels, const Matrix *w, int n, int d, int group_size) {
+    const int gs = group_size;
+    if (!gs) {
+        float *out = panels;
+        const int rows = (int)(panels_size(n, d, 0) / sizeof(float) / n);
+        for (int p = 0; p < rows / PANEL; p++) {
+            for (int j = 0; j < n; j++) {
+                float *dst = out + ((size_t)p * n + j) * PANEL;
+                for (int i = 0; i < PANEL; i++) {
+                    const int r = p * PANEL + i;
+                    dst[i] = r < d ? w->f[(size_t)r * n + j] : 0.0f;
+                }
             }
+        }
+        return;
+    }
+    int8_t *out = panels;
+    const int groups = n / gs, rows = (int)((size_t)(d + 31) / 32 * 32);
+    for (int p = 0; p < rows / 16; p++) {
+        for (int g = 0; g < groups; g++) {
+            int8_t *values = out + ((size_t)p * groups + g) * (16 * (size_t)gs + 128);
+            int32_t sums[16];
+            float scales[16];
+            for (int i = 0; i < 16; i++) {
+                const int r = p * 16 + i;
+                const int8_t *row = r < d ? w->q + (size_t)r * n + (size_t)g * gs : NULL;
+                sums[i] = 0;
+                for (int k = 0; k < gs; k++) {
+                    const int8_t v = row ? row[k] : 0;
+                    values[16 * (k / 4 * 4) + 4 * i + k % 4] = v; // 4 columns of the 16 rows at a time
+                    sums[i] += 128 * v;
+                }
+                scales[i] = row ? w->s[(size_t)r * groups + g] : 0.0f;
+            }
+            memcpy(values + 16 * gs, sums, sizeof(sums));
+            memcpy(values + 16 * gs + 64, scales, sizeof(scales));
         }
     }
 }
 
-// matmul_rope on packed panels: the threads share out pairs of panels (2 * PANEL rows of W)
-static void matmul_panels(Team team, float *out, const Matrix *w, const float *x, int n, int d, int n_rows,
-                          const float *rope, const int *pos, int head_size) {
-    const int span = 2 * PANEL;
+// matmul_rope on packed panels: the threads share out pairs of panels (2 * PANEL rows of fp32 W,
+// or 32 of Q8_0)
+static void matmul_panels(Team team, float *out, const Matrix *w, const float *x, const QVector *xq, int n,
+                          int d, int n_rows, int gs, const float *rope, const int *pos, int head_size) {
+    const int span = gs ? 32 : 2 * PANEL, cols = gs ? Q8_COLS : PANEL_COLS;
+    const size_t pair = panels_size(n, span, gs); // bytes of a pair of panels
     int b0, b1;
     share(team, (d + span - 1) / span, &b0, &b1);
     for (int b = b0; b < b1; b++) {
         const int r0 = b * span, nr = d - r0 < span ? d - r0 : span;
-        const float *p0 = w->panels + (size_t)r0 * n, *p1 = p0 + (size_t)PANEL * n;
-        for (int c0 = 0; c0 < n_rows; c0 += PANEL_COLS) {
-            const int nc = n_rows - c0 < PANEL_COLS ? n_rows - c0 : PANEL_COLS;
-            const float *xc[PANEL_COLS];
-            float res[PANEL_COLS][2 * PANEL];
-            for (int c = 0; c < nc; c++) xc[c] = x + (size_t)(c0 + c) * n;
-            panels_f32(res[0], p0, p1, xc, nc, n);
+        const char *p0 = (const char *)w->panels + (size_t)b * pair, *p1 = p0 + pair / 2;
+        for (int c0 = 0; c0 < n_rows; c0 += cols) {
+            const int nc = n_rows - c0 < cols ? n_rows - c0 : cols;
+            float res[PANEL_COLS][2 * PANEL > 32 ? 2 * PANEL : 32];
+            const int stride = gs ? 32 : 2 * PANEL; // of res's rows, as the kernels write them
+            if (gs) { // (only builds with KERNELS_Q8_PANELS pack Q8_0 W)
+#ifdef KERNELS_Q8_PANELS
+                QVector xc[Q8_COLS];
+                for (int c = 0; c < nc; c++) xc[c] = (QVector){xq->q + (size_t)(c0 + c) * n, xq->s + (size_t)(c0 + c) * (n / gs)};
+                panels_q8_avx512(res[0], (const int8_t *)p0, (const int8_t *)p1, xc, nc, n, gs);
+#else
+                (void)xq;
+#endif
+            } else {
+                const float *xc[PANEL_COLS];
+                for (int c = 0; c < nc; c++) xc[c] = x + (size_t)(c0 + c) * n;
+                panels_f32(res[0], (const float *)p0, (const float *)p1, xc, nc, n);
+            }
             for (int c = 0; c < nc; c++) {
-                if (rope) rope_rotate(res[c], r0, nr, rope + (size_t)pos[c0 + c] * head_size, head_size);
+                float *r = res[0] + (size_t)c * stride;
+                if (rope) rope_rotate(r, r0, nr, rope + (size_t)pos[c0 + c] * head_size, head_size);
                 float *o = out + (size_t)(c0 + c) * d + r0;
-                for (int r = 0; r < nr; r++) o[r] = res[c][r];
+                for (int i = 0; i < nr; i++) o[i] = r[i];
             }
         }
     }
@@ -148,7 +202,7 @@ static void matmul_panels(Team team, float *out, const Matrix *w, const float *x
 void matmul_rope(Team team, float *out, const Matrix *w, const float *x, const QVector *xq, int n,
                  int d, int n_rows, int group_size, const float *rope, const int *pos, int head_size) {
     if (w->panels) {
-        matmul_panels(team, out, w, x, n, d, n_rows, rope, pos, head_size);
+        matmul_panels(team, out, w, x, xq, n, d, n_rows, group_size, rope, pos, head_size);
         return;
     }
     const int gs = group_size, groups = gs ? n / gs : 0; // scales per row

@@ -36,11 +36,14 @@ void matmul(Team team, float *out, const Matrix *w, const float *x, const QVecto
 void matmul_rope(Team team, float *out, const Matrix *w, const float *x, const QVector *xq, int n,
                  int d, int n_rows, int group_size, const float *rope, const int *pos, int head_size);
 
-// fp32 W (d, n) packed for batched products into panels, (panels_size floats): each PANEL rows side
-// by side, column after column, and zeros past row d. matmul uses a matrix's panels when it has
+// W (d, n) packed for batched products, in panels_size bytes (0: this build does not pack such W).
+// fp32: each PANEL rows side by side, column after column, zeros past row d. Q8_0 (group sizes that
+// are multiples of 4, on builds with int8 dot products of 512 bits: AVX-512 VNNI): panels of 16 rows,
+// a block per group of each: its values 4 columns of the 16 rows at a time, then 128 * the sum of
+// each row's values in the group, then each row's scale. matmul uses a matrix's panels when it has
 // them, whatever n_rows (transformer.h's transformer_pack fills them).
-size_t panels_size(int n, int d);
-void pack_panels(float *panels, const float *w, int n, int d);
+size_t panels_size(int n, int d, int group_size);
+void pack_panels(void *panels, const Matrix *w, int n, int d, int group_size);
 
 // The KV cache's element type: fp32, or IEEE fp16 (binary16, kept as uint16_t), which halves the
 // cache's memory and the bytes attention reads, at fp16's rounding of the keys and values

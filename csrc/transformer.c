@@ -117,8 +117,7 @@ static void matrices(Checkpoint *c, Matrix **m, int *n, int *d) {
 }
 
 int transformer_pack(Transformer *t, char *err) {
-    if (t->ckpt.group_size) return 0;
-    const int count = 7 * t->ckpt.config.n_layers + 1;
+    const int gs = t->ckpt.group_size, count = 7 * t->ckpt.config.n_layers + 1;
     Matrix **m = malloc(count * sizeof(Matrix *));
     int *n = malloc(count * sizeof(int)), *d = malloc(count * sizeof(int));
     if (!m || !n || !d) {
@@ -127,17 +126,17 @@ int transformer_pack(Transformer *t, char *err) {
     }
     matrices(&t->ckpt, m, n, d);
     size_t size = 0;
-    for (int i = 0; i < count; i++) size += panels_size(n[i], d[i]);
-    if (!t->panels) t->panels = malloc(size * sizeof(float));
-    if (!t->panels) {
+    for (int i = 0; i < count; i++) size += panels_size(n[i], d[i], gs);
+    if (size > 0 && !t->panels) t->panels = malloc(size);
+    if (size > 0 && !t->panels) {
         free(m), free(n), free(d);
-        return fail(err, "out of memory for the packed weights (%.0f MB)", size * 4.0 / 1e6);
+        return fail(err, "out of memory for the packed weights (%.0f MB)", size / 1e6);
     }
-    float *at = t->panels;
-    for (int i = 0; i < count; i++) {
-        pack_panels(at, m[i]->f, n[i], d[i]);
+    char *at = t->panels;
+    for (int i = 0; size > 0 && i < count; i++) { // (size 0: this build packs no such weights)
+        pack_panels(at, m[i], n[i], d[i], gs);
         m[i]->panels = at;
-        at += panels_size(n[i], d[i]);
+        at += panels_size(n[i], d[i], gs);
     }
     free(m), free(n), free(d);
     return 0;

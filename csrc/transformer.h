@@ -47,7 +47,7 @@ typedef struct {
 typedef struct {
     Checkpoint ckpt; // config and weights
     RunState state;  // every buffer the forward pass needs: nothing is allocated per token
-    float *panels;   // the fp32 matrices packed for batched products (transformer_pack), or NULL
+    void *panels;    // the matrices packed for batched products (transformer_pack), or NULL
 } Transformer;
 
 // Opens a checkpoint and allocates the run state for one sequence, with a KV cache of kv_type; -1
@@ -60,10 +60,10 @@ int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err
 // (transformer_pack) if they are not yet. -1 with a message, and the state unchanged, if out of
 // memory.
 int transformer_reserve(Transformer *t, int n_slots, int max_rows, char *err);
-// Packs the fp32 matrices into panels (matmul.h) for batched forwards, which then compute every row,
-// a single token's too, on them: twice the speed of the rows kernels' products at 64 rows, for a copy
-// of the matrices in memory. Call again after changing the weights in place. Q8_0 weights have
-// nothing to pack. -1 with a message if out of memory.
+// Packs the matrices into panels (matmul.h) for batched forwards, which then compute every row, a
+// single token's too, on them: about twice the speed of the rows kernels' products at 64 rows (fp32;
+// Q8_0 on AVX-512 VNNI, where it packs), for a copy of the matrices in memory. Call again after
+// changing the weights in place. -1 with a message if out of memory.
 int transformer_pack(Transformer *t, char *err);
 void transformer_close(Transformer *t);
 // Zeroes the KV caches. Not needed between sequences that restart at pos 0 (each position

@@ -81,12 +81,18 @@ def test_batched_decode_logits_equal_single_sequence_logits(weights, kernel_buil
     got = batched_decode_logits(batched, PROMPTS, feeds)
     for b, tokens in enumerate(feeds):
         want = np.array([single.forward(t, pos) for pos, t in enumerate(tokens)])[len(PROMPTS[b]) - 1:]
-        if version == 2:  # Q8_0: the same products, bit for bit
+        err = np.abs(got[b] - want).max(axis=1)
+        if version == 2 and batched._t.panels == engine.ffi.NULL:  # Q8_0 unpacked: the same products
             np.testing.assert_array_equal(got[b], want)
+        elif version == 2:
+            # Q8_0 packed (AVX-512 VNNI) adds a product's groups in another order: fp32 noise, but for a
+            # position where an activation rounds to another int8 quantum (about 1e-2; a wrong kernel
+            # is off by the logits' own size)
+            assert np.median(err) <= 1e-5 and err.max() < 0.1, err
         else:  # fp32 batches run on packed panels, summing in another order; and the float64 reference
             ref = Reference(C, weights)
             expected = np.array([ref.forward(t, pos) for pos, t in enumerate(tokens)])[len(PROMPTS[b]) - 1:]
-            assert np.abs(got[b] - want).max() <= 1e-4 and np.abs(got[b] - expected).max() <= 1e-4
+            assert err.max() <= 1e-4 and np.abs(got[b] - expected).max() <= 1e-4
         # and bit for bit what the sequence gets in a batch of its own
         np.testing.assert_array_equal(got[b], batched_decode_logits(batched, [PROMPTS[b]], [tokens])[0])
 

@@ -1,8 +1,8 @@
 // The matmul kernels this build selected (kernels.h, by -march) against a float64 reference on
 // random data, through matmul.c's driver: fp32 at every width up to 70 and the model widths, Q8_0
 // at every group size the engine accepts (the SIMD ones and those that fall back to portable C),
-// with tails of columns and of rows; batches of vectors (through the rows kernels, and fp32 W packed
-// in panels), each vector's result also bit for bit the one it gets alone; quantize_q8
+// with tails of columns and of rows; batches of vectors (through the rows kernels, and W packed in
+// panels), each vector's result also bit for bit the one it gets alone; quantize_q8
 // against its definition; exp_fast against exp, max_of against a loop; attention's products over
 // fp32 and fp16 rows, and the fp16 conversions (every half there and back). Prints the kernels' name
 // and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
@@ -79,16 +79,18 @@ static void test_f32(int n, int d, int b, int packed) {
             }
         }
     }
-    float *panels = packed ? malloc(sizeof(float) * panels_size(n, d)) : NULL;
-    if (packed) pack_panels(panels, w, n, d);
-    Matrix m = {w, NULL, NULL, panels};
+    Matrix m = {w, NULL, NULL, NULL};
+    void *panels = packed ? malloc(panels_size(n, d, 0)) : NULL;
+    if (packed) pack_panels(panels, &m, n, d, 0);
+    m.panels = panels;
     product(out, &m, x, NULL, n, d, b, 0);
     check(packed ? "fp32 panels" : b > 1 ? "fp32 batch" : "fp32", n, d * b, 0, out, want, mag);
     if (b > 1) check_alone(packed ? "fp32 panels" : "fp32", &m, x, NULL, n, d, b, 0, out);
     free(w), free(x), free(out), free(want), free(mag), free(panels);
 }
 
-static void test_q8(int n, int d, int gs, int b) {
+// (packed: on builds that pack Q8_0 W of this group size, and a test that passes trivially elsewhere)
+static void test_q8(int n, int d, int gs, int b, int packed) {
     int8_t *wq = malloc(n * d), *xq = malloc(n * b);
     float *ws = malloc(sizeof(float) * d * (n / gs)), *xs = malloc(sizeof(float) * (n / gs) * b);
     float *out = malloc(sizeof(float) * d * b);
@@ -116,11 +118,14 @@ static void test_q8(int n, int d, int gs, int b) {
         }
     }
     Matrix m = {NULL, wq, ws, NULL};
+    void *panels = packed && panels_size(n, d, gs) ? malloc(panels_size(n, d, gs)) : NULL;
+    if (panels) pack_panels(panels, &m, n, d, gs);
+    m.panels = panels;
     QVector x = {xq, xs};
     product(out, &m, NULL, &x, n, d, b, gs);
-    check(b > 1 ? "q8 batch" : "q8", n, d * b, gs, out, want, mag);
-    if (b > 1) check_alone("q8", &m, NULL, &x, n, d, b, gs, out);
-    free(wq), free(xq), free(ws), free(xs), free(out), free(want), free(mag);
+    check(panels ? "q8 panels" : b > 1 ? "q8 batch" : "q8", n, d * b, gs, out, want, mag);
+    if (b > 1) check_alone(panels ? "q8 panels" : "q8", &m, NULL, &x, n, d, b, gs, out);
+    free(wq), free(xq), free(ws), free(xs), free(out), free(want), free(mag), free(panels);
 }
 
 static void test_quantize(int n, int gs) {
@@ -247,12 +252,12 @@ int main(void) {
     for (size_t g = 0; g < sizeof(group_sizes) / sizeof(group_sizes[0]); g++) {
         int gs = group_sizes[g];
         for (int k = 1; k <= 13; k++) { // tails of every length short of the widest chunk (64)
-            for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_q8(gs * k, rows[r], gs, 1);
+            for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_q8(gs * k, rows[r], gs, 1, 0);
         }
         test_quantize(gs * 12, gs);
     }
-    for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4, 1);
-    test_q8(172, 5, 4, 1), test_q8(288, 6, 32, 1), test_q8(768, 6, 32, 1), test_q8(1376, 5, 32, 1), test_q8(2048, 5, 64, 1);
+    for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4, 1, 0);
+    test_q8(172, 5, 4, 1, 0), test_q8(288, 6, 32, 1, 0), test_q8(768, 6, 32, 1, 0), test_q8(1376, 5, 32, 1, 0), test_q8(2048, 5, 64, 1, 0);
     // batches: whole calls of PANEL_COLS vectors and the odd ones after, at odd widths and odd rows of W
     const int batches[] = {1, 2, 4, 5, 7, 9, 13}; // 13: two calls of PANEL_COLS and one more
     for (size_t k = 0; k < sizeof(batches) / sizeof(batches[0]); k++) {
@@ -264,10 +269,15 @@ int main(void) {
         }
         for (size_t g = 0; g < sizeof(group_sizes) / sizeof(group_sizes[0]); g++) {
             const int gs = group_sizes[g];
-            for (int m = 1; m <= 5; m++) test_q8(gs * m, 5, gs, b);
-            test_q8(gs * 12, 9, gs, b);
+            for (int packed = 0; packed <= 1; packed++) {
+                for (int m = 1; m <= 5; m++) test_q8(gs * m, 5, gs, b, packed);
+                test_q8(gs * 12, 9, gs, b, packed), test_q8(gs * 4, 40, gs, b, packed); // 40: past one pair of panels
+            }
         }
-        test_q8(128, 6, 32, b), test_q8(352, 5, 32, b), test_q8(288, 7, 32, b), test_q8(768, 3, 32, b);
+        for (int packed = 0; packed <= 1; packed++) {
+            test_q8(128, 6, 32, b, packed), test_q8(352, 5, 32, b, packed), test_q8(288, 7, 32, b, packed);
+            test_q8(768, 3, 32, b, packed);
+        }
     }
     // SIMD widths (multiples of 8 on x86, 4 on ARM) and others, which take the portable loop
     const int head_sizes[] = {4, 6, 8, 12, 16, 48, 64, 72, 128};
