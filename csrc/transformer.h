@@ -62,8 +62,10 @@ int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err
 int transformer_reserve(Transformer *t, int n_slots, int max_rows, char *err);
 // Packs the matrices into panels (matmul.h) for batched forwards, which then compute every row, a
 // single token's too, on them: about twice the speed of the rows kernels' products at 64 rows (fp32;
-// Q8_0 on AVX-512 VNNI, where it packs), for a copy of the matrices in memory. Call again after
-// changing the weights in place. -1 with a message if out of memory.
+// Q8_0 on AVX-512 VNNI, where it packs), for a copy of the matrices in memory. (For a large Q8_0
+// model read from DRAM, batches of under about 8 rows run slower on them than on the rows kernels,
+// which ./run keeps: it never packs.) Call again after changing the weights in place. -1 with a
+// message if out of memory.
 int transformer_pack(Transformer *t, char *err);
 void transformer_close(Transformer *t);
 // Zeroes the KV caches. Not needed between sequences that restart at pos 0 (each position
