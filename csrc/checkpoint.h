@@ -28,6 +28,7 @@ typedef struct {
     const float *f;  // (rows, cols) fp32, or NULL when quantised
     const int8_t *q; // (rows, cols) Q8_0 values
     const float *s;  // (rows, cols / group_size) Q8_0 scales
+    const void *panels; // repacked for batched products (transformer_pack, matmul.h), or NULL
 } Matrix;
 
 typedef struct {

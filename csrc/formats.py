@@ -6,7 +6,8 @@ benchmark and the fuzz seeds write random arrays.
 
     python -m csrc.formats fuzz-seeds out/fuzz   # small valid files for `make fuzz`
 
-Weights are a dict with llama2.c's names, all layers stacked:
+Weights are a dict with llama2.c's names, all layers stacked (`views` gives the same names as numpy
+views into a version 1 or 2 file held in memory, for the engine's Model.from_weights):
 token_embedding_table (vocab, dim), rms_att_weight (L, dim), wq (L, dim, dim),
 wk and wv (L, kv_dim, dim), wo (L, dim, dim), rms_ffn_weight (L, dim), w1 and w3
 (L, hidden, dim), w2 (L, dim, hidden), rms_final_weight (dim,), wcls (vocab, dim) or None when
@@ -93,7 +94,7 @@ def dequantize_q80(q, scale, shape):
     return (q.reshape(-1, group_size).astype(np.float32) * scale[:, None]).reshape(shape)
 
 
-def _header(c, version, shared, group_size=None):
+def header(c, version, shared, group_size=None):
     h = struct.pack("Ii", MAGIC, version) + struct.pack("7i", *c) + struct.pack("B", int(shared))
     if group_size is not None:
         h += struct.pack("i", group_size)
@@ -131,13 +132,13 @@ def _checkpoint_parts(c, w, version, group_size):
         if not shared:
             yield _f32(w["wcls"])
     elif version == 1:
-        yield _header(c, 1, shared)
+        yield header(c, 1, shared)
         for name in ["rms_att_weight", "rms_ffn_weight", "rms_final_weight", "token_embedding_table", *MATRICES]:
             yield _f32(w[name])
         if not shared:
             yield _f32(w["wcls"])
     else:
-        yield _header(c, 2, shared, group_size)
+        yield header(c, 2, shared, group_size)
         for name in ["rms_att_weight", "rms_ffn_weight", "rms_final_weight"]:
             yield _f32(w[name])
         # each matrix of each layer on its own: its int8 values, then its scales
@@ -146,6 +147,39 @@ def _checkpoint_parts(c, w, version, group_size):
             q, s = quantize_q80(m, group_size)
             yield q.tobytes()
             yield s.tobytes()
+
+
+HEADER_SIZE = 256  # versions 1 and 2
+
+
+def views(buf, c, version, shared, group_size=64):
+    """Numpy views, by name, of the weights in buf (a uint8 array holding a version 1 or 2 file of
+    config c, header included), walking the layout _checkpoint_parts writes; and the file's size,
+    which buf must have (buf None: the size, and no views). Version 1: fp32 arrays of shapes(c). Version 2: the norms fp32, each matrix
+    a pair (int8 values, fp32 scales) of shapes (..., rows, cols) and (..., rows, cols // group_size),
+    a layer's values and scales side by side in the file. wcls is absent when shared."""
+    at, out = HEADER_SIZE, {}
+
+    def take(dtype, shape, offset, strides=None):
+        return np.ndarray(shape, dtype=dtype, buffer=buf.data, offset=offset, strides=strides) if buf is not None else None
+
+    names = ["rms_att_weight", "rms_ffn_weight", "rms_final_weight", "token_embedding_table", *MATRICES]
+    names += [] if shared else ["wcls"]
+    for name in names:
+        shape = shapes(c)[name]
+        if version == 1 or name.startswith("rms"):
+            out[name] = take(np.float32, shape, at)
+            at += 4 * int(np.prod(shape))
+            continue
+        rows, cols = shape[-2:]
+        layers = shape[0] if len(shape) == 3 else None
+        values, scales = rows * cols, 4 * rows * cols // group_size
+        step = values + scales  # one layer's values and scales
+        lead, strides = ((layers,), (step,)) if layers else ((), ())
+        out[name] = (take(np.int8, (*lead, rows, cols), at, (*strides, cols, 1)),
+                     take(np.float32, (*lead, rows, cols // group_size), at + values, (*strides, 4 * cols // group_size, 4)))
+        at += step * (layers or 1)
+    return out, at
 
 
 def write_tokenizer(path, pieces, scores):

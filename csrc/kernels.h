@@ -53,20 +53,52 @@ void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const w
                   const QVector *xq, int n, int gs, const int *lane_group);
 #endif
 
-// fp16 cache rows (matmul.h's dot_rows and add_weighted_rows for KV_F16): scalar for any width n,
-// SIMD for n a multiple of 8 (x86, F16C's conversions) or 4 (NEON)
-float f16_value(uint16_t h);
-uint16_t f16_from(float x);
-void dot_rows_f16_scalar(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
-void add_weighted_rows_f16_scalar(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+// Batched fp32 products on W packed in panels (matmul.h's pack_panels): PANEL rows of W side by
+// side, column after column, so that one vector load serves PANEL rows and one broadcast value of x
+// serves them all, with no sums across lanes (the rows kernels spend a third of their time on those
+// at the default model's widths). out[c * 2 * PANEL + i] = row i of the panels p0 and p1 (2 * PANEL
+// rows) . x[c] for c < nc <= PANEL_COLS: each product one chain of FMAs in column order, whatever nc.
+// One source for every instruction set, in GCC's vector types of PANEL floats (kernels_scalar.c).
+#if defined(KERNELS_AVX512)
+#define PANEL 16
+#elif defined(KERNELS_AVX2)
+#define PANEL 8
+#else
+#define PANEL 4 // NEON, and SSE2 or whatever the portable build's target has
+#endif
+#define PANEL_COLS 6
+void panels_f32(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n);
+// The same for Q8_0 W in matmul.h's blocks of 16 rows, with VNNI's dpbusd (unsigned by signed bytes:
+// x + 128 against W, less the blocks' 128 * sum of W): out[c * 32 + i] for rows i of p0 then p1, for
+// c < nc <= Q8_COLS; each product's groups added in order, whatever nc.
+#define Q8_COLS 4
+#if defined(KERNELS_AVX512) && defined(__AVX512VNNI__)
+#define KERNELS_Q8_PANELS 1
+void panels_q8_avx512(float *out, const int8_t *p0, const int8_t *p1, const QVector xq[], int nc, int n, int gs);
+#endif
+
+// Attention's products over rows of fp32 or fp16 values (matmul.h's dot_rows and add_weighted_rows):
+// scalar for any width n, SIMD for n a multiple of 8 (x86; fp16 rows need F16C's conversions) or 4
+// (NEON). Row t starts `stride` values after row t - 1.
 #if defined(KERNELS_AVX2) && defined(__F16C__)
 #define KERNELS_F16_X86 1
-void dot_rows_f16_avx2(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
-void add_weighted_rows_f16_avx2(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+#else
+#define KERNELS_F16_X86 0
+#endif
+float f16_value(uint16_t h);
+uint16_t f16_from(float x);
+void dot_rows_scalar(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type);
+void add_weighted_rows_scalar(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                              KVType type);
+#if defined(KERNELS_AVX2)
+void dot_rows_avx2(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type);
+void add_weighted_rows_avx2(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                            KVType type);
 #endif
 #if defined(KERNELS_NEON)
-void dot_rows_f16_neon(float *out, const float *x, const uint16_t *rows, int n_rows, int n);
-void add_weighted_rows_f16_neon(float *out, const float *a, const uint16_t *rows, int n_rows, int n);
+void dot_rows_neon(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type);
+void add_weighted_rows_neon(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                            KVType type);
 #endif
 
 // Software prefetch distance of the SIMD kernels, in rows (two blocks ahead): the hardware

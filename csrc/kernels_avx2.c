@@ -129,23 +129,27 @@ void rows_q8_avx2(float *out, const int8_t *const wq[ROWS], const float *const w
     if (j < n) rows_q8_tail(out, wq, ws, xq, j, n, gs); // < 32 values left: whole groups
 }
 
-#ifdef KERNELS_F16_X86
-static inline __m256 load_f16(const uint16_t *h) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+// values j..j+7 of rows of fp32 or fp16
+static inline __m256 load_row(const void *rows, size_t at, KVType type) {
+#ifdef __F16C__
+    if (type == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)rows + at)));
+#endif
+    (void)type; // (without F16C, matmul.c sends fp16 rows to the portable kernel)
+    return _mm256_loadu_ps((const float *)rows + at);
 }
 
-void dot_rows_f16_avx2(float *out, const float *x, const uint16_t *rows, int n_rows, int n) {
+void dot_rows_avx2(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type) {
     // four rows at a time, reduced together by hsum4; a short last block repeats its last row
     for (int t0 = 0; t0 < n_rows; t0 += ROWS) {
-        const uint16_t *row[ROWS];
+        size_t row[ROWS];
         __m256 acc[ROWS];
         for (int r = 0; r < ROWS; r++) {
-            row[r] = rows + (size_t)(t0 + r < n_rows ? t0 + r : n_rows - 1) * n;
+            row[r] = (size_t)(t0 + r < n_rows ? t0 + r : n_rows - 1) * stride;
             acc[r] = _mm256_setzero_ps();
         }
         for (int j = 0; j < n; j += 8) {
             __m256 xv = _mm256_loadu_ps(x + j);
-            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_fmadd_ps(xv, load_f16(row[r] + j), acc[r]);
+            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_fmadd_ps(xv, load_row(rows, row[r] + j, type), acc[r]);
         }
         float sums[ROWS];
         hsum4(sums, acc);
@@ -153,14 +157,28 @@ void dot_rows_f16_avx2(float *out, const float *x, const uint16_t *rows, int n_r
     }
 }
 
-void add_weighted_rows_f16_avx2(float *out, const float *a, const uint16_t *rows, int n_rows, int n) {
+// out[0..8k) += the weighted sum of the rows' values j0..j0+8k, k (a constant once inlined) sums in
+// registers across the rows: k independent chains of FMAs, each value's terms still added in row order
+static inline __attribute__((always_inline)) void add_weighted_block(float *out, const float *a, const void *rows,
+                                                                     size_t j0, int k, int n_rows, int stride,
+                                                                     KVType type) {
+    __m256 acc[4];
+    for (int c = 0; c < k; c++) acc[c] = _mm256_loadu_ps(out + 8 * c);
     for (int t = 0; t < n_rows; t++) {
         const __m256 at = _mm256_set1_ps(a[t]);
-        const uint16_t *row = rows + (size_t)t * n;
-        for (int j = 0; j < n; j += 8) {
-            _mm256_storeu_ps(out + j, _mm256_fmadd_ps(at, load_f16(row + j), _mm256_loadu_ps(out + j)));
+        for (int c = 0; c < k; c++) {
+            acc[c] = _mm256_fmadd_ps(at, load_row(rows, (size_t)t * stride + j0 + 8 * c, type), acc[c]);
         }
     }
+    for (int c = 0; c < k; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
 }
-#endif
+
+void add_weighted_rows_avx2(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                            KVType type) {
+    int j = 0;
+    for (; j + 32 <= n; j += 32) add_weighted_block(out + j, a, rows, j, 4, n_rows, stride, type);
+    for (; j + 16 <= n; j += 16) add_weighted_block(out + j, a, rows, j, 2, n_rows, stride, type);
+    for (; j < n; j += 8) add_weighted_block(out + j, a, rows, j, 1, n_rows, stride, type);
+}
+
 #endif

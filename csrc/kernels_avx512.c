@@ -3,6 +3,7 @@
 
 #ifdef KERNELS_AVX512
 #include <immintrin.h>
+#include <string.h>
 
 void rows_f32_avx512(float *out, const float *const w[ROWS], const float *x, int n) {
     __m512 acc[ROWS];
@@ -88,4 +89,49 @@ void rows_q8_avx512(float *out, const int8_t *const wq[ROWS], const float *const
     }
     for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
+
+#ifdef KERNELS_Q8_PANELS
+// panels_q8_avx512 for a constant nc (once inlined)
+static inline __attribute__((always_inline)) void q8_panels_block(float *out, const int8_t *p0, const int8_t *p1,
+                                                                  const QVector xq[], int nc, int n, int gs) {
+    const size_t block = 16 * (size_t)gs + 128; // a group of 16 rows: values, sums, scales
+    __m512 acc0[Q8_COLS], acc1[Q8_COLS];
+    for (int c = 0; c < nc; c++) acc0[c] = acc1[c] = _mm512_setzero_ps();
+    for (int g = 0; g < n / gs; g++) {
+        const int8_t *b0 = p0 + g * block, *b1 = p1 + g * block;
+        __m512i d0[Q8_COLS], d1[Q8_COLS];
+        for (int c = 0; c < nc; c++) d0[c] = d1[c] = _mm512_setzero_si512();
+        for (int k = 0; k < gs; k += 4) {
+            const __m512i w0 = _mm512_loadu_si512(b0 + 16 * k), w1 = _mm512_loadu_si512(b1 + 16 * k);
+            for (int c = 0; c < nc; c++) {
+                int32_t x4;
+                memcpy(&x4, xq[c].q + g * gs + k, sizeof(x4));
+                const __m512i xu = _mm512_set1_epi32(x4 ^ (int32_t)0x80808080); // x + 128, 4 bytes a lane
+                d0[c] = _mm512_dpbusd_epi32(d0[c], xu, w0);
+                d1[c] = _mm512_dpbusd_epi32(d1[c], xu, w1);
+            }
+        }
+        const __m512i sum0 = _mm512_loadu_si512(b0 + 16 * gs), sum1 = _mm512_loadu_si512(b1 + 16 * gs);
+        const __m512 ws0 = _mm512_loadu_ps(b0 + 16 * gs + 64), ws1 = _mm512_loadu_ps(b1 + 16 * gs + 64);
+        for (int c = 0; c < nc; c++) {
+            const __m512 xs = _mm512_set1_ps(xq[c].s[g]);
+            acc0[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d0[c], sum0)), _mm512_mul_ps(ws0, xs), acc0[c]);
+            acc1[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d1[c], sum1)), _mm512_mul_ps(ws1, xs), acc1[c]);
+        }
+    }
+    for (int c = 0; c < nc; c++) {
+        _mm512_storeu_ps(out + c * 32, acc0[c]);
+        _mm512_storeu_ps(out + c * 32 + 16, acc1[c]);
+    }
+}
+
+void panels_q8_avx512(float *out, const int8_t *p0, const int8_t *p1, const QVector xq[], int nc, int n, int gs) {
+    switch (nc) { // (constant column counts keep the sums in registers)
+    case 4: q8_panels_block(out, p0, p1, xq, 4, n, gs); break;
+    case 3: q8_panels_block(out, p0, p1, xq, 3, n, gs); break;
+    case 2: q8_panels_block(out, p0, p1, xq, 2, n, gs); break;
+    default: q8_panels_block(out, p0, p1, xq, 1, n, gs);
+    }
+}
+#endif
 #endif

@@ -83,25 +83,26 @@ void rows_q8_neon(float *out, const int8_t *const wq[ROWS], const float *const w
     if (j < n) rows_q8_tail(out, wq, ws, xq, j, n, gs); // < 16 values left: whole groups
 }
 
-static inline float32x4_t load_f16(const uint16_t *h) {
-    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+// values j..j+3 of rows of fp32 or fp16
+static inline float32x4_t load_row(const void *rows, size_t at, KVType type) {
+    if (type == KV_F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)rows + at)));
+    return vld1q_f32((const float *)rows + at);
 }
 
-void dot_rows_f16_neon(float *out, const float *x, const uint16_t *rows, int n_rows, int n) {
+void dot_rows_neon(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type) {
     for (int t = 0; t < n_rows; t++) {
-        const uint16_t *row = rows + (size_t)t * n;
         float32x4_t acc = vdupq_n_f32(0.0f);
-        for (int j = 0; j < n; j += 4) acc = vfmaq_f32(acc, vld1q_f32(x + j), load_f16(row + j));
+        for (int j = 0; j < n; j += 4) acc = vfmaq_f32(acc, vld1q_f32(x + j), load_row(rows, (size_t)t * stride + j, type));
         out[t] = vaddvq_f32(acc);
     }
 }
 
-void add_weighted_rows_f16_neon(float *out, const float *a, const uint16_t *rows, int n_rows, int n) {
-    for (int t = 0; t < n_rows; t++) {
-        const uint16_t *row = rows + (size_t)t * n;
-        for (int j = 0; j < n; j += 4) {
-            vst1q_f32(out + j, vfmaq_n_f32(vld1q_f32(out + j), load_f16(row + j), a[t]));
-        }
+void add_weighted_rows_neon(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                            KVType type) {
+    for (int j = 0; j < n; j += 4) { // each 4 values of out in a register across the rows
+        float32x4_t acc = vld1q_f32(out + j);
+        for (int t = 0; t < n_rows; t++) acc = vfmaq_n_f32(acc, load_row(rows, (size_t)t * stride + j, type), a[t]);
+        vst1q_f32(out + j, acc);
     }
 }
 #endif

@@ -11,6 +11,43 @@ void rows_f32_scalar(float *out, const float *const w[ROWS], const float *x, int
     }
 }
 
+typedef float Panel __attribute__((vector_size(PANEL * sizeof(float)))); // PANEL rows' values
+
+static inline Panel load_panel(const float *p) {
+    Panel v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+// panels_f32 for a constant nc (once inlined): 2 * nc sums in registers
+static inline __attribute__((always_inline)) void panels_block(float *out, const float *p0, const float *p1,
+                                                               const float *const x[], int nc, int n) {
+    Panel a0[PANEL_COLS], a1[PANEL_COLS];
+    for (int c = 0; c < nc; c++) a0[c] = a1[c] = (Panel){0};
+    for (int j = 0; j < n; j++) {
+        const Panel w0 = load_panel(p0 + (size_t)j * PANEL), w1 = load_panel(p1 + (size_t)j * PANEL);
+        for (int c = 0; c < nc; c++) {
+            a0[c] += w0 * x[c][j]; // (an FMA where the target has them)
+            a1[c] += w1 * x[c][j];
+        }
+    }
+    for (int c = 0; c < nc; c++) {
+        memcpy(out + c * 2 * PANEL, &a0[c], sizeof(Panel));
+        memcpy(out + c * 2 * PANEL + PANEL, &a1[c], sizeof(Panel));
+    }
+}
+
+void panels_f32(float *out, const float *p0, const float *p1, const float *const x[], int nc, int n) {
+    switch (nc) { // (constant column counts keep the sums in registers)
+    case 6: panels_block(out, p0, p1, x, 6, n); break;
+    case 5: panels_block(out, p0, p1, x, 5, n); break;
+    case 4: panels_block(out, p0, p1, x, 4, n); break;
+    case 3: panels_block(out, p0, p1, x, 3, n); break;
+    case 2: panels_block(out, p0, p1, x, 2, n); break;
+    default: panels_block(out, p0, p1, x, 1, n);
+    }
+}
+
 void rows_q8_tail(float *out, const int8_t *const wq[ROWS], const float *const ws[ROWS],
                   const QVector *xq, int j, int n, int gs) {
     for (int r = 0; r < ROWS; r++) {
@@ -69,16 +106,22 @@ uint16_t f16_from(float x) {
     return sign | (uint16_t)(units + (rest > half || (rest == half && (units & 1))));
 }
 
-void dot_rows_f16_scalar(float *out, const float *x, const uint16_t *rows, int n_rows, int n) {
+// row t's value j as fp32
+static inline float row_value(const void *rows, size_t at, KVType type) {
+    return type == KV_F16 ? f16_value(((const uint16_t *)rows)[at]) : ((const float *)rows)[at];
+}
+
+void dot_rows_scalar(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type) {
     for (int t = 0; t < n_rows; t++) {
         float sum = 0.0f;
-        for (int j = 0; j < n; j++) sum += x[j] * f16_value(rows[(size_t)t * n + j]);
+        for (int j = 0; j < n; j++) sum += x[j] * row_value(rows, (size_t)t * stride + j, type);
         out[t] = sum;
     }
 }
 
-void add_weighted_rows_f16_scalar(float *out, const float *a, const uint16_t *rows, int n_rows, int n) {
+void add_weighted_rows_scalar(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
+                              KVType type) {
     for (int t = 0; t < n_rows; t++) {
-        for (int j = 0; j < n; j++) out[j] += a[t] * f16_value(rows[(size_t)t * n + j]);
+        for (int j = 0; j < n; j++) out[j] += a[t] * row_value(rows, (size_t)t * stride + j, type);
     }
 }

@@ -115,3 +115,38 @@ int sampler_sample(Sampler *s, float *logits) {
     if (s->topp <= 0.0f || s->topp >= 1.0f) return sample_mult(logits, s->vocab_size, coin);
     return sample_topp(logits, s->vocab_size, s->topp, s->probindex, coin);
 }
+
+// ----------------------------------------------------------------------------
+// batched generation and scoring
+
+// The largest of z = logits / temperature, and the sum of exp(z - max), each term written to terms (n,)
+static float tempered_sum(const float *logits, int n, float temperature, float *max, float *terms) {
+    *max = max_of(logits, n) / temperature; // (the largest of logits / temperature: dividing keeps order)
+    return exp_sum(terms, logits, n, temperature, *max);
+}
+
+float token_logprob(const float *logits, int n, float temperature, int token, float *probs) {
+    float m, sum = tempered_sum(logits, n, temperature, &m, probs);
+    return (logits[token] / temperature - m) - logf(sum);
+}
+
+int sample_logprob(const float *logits, int n, float temperature, unsigned long long *rng,
+                   float *probs, float *logprob) {
+    if (temperature == 0.0f) {
+        *logprob = 0.0f;
+        return sample_argmax(logits, n);
+    }
+    float m, sum = tempered_sum(logits, n, temperature, &m, probs);
+    // the first token whose cumulative mass passes coin * sum; rounding can leave the coin past
+    // the last, which then goes to the last token of nonzero probability
+    const float target = random_f32(rng) * sum;
+    float cdf = 0.0f;
+    int token = 0;
+    for (int i = 0; i < n; i++) {
+        if (probs[i] > 0.0f) token = i;
+        cdf += probs[i];
+        if (target < cdf) break;
+    }
+    *logprob = (logits[token] / temperature - m) - logf(sum);
+    return token;
+}

@@ -24,4 +24,15 @@ void sampler_free(Sampler *s);
 // Samples a token id from logits (vocab_size,), which it overwrites with probabilities.
 int sampler_sample(Sampler *s, float *logits);
 
+// Batched generation's draw, llama2.c's without top-p, from logits (n,): at temperature 0 the first
+// largest logit (NaN never wins), else inverse-CDF sampling of softmax(logits / temperature) with one
+// coin from the xorshift state *rng. probs (n,) is scratch. Writes the token's log-probability under
+// that distribution to *logprob, as token_logprob computes it (0 at temperature 0: all the mass is
+// on the first maximum).
+int sample_logprob(const float *logits, int n, float temperature, unsigned long long *rng,
+                   float *probs, float *logprob);
+// log softmax(logits / temperature)[token] for logits (n,), temperature > 0, as PyTorch computes it:
+// z[token] - max(z) - log(sum(exp(z - max(z)))), z = logits / temperature; probs (n,) is scratch
+float token_logprob(const float *logits, int n, float temperature, int token, float *probs);
+
 #endif

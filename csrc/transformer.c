@@ -9,6 +9,7 @@
 #else // make run and runfast: one thread
 static int omp_get_max_threads(void) { return 1; }
 static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
 #endif
 #include <stdlib.h>
 #include <string.h>
@@ -16,66 +17,155 @@ static int omp_get_thread_num(void) { return 0; }
 // ----------------------------------------------------------------------------
 // run state
 
+// Rows a thread from which the threads of a forward share out its rows rather than each matmul's
+// rows of W (see the forward below): from there W-sharing's small steps, which every thread runs for
+// every row (SwiGLU's exponentials too), cost more than reading all of W on each thread, and rows
+// need no barriers. Measured on a shared, busy 2-core Zen 4: at B = 8, row-sharing took a third of
+// W-sharing's time; at B = 64 the two were within the machine's noise. `make lib CC="cc
+// -DSHARE_ROWS=1000"` keeps W-sharing, to measure again.
+#ifndef SHARE_ROWS
+#define SHARE_ROWS 2
+#endif
+
+static void free_rows(RowState *r) {
+    void *buffers[] = {r->x, r->xb, r->xh, r->xq.q, r->xq.s, r->xqh.q, r->xqh.s};
+    for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
+}
+
 static void free_run_state(RunState *s) {
-    void *buffers[] = {s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->att, s->logits,
+    void *buffers[] = {s->att, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->logits, s->first,
                        s->rope, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]);
-    for (int i = 0; s->threads && i < s->n_threads; i++) {
-        free(s->threads[i].x);
-        free(s->threads[i].xb);
-        free(s->threads[i].xq.q);
-        free(s->threads[i].xq.s);
-    }
+    for (int i = 0; s->threads && i < s->n_threads; i++) free_rows(&s->threads[i]);
     free(s->threads);
+    free_rows(&s->shared);
     memset(s, 0, sizeof(*s));
 }
 
 // bytes of an element of a KV cache of `type`
 static size_t kv_size(KVType type) { return type == KV_F16 ? sizeof(uint16_t) : sizeof(float); }
 
-static int malloc_run_state(RunState *s, const Config *p, int group_size, KVType kv_type) {
-    const size_t kv_dim = (size_t)p->dim * p->n_kv_heads / p->n_heads;
-    const size_t cache = (size_t)p->n_layers * p->seq_len * kv_dim;
-    const size_t max_n = p->dim > p->hidden_dim ? p->dim : p->hidden_dim;
+static size_t cache_size(const Config *p, int n_slots) {
+    return (size_t)n_slots * p->n_layers * p->seq_len * (p->dim / p->n_heads * p->n_kv_heads);
+}
+
+// (each width has a buffer of its own: with the threads sharing out the rows, one thread may write
+// its rows of xh while another still reads its rows of xb)
+static int malloc_rows(RowState *r, size_t rows, const Config *p, int group_size) {
+    r->x = calloc(rows * p->dim, sizeof(float));
+    r->xb = calloc(rows * p->dim, sizeof(float));
+    r->xh = calloc(rows * p->hidden_dim, sizeof(float));
+    if (group_size > 0) {
+        r->xq = (QVector){calloc(rows * p->dim, 1), calloc(rows * p->dim / group_size, sizeof(float))};
+        r->xqh = (QVector){calloc(rows * p->hidden_dim, 1), calloc(rows * p->hidden_dim / group_size, sizeof(float))};
+        if (!r->xq.q || !r->xq.s || !r->xqh.q || !r->xqh.s) return -1;
+    }
+    return r->x && r->xb && r->xh ? 0 : -1;
+}
+
+static int malloc_run_state(RunState *s, const Config *p, int group_size, KVType kv_type,
+                            int n_slots, int max_rows) {
+    const size_t kv_dim = (size_t)p->dim * p->n_kv_heads / p->n_heads, head_size = p->dim / p->n_heads;
+    const size_t rows = max_rows;
     memset(s, 0, sizeof(*s));
-    s->xb = calloc(p->dim, sizeof(float));
-    s->xb2 = calloc(p->dim, sizeof(float));
-    s->hb = calloc(p->hidden_dim, sizeof(float));
-    s->hb2 = calloc(p->hidden_dim, sizeof(float));
-    s->q = calloc(p->dim, sizeof(float));
-    s->k = calloc(kv_dim, sizeof(float));
-    s->v = calloc(kv_dim, sizeof(float));
-    s->att = calloc((size_t)p->n_heads * p->seq_len, sizeof(float));
-    s->logits = calloc(p->vocab_size, sizeof(float));
-    s->rope = calloc(p->dim / p->n_heads, sizeof(float));
-    s->kv_type = kv_type;
-    s->key_cache = calloc(cache, kv_size(kv_type));
-    s->value_cache = calloc(cache, kv_size(kv_type));
+    s->n_slots = n_slots;
+    s->max_rows = max_rows;
     s->n_threads = omp_get_max_threads();
-    s->threads = calloc(s->n_threads, sizeof(ThreadState));
-    int ok = s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->v && s->att && s->logits &&
-             s->rope && s->key_cache && s->value_cache && s->threads;
-    for (int i = 0; ok && i < s->n_threads; i++) {
-        ThreadState *ts = &s->threads[i];
-        ts->x = calloc(p->dim, sizeof(float));
-        ts->xb = calloc(max_n, sizeof(float));
-        ok = ts->x && ts->xb;
-        if (group_size > 0) {
-            ts->xq.q = calloc(max_n, sizeof(int8_t));
-            ts->xq.s = calloc(max_n / group_size, sizeof(float));
-            ok = ok && ts->xq.q && ts->xq.s;
+    s->att = calloc((size_t)s->n_threads * p->seq_len, sizeof(float));
+    s->xb = calloc(rows * p->dim, sizeof(float));
+    s->xb2 = calloc(rows * p->dim, sizeof(float));
+    s->hb = calloc(rows * p->hidden_dim, sizeof(float));
+    s->hb2 = calloc(rows * p->hidden_dim, sizeof(float));
+    s->q = calloc(rows * p->dim, sizeof(float));
+    s->k = calloc(p->n_layers * rows * kv_dim, sizeof(float));
+    s->v = calloc(p->n_layers * rows * kv_dim, sizeof(float));
+    s->logits = calloc(rows * p->vocab_size, sizeof(float));
+    s->first = calloc(rows, sizeof(int));
+    s->rope = calloc((size_t)p->seq_len * head_size, sizeof(float));
+    s->kv_type = kv_type;
+    s->key_cache = calloc(cache_size(p, n_slots), kv_size(kv_type));
+    s->value_cache = calloc(cache_size(p, n_slots), kv_size(kv_type));
+    s->threads = calloc(s->n_threads, sizeof(RowState));
+    int ok = s->att && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->v && s->logits &&
+             s->first && s->rope && s->key_cache && s->value_cache && s->threads &&
+             malloc_rows(&s->shared, rows, p, group_size) == 0;
+    // a thread's own copy serves forwards of fewer than SHARE_ROWS rows a thread
+    const size_t few = (size_t)SHARE_ROWS * s->n_threads - 1, own = rows < few ? rows : few;
+    for (int i = 0; ok && i < s->n_threads; i++) ok = malloc_rows(&s->threads[i], own, p, group_size) == 0;
+    if (!ok) {
+        free_run_state(s);
+        return -1;
+    }
+    for (int pos = 0; pos < p->seq_len; pos++) rope_table(s->rope + pos * head_size, pos, head_size);
+    return 0;
+}
+
+// every fp32 matrix of the forward (the classifier too, shared or not) with its shape (d, n)
+static void matrices(Checkpoint *c, Matrix **m, int *n, int *d) {
+    const Config *p = &c->config;
+    const int kv_dim = p->dim * p->n_kv_heads / p->n_heads;
+    int k = 0;
+    for (int l = 0; l < p->n_layers; l++) {
+        Layer *L = &c->layers[l];
+        Matrix *list[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w2, &L->w3};
+        const int rows[7] = {p->dim, kv_dim, kv_dim, p->dim, p->hidden_dim, p->dim, p->hidden_dim};
+        for (int i = 0; i < 7; i++, k++) {
+            m[k] = list[i], d[k] = rows[i], n[k] = i == 5 ? p->hidden_dim : p->dim;
         }
     }
-    if (!ok) free_run_state(s);
-    return ok ? 0 : -1;
+    m[k] = &c->wcls, d[k] = p->vocab_size, n[k] = p->dim;
+}
+
+int transformer_pack(Transformer *t, char *err) {
+    const int gs = t->ckpt.group_size, count = 7 * t->ckpt.config.n_layers + 1;
+    Matrix **m = malloc(count * sizeof(Matrix *));
+    int *n = malloc(count * sizeof(int)), *d = malloc(count * sizeof(int));
+    if (!m || !n || !d) {
+        free(m), free(n), free(d);
+        return fail(err, "out of memory");
+    }
+    matrices(&t->ckpt, m, n, d);
+    size_t size = 0;
+    for (int i = 0; i < count; i++) size += panels_size(n[i], d[i], gs);
+    if (size > 0 && !t->panels) t->panels = malloc(size);
+    if (size > 0 && !t->panels) {
+        free(m), free(n), free(d);
+        return fail(err, "out of memory for the packed weights (%.0f MB)", size / 1e6);
+    }
+    char *at = t->panels;
+    for (int i = 0; size > 0 && i < count; i++) { // (size 0: this build packs no such weights)
+        pack_panels(at, m[i], n[i], d[i], gs);
+        m[i]->panels = at;
+        at += panels_size(n[i], d[i], gs);
+    }
+    free(m), free(n), free(d);
+    return 0;
+}
+
+int transformer_reserve(Transformer *t, int n_slots, int max_rows, char *err) {
+    const Config *p = &t->ckpt.config;
+    RunState *s = &t->state;
+    if (n_slots < 1 || max_rows < n_slots) {
+        return fail(err, "need at least one slot and as many rows (got %d slots, %d rows)", n_slots, max_rows);
+    }
+    if (s->n_slots >= n_slots && s->max_rows >= max_rows) return 0;
+    if (s->n_slots > n_slots) n_slots = s->n_slots; // never shrink what a caller had
+    if (s->max_rows > max_rows) max_rows = s->max_rows;
+    RunState bigger;
+    if (malloc_run_state(&bigger, p, t->ckpt.group_size, s->kv_type, n_slots, max_rows) != 0) {
+        double mb = 2.0 * cache_size(p, n_slots) * kv_size(s->kv_type) / 1e6;
+        return fail(err, "out of memory for %d sequences' run state (KV caches %.0f MB)", n_slots, mb);
+    }
+    free_run_state(s);
+    *s = bigger;
+    return max_rows > 1 && !t->panels ? transformer_pack(t, err) : 0;
 }
 
 int transformer_init(Transformer *t, const char *name, KVType kv_type, char *err) {
     const Config *p = &t->ckpt.config;
     if (kv_type != KV_F32 && kv_type != KV_F16) return fail(err, "unknown KV cache type %d", (int)kv_type);
-    if (malloc_run_state(&t->state, p, t->ckpt.group_size, kv_type) != 0) {
-        double mb = 2.0 * p->n_layers * p->seq_len * p->dim * p->n_kv_heads / p->n_heads *
-                    kv_size(kv_type) / 1e6;
+    if (malloc_run_state(&t->state, p, t->ckpt.group_size, kv_type, 1, 1) != 0) {
+        double mb = 2.0 * cache_size(p, 1) * kv_size(kv_type) / 1e6;
         return fail(err, "%s: out of memory for the run state (KV cache %.0f MB)", name, mb);
     }
     return 0;
@@ -94,13 +184,14 @@ int transformer_open(Transformer *t, const char *path, KVType kv_type, char *err
 void transformer_close(Transformer *t) {
     free_run_state(&t->state);
     checkpoint_close(&t->ckpt);
+    free(t->panels);
+    t->panels = NULL;
 }
 
 void transformer_reset(Transformer *t) {
-    const Config *p = &t->ckpt.config;
-    size_t cache = (size_t)p->n_layers * p->seq_len * (p->dim * p->n_kv_heads / p->n_heads);
-    memset(t->state.key_cache, 0, cache * kv_size(t->state.kv_type));
-    memset(t->state.value_cache, 0, cache * kv_size(t->state.kv_type));
+    const size_t cache = cache_size(&t->ckpt.config, t->state.n_slots) * kv_size(t->state.kv_type);
+    memset(t->state.key_cache, 0, cache);
+    memset(t->state.value_cache, 0, cache);
 }
 
 // ----------------------------------------------------------------------------
@@ -116,6 +207,20 @@ static void embed(float *x, const Matrix *table, int token, int dim, int group_s
     for (int i = 0; i < dim; i++) x[i] = q[i] * s[i / group_size];
 }
 
+// rows i.. of a batch of quantised rows of n values (none for fp32 weights)
+static QVector q8_rows(const QVector *xq, int i, int n, int group_size) {
+    if (!group_size) return (QVector){NULL, NULL};
+    return (QVector){xq->q + (size_t)i * n, xq->s + (size_t)i * (n / group_size)};
+}
+
+// rows [r0, r1) of x (rows, n) quantised into xq, for Q8_0 weights
+static void quantize_rows(QVector *xq, const float *x, int r0, int r1, int n, int group_size) {
+    for (int i = r0; group_size && i < r1; i++) {
+        QVector row = q8_rows(xq, i, n, group_size);
+        quantize_q8(&row, x + (size_t)i * n, n, group_size);
+    }
+}
+
 // x (n,) into a row of a cache of `type`
 static void cache_store(char *row, const float *x, int n, KVType type) {
     if (type == KV_F16) {
@@ -125,104 +230,191 @@ static void cache_store(char *row, const float *x, int n, KVType type) {
     }
 }
 
-// Attention of query head h of s->q over positions 0..pos of layer l; writes the head's output to
-// its part of s->xb. Positions before pos come from the cache, pos itself from s->k and s->v
-// (fp32 whatever the cache's type), which the first query head of each kv head then stores in the
-// cache: the other heads read only earlier positions there, so no thread waits for that write.
-static void attention_head(RunState *s, const Config *p, int l, int pos, int h) {
+// Attention of query head h of row i (position pos of the sequence in `slot`) over positions
+// 0..pos of layer l; writes the head's output to its part of row i of s->xb. The positions before
+// this forward's first row of the sequence (p0) come from the cache, those from p0 on from the
+// forward's own keys and values (fp32 whatever the cache's type), which the first query head of each
+// kv head then stores in the cache: no head reads a position of the cache that this forward writes,
+// so no thread waits for that write.
+static void attention_head(RunState *s, const Config *p, int l, int i, int pos, int slot, int h,
+                           float *att) {
     const int head_size = p->dim / p->n_heads;
+    const int kv_dim = p->dim * p->n_kv_heads / p->n_heads;
     const int kv_mul = p->n_heads / p->n_kv_heads; // query heads per kv head (GQA)
     const int kv_head = h / kv_mul;
     const float scale = 1.0f / sqrtf(head_size);
     const KVType type = s->kv_type;
-    const size_t cache_offset = ((size_t)l * p->n_kv_heads + kv_head) * p->seq_len * head_size;
+    const size_t cache_offset =
+        (((size_t)slot * p->n_layers + l) * p->n_kv_heads + kv_head) * p->seq_len * head_size;
     char *k = (char *)s->key_cache + cache_offset * kv_size(type);
     char *v = (char *)s->value_cache + cache_offset * kv_size(type);
-    const float *k_pos = s->k + kv_head * head_size, *v_pos = s->v + kv_head * head_size;
-    const float *q = s->q + h * head_size;
-    float *att = s->att + (size_t)h * p->seq_len;
-    dot_rows(att, q, k, pos, head_size, type);
-    dot_rows(att + pos, q, k_pos, 1, head_size, KV_F32);
+    const int first = s->first[i], p0 = pos - (i - first);
+    const size_t own = ((size_t)l * s->max_rows + first) * kv_dim + kv_head * head_size;
+    const float *k_own = s->k + own, *v_own = s->v + own; // rows first..i: positions p0..pos
+    const float *q = s->q + (size_t)i * p->dim + h * head_size;
+    dot_rows(att, q, k, p0, head_size, head_size, type);
+    dot_rows(att + p0, q, k_own, pos - p0 + 1, head_size, kv_dim, KV_F32);
     for (int t = 0; t <= pos; t++) att[t] *= scale;
     softmax(att, pos + 1);
-    float *xb = s->xb + h * head_size;
+    float *xb = s->xb + (size_t)i * p->dim + h * head_size;
     memset(xb, 0, head_size * sizeof(float));
-    add_weighted_rows(xb, att, v, pos, head_size, type);
-    add_weighted_rows(xb, att + pos, v_pos, 1, head_size, KV_F32);
+    add_weighted_rows(xb, att, v, p0, head_size, head_size, type);
+    add_weighted_rows(xb, att + p0, v_own, pos - p0 + 1, head_size, kv_dim, KV_F32);
     if (h % kv_mul == 0) {
-        const size_t row = (size_t)pos * head_size * kv_size(type);
-        cache_store(k + row, k_pos, head_size, type);
-        cache_store(v + row, v_pos, head_size, type);
+        const size_t row = (size_t)pos * head_size * kv_size(type), at = (size_t)(i - first) * kv_dim;
+        cache_store(k + row, k_own + at, head_size, type);
+        cache_store(v + row, v_own + at, head_size, type);
     }
 }
 
-// The residual connection, then the next matmul's input: x += delta; xb = rmsnorm(x), and xq
-// its quantised form for Q8_0 weights
-static void residual_norm(ThreadState *ts, const float *delta, const float *weight, int dim,
-                          int group_size) {
-    for (int i = 0; i < dim; i++) ts->x[i] += delta[i];
-    rmsnorm(ts->xb, ts->x, weight, dim);
-    if (group_size) quantize_q8(&ts->xq, ts->xb, dim, group_size);
+// The residual connection, then the next matmul's input, for rows [r0, r1): x += delta;
+// xb = rmsnorm(x), and xq its quantised form for Q8_0 weights
+static void residual_norm(RowState *rs, int r0, int r1, const float *delta, const float *weight,
+                          int dim, int group_size) {
+    for (int i = r0; i < r1; i++) {
+        float *x = rs->x + (size_t)i * dim;
+        for (int j = 0; j < dim; j++) x[j] += delta[(size_t)i * dim + j];
+        rmsnorm(rs->xb + (size_t)i * dim, x, weight, dim);
+    }
+    quantize_rows(&rs->xq, rs->xb, r0, r1, dim, group_size);
+}
+
+// 0 if the rows are in range and each sequence's rows follow each other at consecutive positions
+static int check_rows(const RunState *s, const Config *p, const int *tokens, const int *pos,
+                      const int *slots, int n) {
+    if (n < 1 || n > s->max_rows) return -1;
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= p->vocab_size || pos[i] < 0 || pos[i] >= p->seq_len ||
+            slots[i] < 0 || slots[i] >= s->n_slots) {
+            return -1;
+        }
+        if (i > 0 && slots[i] == slots[i - 1]) {
+            if (pos[i] != pos[i - 1] + 1) return -1;
+            continue;
+        }
+        for (int j = 0; j < i; j++) {
+            if (slots[j] == slots[i]) return -1; // a second run of the same sequence
+        }
+    }
+    return 0;
 }
 
 // ----------------------------------------------------------------------------
 // forward
 //
-// One OpenMP parallel region for the whole token: the threads share out the rows of each matmul
-// (matmul.c's `omp for nowait`) and the attention heads, and meet at a barrier before whatever
-// reads the results: five barriers a layer. The small steps between matmuls (residual, RMSNorm,
-// SwiGLU, quantising) run on every thread, each into its own ThreadState, rather than on one
-// thread while the others wait at two more barriers; RoPE runs inside the q and k matmuls. A
-// region per matmul, as before, cost a fork and a join each, about 30 a token, and kept the
-// threads off models below 15M; with barriers instead, threads pay at every size.
+// One OpenMP parallel region for the whole forward. With fewer than SHARE_ROWS rows a thread (a
+// single token: ./run), the threads share out the rows of each matmul and the attention heads, and meet at
+// a barrier before whatever reads the results: five barriers a layer. The small steps between
+// matmuls (residual, RMSNorm, SwiGLU, quantising) run on every thread, each into its own RowState,
+// rather than on one thread while the others wait at two more barriers; RoPE runs inside the q and k
+// matmuls. A region per matmul, as before, cost a fork and a join each, about 30 a token, and kept
+// the threads off models below 15M. With more rows (a batch), the threads share out the rows
+// instead and each runs the whole forward on its own, reading all of W: no barrier at all, but for
+// one a layer when a sequence has several rows (its later rows' attention reads the keys and values
+// of its earlier ones, which may be another thread's). Either way each product is computed the
+// same way (matmul.h), so a row's results do not depend on the rows beside it.
 
-float *transformer_forward(Transformer *t, int token, int pos) {
+float *transformer_forward_rows(Transformer *t, const int *tokens, const int *pos, const int *slots,
+                                int n, int logits) {
     const Config *p = &t->ckpt.config;
-    if (token < 0 || token >= p->vocab_size || pos < 0 || pos >= p->seq_len) return NULL;
-    const Checkpoint *w = &t->ckpt;
     RunState *s = &t->state;
+    if (check_rows(s, p, tokens, pos, slots, n) != 0) return NULL;
+    const Checkpoint *w = &t->ckpt;
     const int dim = p->dim, hidden_dim = p->hidden_dim, gs = w->group_size;
     const int head_size = dim / p->n_heads;
     const int kv_dim = dim * p->n_kv_heads / p->n_heads;
-    rope_table(s->rope, pos, head_size);
-
+    int several = 0; // whether a sequence has several rows
+    for (int i = 0; i < n; i++) {
+        s->first[i] = i > 0 && slots[i] == slots[i - 1] ? s->first[i - 1] : i;
+        several |= s->first[i] != i;
+    }
     // (no more threads than the state has room for; fewer if the caller has asked for fewer since)
-#pragma omp parallel num_threads(omp_get_max_threads() < s->n_threads ? omp_get_max_threads() : s->n_threads)
+    const int n_threads = omp_get_max_threads() < s->n_threads ? omp_get_max_threads() : s->n_threads;
+    const int share_rows = n >= SHARE_ROWS * n_threads;
+    s->hidden = share_rows ? s->shared.xb : s->threads[0].xb;
+
+#pragma omp parallel num_threads(n_threads)
     {
-        ThreadState *ts = &s->threads[omp_get_thread_num()];
-        embed(ts->x, &w->tok_embeddings, token, dim, gs);
-        rmsnorm(ts->xb, ts->x, w->layers[0].rms_att, dim);
-        if (gs) quantize_q8(&ts->xq, ts->xb, dim, gs);
+        const int id = omp_get_thread_num(), nt = omp_get_num_threads();
+        // this thread's rows [r0, r1), its activations, and the team that shares out its matmuls
+        int r0 = 0, r1 = n;
+        RowState *rs = &s->threads[id];
+        Team team = {id, nt};
+        if (share_rows) {
+            r0 = (int)((long long)n * id / nt), r1 = (int)((long long)n * (id + 1) / nt);
+            rs = &s->shared;
+            team = (Team){0, 1};
+        }
+        const int nr = r1 - r0;
+        float *att = s->att + (size_t)id * p->seq_len;
+        for (int i = r0; i < r1; i++) {
+            float *x = rs->x + (size_t)i * dim;
+            embed(x, &w->tok_embeddings, tokens[i], dim, gs);
+            rmsnorm(rs->xb + (size_t)i * dim, x, w->layers[0].rms_att, dim);
+        }
+        quantize_rows(&rs->xq, rs->xb, r0, r1, dim, gs);
+        const float *xb = rs->xb + (size_t)r0 * dim, *xh = rs->xh + (size_t)r0 * hidden_dim;
+        const QVector xq = q8_rows(&rs->xq, r0, dim, gs), xqh = q8_rows(&rs->xqh, r0, hidden_dim, gs);
         for (int l = 0; l < p->n_layers; l++) {
             const Layer *L = &w->layers[l];
+            float *k = s->k + ((size_t)l * s->max_rows + r0) * kv_dim;
+            float *v = s->v + ((size_t)l * s->max_rows + r0) * kv_dim;
 
             // attention
-            matmul_rope(s->q, &L->wq, ts->xb, &ts->xq, dim, dim, gs, s->rope, head_size);
-            matmul_rope(s->k, &L->wk, ts->xb, &ts->xq, dim, kv_dim, gs, s->rope, head_size);
-            matmul(s->v, &L->wv, ts->xb, &ts->xq, dim, kv_dim, gs);
+            matmul_rope(team, s->q + (size_t)r0 * dim, &L->wq, xb, &xq, dim, dim, nr, gs, s->rope,
+                        pos + r0, head_size);
+            matmul_rope(team, k, &L->wk, xb, &xq, dim, kv_dim, nr, gs, s->rope, pos + r0, head_size);
+            matmul(team, v, &L->wv, xb, &xq, dim, kv_dim, nr, gs);
+            if (!share_rows || several) {
 #pragma omp barrier
-#pragma omp for schedule(static)
-            for (int h = 0; h < p->n_heads; h++) attention_head(s, p, l, pos, h);
-            if (gs) quantize_q8(&ts->xq, s->xb, dim, gs);
-            matmul(s->xb2, &L->wo, s->xb, &ts->xq, dim, dim, gs);
+            }
+            int h0, h1; // this thread's share of the (row, head) pairs
+            h0 = (int)((long long)nr * p->n_heads * team.id / team.n);
+            h1 = (int)((long long)nr * p->n_heads * (team.id + 1) / team.n);
+            for (int ih = h0; ih < h1; ih++) {
+                const int i = r0 + ih / p->n_heads;
+                attention_head(s, p, l, i, pos[i], slots[i], ih % p->n_heads, att);
+            }
+            if (!share_rows) {
 #pragma omp barrier
-            residual_norm(ts, s->xb2, L->rms_ffn, dim, gs);
+            }
+            quantize_rows(&rs->xq, s->xb, r0, r1, dim, gs);
+            matmul(team, s->xb2 + (size_t)r0 * dim, &L->wo, s->xb + (size_t)r0 * dim, &xq, dim, dim, nr, gs);
+            if (!share_rows) {
+#pragma omp barrier
+            }
+            residual_norm(rs, r0, r1, s->xb2, L->rms_ffn, dim, gs);
 
             // ffn: w2(silu(w1(x)) * w3(x))
-            matmul(s->hb, &L->w1, ts->xb, &ts->xq, dim, hidden_dim, gs);
-            matmul(s->hb2, &L->w3, ts->xb, &ts->xq, dim, hidden_dim, gs);
+            matmul(team, s->hb + (size_t)r0 * hidden_dim, &L->w1, xb, &xq, dim, hidden_dim, nr, gs);
+            matmul(team, s->hb2 + (size_t)r0 * hidden_dim, &L->w3, xb, &xq, dim, hidden_dim, nr, gs);
+            if (!share_rows) {
 #pragma omp barrier
-            swiglu(ts->xb, s->hb, s->hb2, hidden_dim);
-            if (gs) quantize_q8(&ts->xq, ts->xb, hidden_dim, gs);
-            matmul(s->xb2, &L->w2, ts->xb, &ts->xq, hidden_dim, dim, gs);
+            }
+            for (int i = r0; i < r1; i++) {
+                const size_t at = (size_t)i * hidden_dim;
+                swiglu(rs->xh + at, s->hb + at, s->hb2 + at, hidden_dim);
+            }
+            quantize_rows(&rs->xqh, rs->xh, r0, r1, hidden_dim, gs);
+            matmul(team, s->xb2 + (size_t)r0 * dim, &L->w2, xh, &xqh, hidden_dim, dim, nr, gs);
+            if (!share_rows) {
 #pragma omp barrier
+            }
             // the next layer's input, or the classifier's
-            residual_norm(ts, s->xb2, l + 1 < p->n_layers ? w->layers[l + 1].rms_att : w->rms_final,
+            residual_norm(rs, r0, r1, s->xb2, l + 1 < p->n_layers ? w->layers[l + 1].rms_att : w->rms_final,
                           dim, gs);
         }
-        matmul(s->logits, &w->wcls, ts->xb, &ts->xq, dim, p->vocab_size, gs);
+        if (logits) {
+            matmul(team, s->logits + (size_t)r0 * p->vocab_size, &w->wcls, xb, &xq, dim,
+                   p->vocab_size, nr, gs);
+        }
     } // the region's end waits for every thread's rows of the logits
     return s->logits;
+}
+
+float *transformer_forward(Transformer *t, int token, int pos) {
+    const int slot = 0;
+    return transformer_forward_rows(t, &token, &pos, &slot, 1, 1);
 }
 
 // ----------------------------------------------------------------------------

@@ -6,35 +6,12 @@
 // beyond one scratch buffer per thread. The backward pass recomputes the probabilities from the
 // log-sum-exp of the forward pass, as flash attention does.
 #include "attention.h"
+#include "../ops.h" // exp_fast
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-// exp(x) for x <= 0 (a softmax argument minus its maximum): Cephes' expf, written so that it
-// vectorises (glibc's expf only does under -ffast-math). Relative error about 1e-7.
-static inline float exp_nonpositive(float x) {
-    // x = max(x, -87) (exp(-87) ~ 0, and 2^n stays normal) on the bits: a float compare would keep
-    // GCC from vectorising, and for negative floats a larger magnitude is a larger unsigned integer
-    uint32_t bits_x;
-    memcpy(&bits_x, &x, sizeof x);
-    bits_x = bits_x > 0xC2AE0000u ? 0xC2AE0000u : bits_x;  // -87.0f; +0 and positive floats stay
-    memcpy(&x, &bits_x, sizeof x);
-    float n = (float)(int32_t)(x * 1.44269504088896341f - 0.5f);  // round(x / ln 2), as x <= 0
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;           // x - n ln 2, in two parts
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;  // 2^n as a float's bits
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 // n rounded up to whole vectors of 16 floats; score rows have room for it
 static inline int round_up(int n) { return (n + 15) & ~15; }
@@ -74,7 +51,7 @@ static float exp_shifted(float *s, int n, int n_total, float shift) {
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int j = 0; j < round_up(n_total); j++) {
-        s[j] = j < n ? exp_nonpositive(s[j] - shift) : 0.0f;
+        s[j] = j < n ? exp_fast(s[j] - shift) : 0.0f;
         sum += s[j];
     }
     return sum;

@@ -1,16 +1,21 @@
 // The matmul kernels this build selected (kernels.h, by -march) against a float64 reference on
 // random data, through matmul.c's driver: fp32 at every width up to 70 and the model widths, Q8_0
 // at every group size the engine accepts (the SIMD ones and those that fall back to portable C),
-// with tails of columns and of rows; quantize_q8 against its definition; attention's products over
-// fp16 cache rows, and the fp16 conversions (every half there and back). Prints the kernels'
-// name and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
+// with tails of columns and of rows; batches of vectors (through the rows kernels, and W packed in
+// panels), each vector's result also bit for bit the one it gets alone; quantize_q8
+// against its definition; exp_fast against exp, max_of against a loop; attention's products over
+// fp32 and fp16 rows, and the fp16 conversions (every half there and back). Prints the kernels' name
+// and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
 // tests/test_kernels.py runs it for every path the CPU can execute, and under qemu-aarch64.)
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "matmul.h"
+#include "ops.h"
 
 static int passed = 0, failed = 0;
 static unsigned long long rng = 42;
@@ -34,54 +39,93 @@ static void check(const char *what, int n, int d, int gs, const float *got, cons
     passed++;
 }
 
-static void test_f32(int n, int d) {
-    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * d);
-    double *want = calloc(d, sizeof(double)), *mag = calloc(d, sizeof(double));
-    for (int i = 0; i < n * d; i++) w[i] = uniform();
-    for (int j = 0; j < n; j++) x[j] = uniform();
-    for (int i = 0; i < d; i++) {
-        for (int j = 0; j < n; j++) {
-            want[i] += (double)w[i * n + j] * x[j];
-            mag[i] += fabs((double)w[i * n + j] * x[j]);
-        }
-    }
-    Matrix m = {w, NULL, NULL};
+// W (d, n) @ x (b, n)^T into out (b, d), the region's threads sharing out the rows of W
+static void product(float *out, const Matrix *w, const float *x, const QVector *xq, int n, int d, int b, int gs) {
 #pragma omp parallel
-    matmul(out, &m, x, NULL, n, d, 0);
-    check("fp32", n, d, 0, out, want, mag);
-    free(w), free(x), free(out), free(want), free(mag);
+    matmul((Team){omp_get_thread_num(), omp_get_num_threads()}, out, w, x, xq, n, d, b, gs);
 }
 
-static void test_q8(int n, int d, int gs) {
-    int8_t *wq = malloc(n * d), *xq = malloc(n);
-    float *ws = malloc(sizeof(float) * d * (n / gs)), *xs = malloc(sizeof(float) * (n / gs));
-    float *out = malloc(sizeof(float) * d);
-    double *want = calloc(d, sizeof(double)), *mag = calloc(d, sizeof(double));
+// each of the b vectors of a batch gets the very bits it gets alone
+static void check_alone(const char *what, const Matrix *w, const float *x, const QVector *xq, int n, int d,
+                        int b, int gs, const float *out) {
+    float *alone = malloc(sizeof(float) * d);
+    int same = 1;
+    for (int c = 0; c < b; c++) {
+        QVector row = gs ? (QVector){xq->q + (size_t)c * n, xq->s + (size_t)c * (n / gs)} : (QVector){0};
+        product(alone, w, x ? x + (size_t)c * n : NULL, &row, n, d, 1, gs);
+        same &= memcmp(alone, out + (size_t)c * d, sizeof(float) * d) == 0;
+    }
+    if (same) {
+        passed++;
+    } else {
+        failed++;
+        printf("FAIL %s batch of %d: a vector's result differs from its result alone (n=%d d=%d gs=%d)\n",
+               what, b, n, d, gs);
+    }
+    free(alone);
+}
+
+// W (d, n) by a batch of b vectors, through the rows kernels, or packed in panels
+static void test_f32(int n, int d, int b, int packed) {
+    float *w = malloc(sizeof(float) * n * d), *x = malloc(sizeof(float) * n * b), *out = malloc(sizeof(float) * d * b);
+    double *want = calloc(d * b, sizeof(double)), *mag = calloc(d * b, sizeof(double));
+    for (int i = 0; i < n * d; i++) w[i] = uniform();
+    for (int j = 0; j < n * b; j++) x[j] = uniform();
+    for (int c = 0; c < b; c++) {
+        for (int i = 0; i < d; i++) {
+            for (int j = 0; j < n; j++) {
+                want[c * d + i] += (double)w[i * n + j] * x[c * n + j];
+                mag[c * d + i] += fabs((double)w[i * n + j] * x[c * n + j]);
+            }
+        }
+    }
+    Matrix m = {w, NULL, NULL, NULL};
+    void *panels = packed ? malloc(panels_size(n, d, 0)) : NULL;
+    if (packed) pack_panels(panels, &m, n, d, 0);
+    m.panels = panels;
+    product(out, &m, x, NULL, n, d, b, 0);
+    check(packed ? "fp32 panels" : b > 1 ? "fp32 batch" : "fp32", n, d * b, 0, out, want, mag);
+    if (b > 1) check_alone(packed ? "fp32 panels" : "fp32", &m, x, NULL, n, d, b, 0, out);
+    free(w), free(x), free(out), free(want), free(mag), free(panels);
+}
+
+// (packed: on builds that pack Q8_0 W of this group size, and a test that passes trivially elsewhere)
+static void test_q8(int n, int d, int gs, int b, int packed) {
+    int8_t *wq = malloc(n * d), *xq = malloc(n * b);
+    float *ws = malloc(sizeof(float) * d * (n / gs)), *xs = malloc(sizeof(float) * (n / gs) * b);
+    float *out = malloc(sizeof(float) * d * b);
+    double *want = calloc(d * b, sizeof(double)), *mag = calloc(d * b, sizeof(double));
     // the full int8 range the kernels must handle: weights -127..127 (a file may hold -128 too),
     // activations -127..127 as quantize_q8 makes them
     for (int i = 0; i < n * d; i++) wq[i] = (int8_t)lrintf(uniform() * 127.0f);
-    for (int j = 0; j < n; j++) xq[j] = (int8_t)lrintf(uniform() * 127.0f);
-    wq[0] = 127, xq[0] = -127, wq[n - 1] = -128, xq[n - 1] = 127;
+    for (int j = 0; j < n * b; j++) xq[j] = (int8_t)lrintf(uniform() * 127.0f);
+    wq[0] = 127, wq[n - 1] = -128; // (the sign trick of the SIMD kernels needs x >= 0 against -128)
+    for (int c = 0; c < b; c++) xq[c * n] = -127, xq[c * n + n - 1] = 127;
     for (int i = 0; i < d * (n / gs); i++) ws[i] = 0.01f * (1.5f + uniform());
-    for (int g = 0; g < n / gs; g++) xs[g] = 0.02f * (1.5f + uniform());
-    for (int i = 0; i < d; i++) {
-        for (int g = 0; g < n / gs; g++) {
-            long long dot = 0, absdot = 0; // the kernels may split a group's sum across lanes
-            for (int k = g * gs; k < (g + 1) * gs; k++) {
-                dot += (long long)wq[i * n + k] * xq[k];
-                absdot += llabs((long long)wq[i * n + k] * xq[k]);
+    for (int g = 0; g < n / gs * b; g++) xs[g] = 0.02f * (1.5f + uniform());
+    for (int c = 0; c < b; c++) {
+        for (int i = 0; i < d; i++) {
+            for (int g = 0; g < n / gs; g++) {
+                long long dot = 0, absdot = 0; // the kernels may split a group's sum across lanes
+                for (int k = g * gs; k < (g + 1) * gs; k++) {
+                    dot += (long long)wq[i * n + k] * xq[c * n + k];
+                    absdot += llabs((long long)wq[i * n + k] * xq[c * n + k]);
+                }
+                double scale = (double)ws[i * (n / gs) + g] * xs[c * (n / gs) + g];
+                want[c * d + i] += dot * scale;
+                mag[c * d + i] += absdot * scale;
             }
-            double scale = (double)ws[i * (n / gs) + g] * xs[g];
-            want[i] += dot * scale;
-            mag[i] += absdot * scale;
         }
     }
-    Matrix m = {NULL, wq, ws};
+    Matrix m = {NULL, wq, ws, NULL};
+    void *panels = packed && panels_size(n, d, gs) ? malloc(panels_size(n, d, gs)) : NULL;
+    if (panels) pack_panels(panels, &m, n, d, gs);
+    m.panels = panels;
     QVector x = {xq, xs};
-#pragma omp parallel
-    matmul(out, &m, NULL, &x, n, d, gs);
-    check("q8", n, d, gs, out, want, mag);
-    free(wq), free(xq), free(ws), free(xs), free(out), free(want), free(mag);
+    product(out, &m, NULL, &x, n, d, b, gs);
+    check(panels ? "q8 panels" : b > 1 ? "q8 batch" : "q8", n, d * b, gs, out, want, mag);
+    if (b > 1) check_alone(panels ? "q8 panels" : "q8", &m, NULL, &x, n, d, b, gs, out);
+    free(wq), free(xq), free(ws), free(xs), free(out), free(want), free(mag), free(panels);
 }
 
 static void test_quantize(int n, int gs) {
@@ -111,14 +155,21 @@ static void test_quantize(int n, int gs) {
     free(x), free(q), free(s);
 }
 
-// dot_rows and add_weighted_rows over n_rows fp16 rows of head_size values
-static void test_f16_rows(int head_size, int n_rows) {
-    uint16_t *rows = malloc(sizeof(uint16_t) * head_size * n_rows);
+// dot_rows and add_weighted_rows over n_rows rows of head_size values of `type`, `stride` apart (the
+// cache's fp16 rows are contiguous; fp32 rows also come a forward's kv_dim apart)
+static void test_rows(int head_size, int n_rows, KVType type, int stride) {
+    uint16_t *halves = malloc(sizeof(uint16_t) * stride * n_rows);
+    float *floats = malloc(sizeof(float) * stride * n_rows), *values = malloc(sizeof(float) * stride * n_rows);
     float *x = malloc(sizeof(float) * head_size), *a = malloc(sizeof(float) * n_rows);
     float *dots = malloc(sizeof(float) * n_rows), *sums = malloc(sizeof(float) * head_size);
     double *want_dots = calloc(n_rows, sizeof(double)), *mag_dots = calloc(n_rows, sizeof(double));
     double *want_sums = calloc(head_size, sizeof(double)), *mag_sums = calloc(head_size, sizeof(double));
-    for (int i = 0; i < head_size * n_rows; i++) f32_to_f16(&rows[i], (float[]){4.0f * uniform()}, 1);
+    for (int i = 0; i < stride * n_rows; i++) { // values as the rows hold them
+        floats[i] = 4.0f * uniform();
+        f32_to_f16(&halves[i], &floats[i], 1);
+        if (type == KV_F16) f16_to_f32(&values[i], &halves[i], 1);
+        else values[i] = floats[i];
+    }
     for (int i = 0; i < head_size; i++) {
         x[i] = uniform(), sums[i] = want_sums[i] = uniform();
         mag_sums[i] = fabs(want_sums[i]); // add_weighted_rows adds to what is there
@@ -126,18 +177,51 @@ static void test_f16_rows(int head_size, int n_rows) {
     for (int t = 0; t < n_rows; t++) a[t] = uniform();
     for (int t = 0; t < n_rows; t++) {
         for (int i = 0; i < head_size; i++) {
-            float r;
-            f16_to_f32(&r, &rows[t * head_size + i], 1);
-            want_dots[t] += (double)x[i] * r, mag_dots[t] += fabs((double)x[i] * r);
-            want_sums[i] += (double)a[t] * r, mag_sums[i] += fabs((double)a[t] * r);
+            const double r = values[t * stride + i];
+            want_dots[t] += x[i] * r, mag_dots[t] += fabs(x[i] * r);
+            want_sums[i] += a[t] * r, mag_sums[i] += fabs(a[t] * r);
         }
     }
-    dot_rows(dots, x, rows, n_rows, head_size, KV_F16);
-    add_weighted_rows(sums, a, rows, n_rows, head_size, KV_F16);
-    check("f16 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);
-    check("f16 add_weighted_rows", n_rows, head_size, 0, sums, want_sums, mag_sums);
-    free(rows), free(x), free(a), free(dots), free(sums);
+    const void *rows = type == KV_F16 ? (const void *)halves : (const void *)floats;
+    dot_rows(dots, x, rows, n_rows, head_size, stride, type);
+    add_weighted_rows(sums, a, rows, n_rows, head_size, stride, type);
+    check(type == KV_F16 ? "f16 dot_rows" : "f32 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);
+    check(type == KV_F16 ? "f16 add_weighted_rows" : "f32 add_weighted_rows", n_rows, head_size, 0, sums, want_sums,
+          mag_sums);
+    free(halves), free(floats), free(values), free(x), free(a), free(dots), free(sums);
     free(want_dots), free(mag_dots), free(want_sums), free(mag_sums);
+}
+
+// exp_fast within 2 ulp of e^x from -87 to 88, every 1/64 and at random points; e^-87 and e^88 beyond
+static void test_exp(void) {
+    int bad = 0;
+    for (int i = 0; i <= 175 * 64 + 1000; i++) {
+        const float x = i <= 175 * 64 ? -87.0f + i / 64.0f : -87.0f + 175.0f * (uniform() + 1.0f) / 2.0f;
+        const double want = exp((double)x), got = exp_fast(x);
+        bad += !(fabs(got - want) <= 2.0 * 0x1p-23 * want);
+    }
+    const float low = exp_fast(-87.0f), high = exp_fast(88.0f);
+    bad += exp_fast(-88.0f) != low || exp_fast(-INFINITY) != low || exp_fast(89.0f) != high || exp_fast(INFINITY) != high;
+    if (bad) printf("FAIL exp_fast: %d values\n", bad);
+    bad ? failed++ : passed++;
+}
+
+// max_of against a plain loop: all negative, mixed signs, -0 and +0, -inf, one value
+static void test_max_of(void) {
+    int bad = 0;
+    float x[100];
+    for (int k = 0; k < 40; k++) {
+        const int n = 1 + k * 7 % 100;
+        for (int i = 0; i < n; i++) x[i] = (k % 2 ? -10.0f : 3.0f) * uniform() - (k % 2 ? 20.0f : 0.0f);
+        if (k == 5) x[n - 1] = -INFINITY;
+        float want = x[0];
+        for (int i = 1; i < n; i++) want = x[i] > want ? x[i] : want;
+        bad += max_of(x, n) != want;
+    }
+    x[0] = -0.0f, x[1] = 0.0f, x[2] = -1.0f;
+    bad += max_of(x, 3) != 0.0f || signbit(max_of(x, 3)) || max_of(x + 2, 1) != -1.0f;
+    if (bad) printf("FAIL max_of: %d cases\n", bad);
+    bad ? failed++ : passed++;
 }
 
 // every half but NaN survives fp16 -> fp32 -> fp16 unchanged; NaN stays NaN
@@ -159,27 +243,54 @@ int main(void) {
     printf("kernels: %s\n", matmul_kernels());
     const int widths[] = {64, 96, 172, 288, 512, 768, 1376};
     const int rows[] = {1, 3, 4, 5, 9, 34};
-    for (int n = 1; n <= 70; n++) test_f32(n, 7);
+    for (int n = 1; n <= 70; n++) test_f32(n, 7, 1, 0);
     for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) {
-        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f32(widths[i], rows[r]);
+        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f32(widths[i], rows[r], 1, 0);
     }
     // SIMD group sizes (4 to 128), and 2, 12, 48, 96, which fall back to portable C
     const int group_sizes[] = {2, 4, 8, 12, 16, 32, 48, 64, 96, 128};
     for (size_t g = 0; g < sizeof(group_sizes) / sizeof(group_sizes[0]); g++) {
         int gs = group_sizes[g];
         for (int k = 1; k <= 13; k++) { // tails of every length short of the widest chunk (64)
-            for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_q8(gs * k, rows[r], gs);
+            for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_q8(gs * k, rows[r], gs, 1, 0);
         }
         test_quantize(gs * 12, gs);
     }
-    for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4);
-    test_q8(172, 5, 4), test_q8(288, 6, 32), test_q8(768, 6, 32), test_q8(1376, 5, 32), test_q8(2048, 5, 64);
+    for (size_t i = 0; i < sizeof(widths) / sizeof(widths[0]); i++) test_q8(widths[i], 9, 4, 1, 0);
+    test_q8(172, 5, 4, 1, 0), test_q8(288, 6, 32, 1, 0), test_q8(768, 6, 32, 1, 0), test_q8(1376, 5, 32, 1, 0), test_q8(2048, 5, 64, 1, 0);
+    // batches: whole calls of PANEL_COLS vectors and the odd ones after, at odd widths and odd rows of W
+    const int batches[] = {1, 2, 4, 5, 7, 9, 13}; // 13: two calls of PANEL_COLS and one more
+    for (size_t k = 0; k < sizeof(batches) / sizeof(batches[0]); k++) {
+        const int b = batches[k];
+        for (int packed = 0; packed <= 1; packed++) {
+            for (int n = 1; n <= 40; n += 3) test_f32(n, 7, b, packed);
+            test_f32(128, 9, b, packed), test_f32(288, 5, b, packed), test_f32(352, 3, b, packed);
+            test_f32(64, 40, b, packed), test_f32(96, 64, b, packed); // panels past one pair
+        }
+        for (size_t g = 0; g < sizeof(group_sizes) / sizeof(group_sizes[0]); g++) {
+            const int gs = group_sizes[g];
+            for (int packed = 0; packed <= 1; packed++) {
+                for (int m = 1; m <= 5; m++) test_q8(gs * m, 5, gs, b, packed);
+                test_q8(gs * 12, 9, gs, b, packed), test_q8(gs * 4, 40, gs, b, packed); // 40: past one pair of panels
+            }
+        }
+        for (int packed = 0; packed <= 1; packed++) {
+            test_q8(128, 6, 32, b, packed), test_q8(352, 5, 32, b, packed), test_q8(288, 7, 32, b, packed);
+            test_q8(768, 3, 32, b, packed);
+        }
+    }
     // SIMD widths (multiples of 8 on x86, 4 on ARM) and others, which take the portable loop
     const int head_sizes[] = {4, 6, 8, 12, 16, 48, 64, 72, 128};
     for (size_t h = 0; h < sizeof(head_sizes) / sizeof(head_sizes[0]); h++) {
-        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) test_f16_rows(head_sizes[h], rows[r]);
+        for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) {
+            test_rows(head_sizes[h], rows[r], KV_F16, head_sizes[h]);
+            test_rows(head_sizes[h], rows[r], KV_F32, head_sizes[h]);
+            test_rows(head_sizes[h], rows[r], KV_F32, 3 * head_sizes[h]);
+        }
     }
     test_f16_round_trip();
+    test_exp();
+    test_max_of();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
