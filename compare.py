@@ -28,7 +28,8 @@ import rl
 import tasks
 from common import DataError, atomic_open, autocast, one_line_errors, read_jsonl, resolve_device_dtype
 from report import printable
-from rl_train import evaluate_model, rollout
+from rl_train import evaluate_model
+from rollouts import Engines, choose_engine, rollout
 from tinystories import SEPARATOR as END
 from tinystories import iter_instruct_batches
 
@@ -50,6 +51,7 @@ config = dict(
     data_dir="",  # empty: the reference checkpoint's (where an older one records none, give it)
     device="auto",
     dtype=("float32", "auto | float32 | bfloat16 | float16"),
+    rollout_engine=("auto", "auto | c | torch"),  # who samples and scores (rollouts.py); auto: the C engine on a CPU
 )
 # -----------------------------------------------------------------------------
 
@@ -92,13 +94,21 @@ def named(spec, what):
 
 
 @torch.no_grad()
-def best_of(model, reference, task, cfg, tok, ns, ctx):
+def best_of(model, reference, task, cfg, tok, ns, ctx, engines):
     """{n: the task's measures of the best of n samples of model a prompt, by the task's reward}."""
     n_max = max(ns)
     prompts = [p for p in task.eval_prompts for _ in range(n_max)]
     generator = torch.Generator(model.freqs_cos.device).manual_seed(cfg["seed"] + 1)
     batch, _ = rollout(
-        rl.Policy(model), rl.Policy(reference), prompts, task.score, cfg, generator, (tok.bos_id, tok.eos_id), ctx
+        rl.Policy(model),
+        rl.Policy(reference),
+        prompts,
+        task.score,
+        cfg,
+        generator,
+        (tok.bos_id, tok.eos_id),
+        ctx,
+        engines=engines,
     )
     scores = batch.scores.view(-1, n_max)
     responses = [row[: int(k)] for row, k in zip(batch.responses().tolist(), batch.mask.sum(1))]
@@ -157,17 +167,20 @@ def main(cfg):
         vocabulary = metrics.training_words(data_dir)
         ns = [int(n) for n in cfg["best_of"].split(",") if n]
     reference = models[cfg["reference"]]
+    engines = (
+        Engines(reference, reference) if choose_engine(cfg["rollout_engine"], device_type, reference) == "c" else None
+    )
     results, samples, best = {}, {}, {}
     for s, task in task_of.items():
-        ref_m, _ = evaluate_model(reference, reference, task, cfg, tok, cfg["seed"], vocabulary, None, ctx)
+        ref_m, _ = evaluate_model(reference, reference, task, cfg, tok, cfg["seed"], vocabulary, None, ctx, engines)
         for name, model in models.items():
             print(f"{s}: {name}, {len(task.eval_prompts)} samples")
             results[s, name], samples[s, name] = evaluate_model(
-                model, reference, task, cfg, tok, cfg["seed"], vocabulary, ref_m["nll"], ctx
+                model, reference, task, cfg, tok, cfg["seed"], vocabulary, ref_m["nll"], ctx, engines
             )
         if ns:
             print(f"{s}: best-of-{max(ns)} of {cfg['reference']}")
-            best[s] = best_of(reference, reference, task, cfg, tok, ns, ctx)
+            best[s] = best_of(reference, reference, task, cfg, tok, ns, ctx, engines)
     ppl = {name: perplexities(model, data_dir, tok, cfg, ctx) for name, model in models.items()}
     write_report(cfg, paths, sets, task_of, results, samples, best, ppl, tok)
 

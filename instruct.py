@@ -385,7 +385,7 @@ def prompts(tok, data_dir, split, eval_set):
 
 
 def score(batch, tok):
-    """The reward of each of a batch of rl.Rollouts whose prompts are headers (B,)."""
+    """The reward of each of a batch of rollouts.Rollouts whose prompts are headers (B,)."""
     from metrics import END, response_text
 
     out = []

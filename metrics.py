@@ -136,7 +136,7 @@ def response_text(tok, prompt_ids, response_ids):
 
 
 def of_rollouts(batch, prompts, tok, task, vocabulary, ref_nll=None):
-    """The measures of scored rollouts (rl.Rollouts) of prompts (token lists), the policy's log-probs
+    """The measures of scored rollouts (rollouts.Rollouts) of prompts (token lists), the policy's log-probs
     against a reference's:
       len_mean, len_std, ended (share that ended by themselves), score, and the task's own measures
           (the length task: within_10pct; instructions: each constraint's share, all, listed)

@@ -25,6 +25,7 @@ import tasks
 from common import atomic_open, autocast, one_line_errors, read_jsonl, resolve_device_dtype
 from reward_model import load_reward_model
 from rl_train import evaluate_model
+from rollouts import Engines, choose_engine
 from tinystories import SEPARATOR as END
 
 # -----------------------------------------------------------------------------
@@ -40,6 +41,7 @@ config = dict(
     data_dir="",  # empty: the checkpoint's (where an older one records none, give it)
     device="auto",
     dtype=("float32", "auto | float32 | bfloat16 | float16"),
+    rollout_engine=("auto", "auto | c | torch"),  # who samples and scores (rollouts.py); auto: the C engine on a CPU
 )
 # -----------------------------------------------------------------------------
 
@@ -93,12 +95,13 @@ def main(cfg):
         log_path = os.path.join(os.path.dirname(cfg["checkpoint"]), f"{method}_log.jsonl")
         val_bin = os.path.join(data_dir, f"tok{tok.n_words}", "val.bin")
 
+    engines = Engines(start, start) if choose_engine(cfg["rollout_engine"], device_type, start) == "c" else None
     measures, samples = {}, {}
     for name, model in (("before", start), ("after", after)):
         print(f"{name}: {len(task.eval_prompts)} samples, their measures, the validation perplexity")
         ref_nll = measures["before"]["nll"] if name == "after" else None
         measures[name], samples[name] = evaluate_model(
-            model, start, task, run, tok, cfg["seed"], vocabulary, ref_nll, ctx
+            model, start, task, run, tok, cfg["seed"], vocabulary, ref_nll, ctx, engines
         )
         if judge_rm is not None:
             measures[name]["rm"] = sum(

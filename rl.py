@@ -18,15 +18,13 @@ train.py finds it by its name:
 | DPO         | dpo.py          | pairs    | (offline: the log-ratio is the reward) | implicit, beta            |
 
 Here, in the order the data flows: the configuration the methods share; the policy, its
-log-probabilities and masked statistics; the KL estimators and controllers; rollouts and
-minibatches that keep groups whole; the optimisation (PPO-ptx mixed in). rl_train.py holds the
-loop around them: set-up, resume, DDP, the log, evaluation and checkpoints.
+log-probabilities and masked statistics; the KL estimators and controllers; the optimisation:
+minibatches that keep groups whole, PPO-ptx mixed in. rollouts.py samples and scores the rollouts
+(in PyTorch or the C engine); rl_train.py holds the loop around them all: set-up, resume, DDP, the
+log, evaluation and checkpoints.
 """
 
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields, replace
-from typing import Optional
 
 import numpy as np
 import torch
@@ -67,6 +65,7 @@ RUN = dict(  # every method
     device="auto",  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype=("auto", "auto | float32 | bfloat16 | float16"),  # autocast of the forward passes and updates
     attention=("auto", " | ".join(ATTENTION_KERNELS)),  # causal attention of the forward passes (model.set_attention)
+    rollout_engine=("auto", "auto | c | torch"),  # who samples and scores the rollouts (rollouts.py); auto: C on a CPU
     wandb_log=False,  # llama2.c's experiment-tracking keys: every row of {method}_log.jsonl also goes to W&B
     wandb_project="tinystories-rl",
     wandb_run_name="",  # empty: wandb names the run
@@ -246,112 +245,7 @@ def kl_controller(cfg):
 
 
 # -----------------------------------------------------------------------------
-# rollouts and minibatches
-
-
-@dataclass
-class Rollouts:
-    """Sampled responses to a batch of prompts, scored. Row b: prompt_lens[b] prompt tokens, then the
-    response; response-aligned tensors (B, R) hold position r of each row's response. Rows of a group
-    (group_size samples of one prompt) stand together; the methods fill advantages (and returns)."""
-
-    tokens: torch.Tensor  # (B, T) prompt + response, right-padded with 0
-    prompt_lens: torch.Tensor  # (B,)
-    mask: torch.Tensor  # (B, R) 1 on each response's tokens, its stop token included
-    ended: torch.Tensor  # (B,) True where the response stopped by itself rather than at the length cap
-    logprobs: torch.Tensor = None  # (B, R) log p of the response tokens under the sampling policy
-    ref_logprobs: torch.Tensor = None  # (B, R) and under the reference
-    values: Optional[torch.Tensor] = None  # (B, R) PPO's value head
-    scores: torch.Tensor = None  # (B,) the task's reward
-    advantages: Optional[torch.Tensor] = None  # (B,) or (B, R)
-    returns: Optional[torch.Tensor] = None  # (B, R)
-    group_size: int = 1
-
-    def responses(self):
-        """(B, R) the response tokens, 0 past each row's end."""
-        idx = (self.prompt_lens[:, None] + torch.arange(self.mask.size(1), device=self.mask.device)).clamp(
-            max=self.tokens.size(1) - 1
-        )
-        return self.tokens.gather(1, idx) * self.mask.long()
-
-    def lengths(self):
-        """Story tokens in each response: the stop token is the end of the story, not part of it."""
-        return self.mask.sum(1) - self.ended.float()
-
-    def rows(self, idx):
-        """The rows idx, cut to their longest response."""
-        R = int(self.mask[idx].sum(1).max())
-        T = int((self.prompt_lens[idx] + R).max())
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if torch.is_tensor(v):
-                v = v[idx]
-                v = v[:, :T] if f.name == "tokens" else v[:, :R] if v.dim() == 2 else v
-            out[f.name] = v
-        return replace(self, **out)
-
-
-def collate(prompts, responses, stop_tokens, device):
-    """Token lists of prompts and of their responses -> Rollouts with tokens, prompt_lens, mask, ended."""
-    B, R = len(responses), max(len(r) for r in responses)
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    tokens, mask = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, R)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        tokens[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        mask[i, : len(r)] = 1.0
-    ended = torch.tensor([bool(r) and r[-1] in stop_tokens for r in responses])
-    prompt_lens = torch.tensor([len(p) for p in prompts])
-    return Rollouts(tokens.to(device), prompt_lens.to(device), mask.to(device), ended.to(device))
-
-
-@torch.no_grad()
-def rollout(policy, reference, prompts, score, cfg, generator, stop_tokens, ctx=nullcontext(), gen_ctx=nullcontext()):
-    """A response to each prompt (token lists) from ONE batched KV-cache generate() call, then a forward
-    pass of the policy and one of the reference over prompt + response, batch_size rows at a time, and
-    score(rollouts) -> (B,). Returns the Rollouts and their timings."""
-    t0 = time.perf_counter()
-    device = policy.model.freqs_cos.device
-    budgets = [
-        min(cfg["max_new_tokens"], policy.model.params.max_seq_len - len(p)) for p in prompts
-    ]  # the context's room
-    with gen_ctx:
-        responses = policy.model.generate(
-            prompts, budgets, cfg["temperature"], stop_tokens=stop_tokens, generator=generator
-        )
-    batch = collate(prompts, responses, stop_tokens, device)
-    t1 = time.perf_counter()
-    logprobs, ref_logprobs, values = [], [], []
-    for i in range(0, len(responses), cfg["batch_size"]):
-        mb = batch.rows(torch.arange(i, min(i + cfg["batch_size"], len(responses)), device=device))
-        tokens = mb.responses()
-        lp, _, v = forward_logprobs(policy, mb.tokens, mb.prompt_lens, tokens, cfg["temperature"], ctx)
-        ref_lp, _, _ = forward_logprobs(reference, mb.tokens, mb.prompt_lens, tokens, cfg["temperature"], ctx)
-        pad = batch.mask.size(1) - tokens.size(1)
-        logprobs.append(F.pad(lp, (0, pad)))
-        ref_logprobs.append(F.pad(ref_lp, (0, pad)))
-        values.append(None if v is None else F.pad(v, (0, pad)))
-    batch.logprobs, batch.ref_logprobs = torch.cat(logprobs) * batch.mask, torch.cat(ref_logprobs) * batch.mask
-    batch.values = None if values[0] is None else torch.cat(values) * batch.mask
-    t2 = time.perf_counter()
-    batch.scores = score(batch)
-    return batch, {"time/rollout": t1 - t0, "time/forward_pass": t2 - t1, "time/score": time.perf_counter() - t2}
-
-
-def rollout_stats(batch):
-    """What every online method logs of its rollouts, with TRL PPOTrainer's names: the KL to the reference
-    (k1, nats per response), the scores, the lengths, and the rollouts' per-token negative log-likelihood
-    under the reference (fluency/nll; the loop divides it by the starting model's own, fluency/nll_ratio)."""
-    lengths = batch.lengths()
-    return {
-        "objective/kl": (batch.logprobs - batch.ref_logprobs).sum(1).mean().item(),
-        "env/reward_mean": batch.scores.mean().item(),
-        "env/reward_std": batch.scores.std().item(),
-        "env/ended_frac": batch.ended.float().mean().item(),
-        "tokens/responses_len_mean": lengths.mean().item(),
-        "tokens/responses_len_std": lengths.std().item(),
-        "fluency/nll": -(batch.ref_logprobs.sum() / batch.mask.sum()).item(),
-    }
+# the optimisation: an iteration's minibatches, one optimizer step each, with PPO-ptx
 
 
 def minibatches(batch, batch_size, epochs, generator):
@@ -365,10 +259,6 @@ def minibatches(batch, batch_size, epochs, generator):
         rows = (order[:, None] * g + torch.arange(g)).flatten().to(device)
         for start in range(0, len(rows), batch_size):
             yield epoch, batch.rows(rows[start : start + batch_size])
-
-
-# -----------------------------------------------------------------------------
-# the optimisation: an iteration's minibatches, one optimizer step each, with PPO-ptx
 
 
 def ptx_backward(run, ptx_batches):

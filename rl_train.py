@@ -46,7 +46,8 @@ from common import (
     reuse_freed_memory,
     start_wandb,
 )
-from rl import Policy, kl_controller, rollout, rollout_stats, unwrap
+from rl import Policy, kl_controller, unwrap
+from rollouts import Engines, choose_engine, rollout, rollout_stats
 from tokenizer import Tokenizer
 
 
@@ -84,6 +85,7 @@ class Run:
     train_bin: str = ""
     val_bin: str = ""
     attention: str = "torch"  # 'c' or 'torch', as model.set_attention chose
+    engines: Optional[Engines] = None  # the C engine's policy and reference, when it samples and scores (rollouts.py)
     resuming: bool = False
     iter_num: int = 0
     rng: np.random.Generator = None  # this iteration's random draws: seeded by (seed, rank, iteration)
@@ -160,6 +162,8 @@ def setup(cfg, given, method):
     reference.to(device).eval().requires_grad_(False)
     attention = policy.model.set_attention(cfg["attention"], device_type)
     reference.model.set_attention(attention, device_type)
+    rollout_engine = choose_engine(cfg["rollout_engine"], device_type, policy.model)
+    engines = Engines(policy.model, reference.model) if rollout_engine == "c" else None
 
     task = tasks.make_task(cfg, tok, data_dir, model_args["max_seq_len"], device, ctx, trains=method.UNIT != "pairs")
     if method.UNIT == "groups":
@@ -212,6 +216,7 @@ def setup(cfg, given, method):
         train_bin=os.path.join(bin_dir, "train.bin"),
         val_bin=os.path.join(bin_dir, "val.bin"),
         attention=attention,
+        engines=engines,
         resuming=resuming,
         iter_num=iter_num,
     )
@@ -246,6 +251,7 @@ def next_batch(run):
         run.stop_tokens,
         run.ctx,
         run.gen_ctx,
+        run.engines,
     )
     batch.group_size = g
     run.timing = timing
@@ -253,13 +259,15 @@ def next_batch(run):
 
 
 @torch.no_grad()
-def evaluate_model(model, reference, task, cfg, tok, seed, vocabulary, ref_nll=None, ctx=nullcontext()):
+def evaluate_model(model, reference, task, cfg, tok, seed, vocabulary, ref_nll=None, ctx=nullcontext(), engines=None):
     """One sample per held-out prompt of the task from model (a Transformer), from a generator seeded
     with seed, so that two models draw from the same random stream, measured against reference
-    (metrics.of_rollouts). Returns the measures and the samples."""
+    (metrics.of_rollouts); sampled by the C engine where engines (rollouts.Engines, whose reference is
+    reference's) are given. Returns the measures and the samples."""
     generator = torch.Generator(model.freqs_cos.device).manual_seed(seed)
+    stop = (tok.bos_id, tok.eos_id)
     batch, _ = rollout(
-        Policy(model), Policy(reference), task.eval_prompts, task.score, cfg, generator, (tok.bos_id, tok.eos_id), ctx
+        Policy(model), Policy(reference), task.eval_prompts, task.score, cfg, generator, stop, ctx, engines=engines
     )
     return metrics.of_rollouts(batch, task.eval_prompts, tok, task, vocabulary, ref_nll)
 
@@ -267,7 +275,16 @@ def evaluate_model(model, reference, task, cfg, tok, seed, vocabulary, ref_nll=N
 def evaluate(run, model):
     """The run's held-out evaluation of model, and the validation perplexity: the 'eval/' columns of the log."""
     m, _ = evaluate_model(
-        model, run.reference.model, run.task, run.cfg, run.tok, run.cfg["seed"], run.vocabulary, run.ref_nll, run.ctx
+        model,
+        run.reference.model,
+        run.task,
+        run.cfg,
+        run.tok,
+        run.cfg["seed"],
+        run.vocabulary,
+        run.ref_nll,
+        run.ctx,
+        run.engines,
     )
     m["val_ppl"] = metrics.val_perplexity(model, run.val_bin, 32, run.cfg["seed"], ctx=run.ctx)
     return {f"eval/{k}": v for k, v in m.items()}
@@ -325,7 +342,8 @@ def train(cfg, given, method):
         unit = "pairs" if method.UNIT == "pairs" else "rollouts"
         print(
             f"{method.__name__.upper()} from {run.start_path} at iteration {run.iter_num}: {run.episodes} {unit} per "
-            f"iteration, reward {cfg['reward']}, {run.dtype}, attention {run.attention}"
+            f"iteration, reward {cfg['reward']}, {run.dtype}, attention {run.attention}, "
+            f"rollouts by {'the C engine' if run.engines else 'PyTorch'}"
         )
         start = evaluate(run, run.reference.model)  # the starting model's own samples: the fluency baseline
         run.ref_nll = start["eval/nll"]

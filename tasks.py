@@ -41,8 +41,10 @@ class Task:
     reward: str  # the spec it was made from
     train_prompts: Callable  # (rng, n) -> n prompts drawn with rng
     eval_prompts: list  # the held-out prompts, in order
-    score: Callable  # (rl.Rollouts) -> scores (B,)
-    measures: Callable  # (rl.Rollouts, prompt texts, response texts) -> {name: share}: the task's own held-out measures
+    score: Callable  # (rollouts.Rollouts) -> scores (B,)
+    measures: (
+        Callable  # (rollouts.Rollouts, prompt texts, response texts) -> {name: share}: the task's own held-out measures
+    )
 
 
 def length_reward(lengths, target_len):
@@ -154,7 +156,7 @@ def make_task(cfg, tok, data_dir, max_seq_len, device="cpu", ctx=nullcontext(), 
 
 @torch.no_grad()
 def score_rollouts(batch, weights, cfg, reward_model=None, tok=None, ctx=nullcontext()):
-    """The score of each of a batch of rl.Rollouts (B,): the rewards weighted by weights ({name: weight},
+    """The score of each of a batch of rollouts.Rollouts (B,): the rewards weighted by weights ({name: weight},
     parse_reward), minus cfg's missing_eos_penalty where a response was cut off instead of ending."""
     total = torch.zeros(len(batch.tokens), device=batch.tokens.device)
     if "length" in weights:

@@ -20,6 +20,7 @@ The GRPO rollout target of the issue "RL at engine speed" is the default model's
 --steps=226: 64 rollouts of 226 tokens in 0.5-0.7 s, at least 4x PyTorch's batched generate (about
 3.0 s on a 2-core Zen 3).
 """
+
 import argparse
 import json
 import os
@@ -100,11 +101,45 @@ def llama_cpp(build, model, fmt, batches, steps, threads, tmp):
     ckpt, gguf = os.path.join(tmp, "ckpt.pt"), os.path.join(tmp, f"model-{fmt}.gguf")
     torch.save({"model": model.state_dict(), "model_args": asdict(model.params)}, ckpt)
     tokenizer = os.path.join(ROOT, "..", "shared", "models", "llama2c", TOKENIZERS[model.params.vocab_size])
-    subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), gguf, f"--checkpoint={ckpt}", f"--dtype={fmt}",
-                    f"--tokenizer={tokenizer}"], check=True, capture_output=True, cwd=ROOT)
-    out = subprocess.run([os.path.join(build, "bin", "llama-batched-bench"), "-m", gguf, "-c", str(max(batches) * (steps + 1)),
-                          "-b", "2048", "-ub", "512", "-npp", "1", "-ntg", str(steps), "-npl", ",".join(map(str, batches)),
-                          "-t", str(threads), "--output-format", "jsonl"], check=True, capture_output=True, text=True).stdout
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "export.py"),
+            gguf,
+            f"--checkpoint={ckpt}",
+            f"--dtype={fmt}",
+            f"--tokenizer={tokenizer}",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    out = subprocess.run(
+        [
+            os.path.join(build, "bin", "llama-batched-bench"),
+            "-m",
+            gguf,
+            "-c",
+            str(max(batches) * (steps + 1)),
+            "-b",
+            "2048",
+            "-ub",
+            "512",
+            "-npp",
+            "1",
+            "-ntg",
+            str(steps),
+            "-npl",
+            ",".join(map(str, batches)),
+            "-t",
+            str(threads),
+            "--output-format",
+            "jsonl",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {r["pl"]: r["speed_tg"] for r in rows}
 
@@ -138,26 +173,68 @@ def main():
             theirs = llama_cpp(args.llama_cpp, model, fmt, batches, steps, args.threads, tmp) if args.llama_cpp else {}
             torch_decode = pytorch(model, batches, steps, args.runs) if args.torch else {}
             for B in batches:
-                row = dict(model=name, format=fmt, B=B, steps=steps, ours_tok_s=round(decode[B][0], 1),
-                           ours_seconds=round(decode[B][1], 3))
+                row = dict(
+                    model=name,
+                    format=fmt,
+                    B=B,
+                    steps=steps,
+                    ours_tok_s=round(decode[B][0], 1),
+                    ours_seconds=round(decode[B][1], 3),
+                )
                 if B in theirs:
-                    row.update(llama_cpp_tok_s=round(theirs[B], 1), ours_vs_llama_cpp=round(decode[B][0] / theirs[B], 2))
+                    row.update(
+                        llama_cpp_tok_s=round(theirs[B], 1), ours_vs_llama_cpp=round(decode[B][0] / theirs[B], 2)
+                    )
                 if B in torch_decode:
-                    row.update(torch_seconds=round(torch_decode[B][1], 3),
-                               ours_vs_torch=round(torch_decode[B][1] / decode[B][1], 2))
+                    row.update(
+                        torch_seconds=round(torch_decode[B][1], 3),
+                        ours_vs_torch=round(torch_decode[B][1] / decode[B][1], 2),
+                    )
                 results.append(row)
-            results.append(dict(model=name, format=fmt, B=max(batches), steps=steps, score_tok_s=round(score[0], 1),
-                                score_seconds=round(score[1], 3), refresh_ms=round(1e3 * refresh, 2)))
-            print(" ".join(f"{k}={v}" for r in results[-len(batches) - 1:] for k, v in r.items()), file=sys.stderr)
-    report = dict(cpu=cpu_name(), arch=args.arch, kernels=engine.kernels(lib), threads=args.threads,
-                  kv_cache=args.kv_cache, results=results)
+            results.append(
+                dict(
+                    model=name,
+                    format=fmt,
+                    B=max(batches),
+                    steps=steps,
+                    score_tok_s=round(score[0], 1),
+                    score_seconds=round(score[1], 3),
+                    refresh_ms=round(1e3 * refresh, 2),
+                )
+            )
+            print(" ".join(f"{k}={v}" for r in results[-len(batches) - 1 :] for k, v in r.items()), file=sys.stderr)
+    report = dict(
+        cpu=cpu_name(),
+        arch=args.arch,
+        kernels=engine.kernels(lib),
+        threads=args.threads,
+        kv_cache=args.kv_cache,
+        results=results,
+    )
     print(json.dumps(report))
-    print(f"\n{report['cpu']}, ARCH={args.arch} (kernels: {report['kernels']}), {args.threads} threads, "
-          f"{args.kv_cache} KV cache")
-    table(["model", "format", "B", "steps", "ours_tok_s", "ours_seconds", "llama_cpp_tok_s", "ours_vs_llama_cpp",
-           "torch_seconds", "ours_vs_torch"], [r for r in results if "ours_tok_s" in r])
-    table(["model", "format", "B", "steps", "score_tok_s", "score_seconds", "refresh_ms"],
-          [r for r in results if "score_tok_s" in r])
+    print(
+        f"\n{report['cpu']}, ARCH={args.arch} (kernels: {report['kernels']}), {args.threads} threads, "
+        f"{args.kv_cache} KV cache"
+    )
+    table(
+        [
+            "model",
+            "format",
+            "B",
+            "steps",
+            "ours_tok_s",
+            "ours_seconds",
+            "llama_cpp_tok_s",
+            "ours_vs_llama_cpp",
+            "torch_seconds",
+            "ours_vs_torch",
+        ],
+        [r for r in results if "ours_tok_s" in r],
+    )
+    table(
+        ["model", "format", "B", "steps", "score_tok_s", "score_seconds", "refresh_ms"],
+        [r for r in results if "score_tok_s" in r],
+    )
 
 
 def table(columns, rows):

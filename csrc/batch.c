@@ -86,9 +86,9 @@ static int check_generate(const Transformer *t, const int *const *prompt, const 
         if (transformer_check_prompt(t, prompt[b], prompt_lens[b], why) != 0) {
             return fail(err, "prompt %d: %s", b, why);
         }
-        if (prompt_lens[b] > p->seq_len - max_new_tokens) {
-            return fail(err, "prompt %d: %d tokens + max_new_tokens %d exceed the context (seq_len %d)", b,
-                        prompt_lens[b], max_new_tokens, p->seq_len);
+        if (prompt_lens[b] >= p->seq_len) {
+            return fail(err, "prompt %d: %d tokens leave no room in the context (seq_len %d)", b,
+                        prompt_lens[b], p->seq_len);
         }
         if (seeds[b] == 0) return fail(err, "seed of sequence %d is 0 (xorshift needs a nonzero state)", b);
     }
@@ -149,7 +149,7 @@ int transformer_generate_batch(Transformer *t, const int *prompts, const int *pr
         int kept = 0;
         for (int i = 0; i < n_active; i++) {
             const int b = active[i], token = out_tokens[(size_t)b * max_new_tokens + out_lens[b] - 1];
-            int stop = out_lens[b] == max_new_tokens;
+            int stop = out_lens[b] == max_new_tokens || prompt_lens[b] + out_lens[b] == t->ckpt.config.seq_len;
             for (int k = 0; k < n_stop; k++) stop |= token == stop_tokens[k];
             if (!stop) {
                 at[b]++;

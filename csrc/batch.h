@@ -11,10 +11,11 @@
 // lengths before it. Sequence b draws from its own xorshift stream, seeded with seeds[b] (nonzero),
 // at `temperature` (sampler.h's sample_logprob), so its tokens depend on its own seed and logits
 // alone, not on the batch it is in. A sequence stops after emitting one of the n_stop stop_tokens
-// (which its output includes) or after max_new_tokens; it then leaves the batch. Writes sequence b's
-// tokens and their log-probabilities under softmax(logits / temperature) to row b of out_tokens and
-// out_logprobs (n_seqs, max_new_tokens), and their count to out_lens[b]. Returns 0, or -1 with a
-// one-line message in err for an argument out of range (prompt + max_new_tokens must fit seq_len).
+// (which its output includes), after max_new_tokens, or where the context ends (prompt + output =
+// seq_len); it then leaves the batch. Writes sequence b's tokens and their log-probabilities under
+// softmax(logits / temperature) to row b of out_tokens and out_logprobs (n_seqs, max_new_tokens), and
+// their count to out_lens[b]. Returns 0, or -1 with a one-line message in err for an argument out of
+// range (a prompt must leave room for a token in seq_len).
 int transformer_generate_batch(Transformer *t, const int *prompts, const int *prompt_lens, int n_seqs,
                                int max_new_tokens, float temperature, const unsigned long long *seeds,
                                const int *stop_tokens, int n_stop, int *out_tokens, float *out_logprobs,

@@ -25,6 +25,7 @@ Model and Tokenizer take lib=engine.load(path) to use another build of the libra
 the one of another kernel path (tests/test_kernels.py). Every error of the engine (a bad file, an
 id out of range) raises ValueError with its one-line message.
 """
+
 import glob
 import os
 import re
@@ -149,8 +150,9 @@ class Model:
         shared = weights.get("wcls") is None
         _, size = formats.views(None, config, version, shared, group_size)
         buffer = np.zeros(size, dtype=np.uint8)
-        buffer[:formats.HEADER_SIZE] = np.frombuffer(formats.header(config, version, shared, group_size if version == 2 else None),
-                                                     dtype=np.uint8)
+        buffer[: formats.HEADER_SIZE] = np.frombuffer(
+            formats.header(config, version, shared, group_size if version == 2 else None), dtype=np.uint8
+        )
         model = cls.__new__(cls)
         model.lib = lib = lib or load()
         model._buffer, model._shared = buffer, shared
@@ -177,7 +179,10 @@ class Model:
             if name == "wcls" and value is None and self._shared:
                 continue
             if name not in self.views:
-                raise ValueError(f"update: no weight {name!r} in this model" + (" (its classifier is the embedding)" if name == "wcls" else ""))
+                raise ValueError(
+                    f"update: no weight {name!r} in this model"
+                    + (" (its classifier is the embedding)" if name == "wcls" else "")
+                )
             value = np.asarray(value, dtype=np.float32)
             if value.shape != full[name]:
                 raise ValueError(f"update: {name} has shape {value.shape}, expected {full[name]}")
@@ -191,7 +196,9 @@ class Model:
                 (values[l] if value.ndim == 3 else values)[...] = q.reshape(m.shape)
                 (scales[l] if value.ndim == 3 else scales)[...] = s.reshape(m.shape[0], -1)
         err = _error()
-        if self._t.panels != ffi.NULL and self.lib.transformer_pack(self._t, err) != 0:  # batches' copy of the fp32 weights
+        if (
+            self._t.panels != ffi.NULL and self.lib.transformer_pack(self._t, err) != 0
+        ):  # batches' copy of the fp32 weights
             raise ValueError(_message(err))
 
     def _reserve(self, n_seqs):
@@ -225,13 +232,29 @@ class Model:
         if B > 0:
             self._reserve(B)
         err = _error()
-        if self.lib.transformer_generate_batch(self._t, _ptr("int", flat), _ptr("int", lens), B, max_new_tokens,
-                                               float(temperature), _ptr("unsigned long long", seeds), _ptr("int", stop),
-                                               len(stop), _ptr("int", tokens), _ptr("float", logprobs),
-                                               _ptr("int", counts), err) != 0:
+        if (
+            self.lib.transformer_generate_batch(
+                self._t,
+                _ptr("int", flat),
+                _ptr("int", lens),
+                B,
+                max_new_tokens,
+                float(temperature),
+                _ptr("unsigned long long", seeds),
+                _ptr("int", stop),
+                len(stop),
+                _ptr("int", tokens),
+                _ptr("float", logprobs),
+                _ptr("int", counts),
+                err,
+            )
+            != 0
+        ):
             raise ValueError(_message(err))
-        return ([tokens[b, :n].tolist() for b, n in enumerate(counts)],
-                [logprobs[b, :n].tolist() for b, n in enumerate(counts)])
+        return (
+            [tokens[b, :n].tolist() for b, n in enumerate(counts)],
+            [logprobs[b, :n].tolist() for b, n in enumerate(counts)],
+        )
 
     def score(self, tokens, lengths, starts, temperature=1.0, hidden=False):
         """log p(tokens[b, t] | tokens[b, :t]) under softmax(logits / temperature) for t in
@@ -243,16 +266,30 @@ class Model:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tokens.shape}")
         B, T = tokens.shape
-        lengths = _array(np.broadcast_to(lengths, (B,)) if np.ndim(lengths) == 0 else lengths, np.int32, "lengths", (B,))
+        lengths = _array(
+            np.broadcast_to(lengths, (B,)) if np.ndim(lengths) == 0 else lengths, np.int32, "lengths", (B,)
+        )
         starts = _array(np.broadcast_to(starts, (B,)) if np.ndim(starts) == 0 else starts, np.int32, "starts", (B,))
         logprobs = np.zeros((B, T), dtype=np.float32)
         states = np.zeros((B, T, self.config.dim), dtype=np.float32) if hidden else None
         if B > 0:
             self._reserve(B)
         err = _error()
-        if self.lib.transformer_score_batch(self._t, _ptr("int", tokens), B, T, _ptr("int", lengths), _ptr("int", starts),
-                                            float(temperature), _ptr("float", logprobs),
-                                            _ptr("float", states) if hidden else ffi.NULL, err) != 0:
+        if (
+            self.lib.transformer_score_batch(
+                self._t,
+                _ptr("int", tokens),
+                B,
+                T,
+                _ptr("int", lengths),
+                _ptr("int", starts),
+                float(temperature),
+                _ptr("float", logprobs),
+                _ptr("float", states) if hidden else ffi.NULL,
+                err,
+            )
+            != 0
+        ):
             raise ValueError(_message(err))
         return (logprobs, states) if hidden else logprobs
 
@@ -260,8 +297,10 @@ class Model:
         """Logits (vocab_size,) for `token` at `pos`; positions 0..pos-1 must have been run."""
         logits = self.lib.transformer_forward(self._t, token, pos)
         if logits == ffi.NULL:
-            raise ValueError(f"token {token} or position {pos} out of range "
-                             f"(vocab_size {self.config.vocab_size}, seq_len {self.config.seq_len})")
+            raise ValueError(
+                f"token {token} or position {pos} out of range "
+                f"(vocab_size {self.config.vocab_size}, seq_len {self.config.seq_len})"
+            )
         return np.frombuffer(ffi.buffer(logits, 4 * self.config.vocab_size), dtype=np.float32).copy()
 
     def reset(self):
@@ -278,9 +317,15 @@ class Model:
         s = self._t.state
         dtype = np.float16 if s.kv_type == self.lib.KV_F16 else np.float32
         size = dtype().itemsize * int(np.prod(shape))
-        return tuple(np.frombuffer(ffi.buffer(p, size), dtype=dtype).astype(np.float32).reshape(shape)
-                     .transpose(0, 2, 1, 3).reshape(c.n_layers, c.seq_len, -1).copy()
-                     for p in (s.key_cache, s.value_cache))
+        return tuple(
+            np.frombuffer(ffi.buffer(p, size), dtype=dtype)
+            .astype(np.float32)
+            .reshape(shape)
+            .transpose(0, 2, 1, 3)
+            .reshape(c.n_layers, c.seq_len, -1)
+            .copy()
+            for p in (s.key_cache, s.value_cache)
+        )
 
 
 class Tokenizer:

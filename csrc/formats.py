@@ -13,6 +13,7 @@ wk and wv (L, kv_dim, dim), wo (L, dim, dim), rms_ffn_weight (L, dim), w1 and w3
 (L, hidden, dim), w2 (L, dim, hidden), rms_final_weight (dim,), wcls (vocab, dim) or None when
 the classifier is the embedding.
 """
+
 import os
 import struct
 import sys
@@ -67,13 +68,24 @@ def read_v0(path):
     shared = vocab_size > 0
     c = Config(dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab_size), seq_len)
     floats = np.frombuffer(data, dtype=np.float32, offset=28)
-    order = ["token_embedding_table", "rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight",
-             "w1", "w2", "w3", "rms_final_weight"]
+    order = [
+        "token_embedding_table",
+        "rms_att_weight",
+        "wq",
+        "wk",
+        "wv",
+        "wo",
+        "rms_ffn_weight",
+        "w1",
+        "w2",
+        "w3",
+        "rms_final_weight",
+    ]
     w, at = {}, 0
     for name in order:
         shape = shapes(c)[name]
         n = int(np.prod(shape))
-        w[name] = floats[at:at + n].reshape(shape)
+        w[name] = floats[at : at + n].reshape(shape)
         at += n
     at += seq_len * (dim // n_heads)  # freq_cis_real, freq_cis_imag
     w["wcls"] = None if shared else floats[at:].reshape(c.vocab_size, dim)
@@ -121,8 +133,19 @@ def _checkpoint_parts(c, w, version, group_size):
     if version == 0:
         vocab = c.vocab_size if shared else -c.vocab_size
         yield struct.pack("7i", c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, vocab, c.seq_len)
-        for name in ["token_embedding_table", "rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight",
-                     "w1", "w2", "w3", "rms_final_weight"]:
+        for name in [
+            "token_embedding_table",
+            "rms_att_weight",
+            "wq",
+            "wk",
+            "wv",
+            "wo",
+            "rms_ffn_weight",
+            "w1",
+            "w2",
+            "w3",
+            "rms_final_weight",
+        ]:
             yield _f32(w[name])
         head_size = c.dim // c.n_heads
         freqs = 1.0 / (10000.0 ** (np.arange(0, head_size, 2) / head_size))
@@ -161,7 +184,9 @@ def views(buf, c, version, shared, group_size=64):
     at, out = HEADER_SIZE, {}
 
     def take(dtype, shape, offset, strides=None):
-        return np.ndarray(shape, dtype=dtype, buffer=buf.data, offset=offset, strides=strides) if buf is not None else None
+        return (
+            np.ndarray(shape, dtype=dtype, buffer=buf.data, offset=offset, strides=strides) if buf is not None else None
+        )
 
     names = ["rms_att_weight", "rms_ffn_weight", "rms_final_weight", "token_embedding_table", *MATRICES]
     names += [] if shared else ["wcls"]
@@ -176,8 +201,10 @@ def views(buf, c, version, shared, group_size=64):
         values, scales = rows * cols, 4 * rows * cols // group_size
         step = values + scales  # one layer's values and scales
         lead, strides = ((layers,), (step,)) if layers else ((), ())
-        out[name] = (take(np.int8, (*lead, rows, cols), at, (*strides, cols, 1)),
-                     take(np.float32, (*lead, rows, cols // group_size), at + values, (*strides, 4 * cols // group_size, 4)))
+        out[name] = (
+            take(np.int8, (*lead, rows, cols), at, (*strides, cols, 1)),
+            take(np.float32, (*lead, rows, cols // group_size), at + values, (*strides, 4 * cols // group_size, 4)),
+        )
         at += step * (layers or 1)
     return out, at
 

@@ -36,6 +36,7 @@ def real_story_parts(n, offset=0):
 def one_thread():
     """Tiny models on a shared 2-core machine: more threads than free cores is 100x slower."""
     import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -62,6 +63,7 @@ def small_data(tmp_path_factory):
 # ---------------------------------------------------------------------------
 # the C engine's kernel paths (csrc/kernels.h): each one this CPU can execute is built and tested
 
+
 def cpu_flags():
     """The CPU's feature flags from /proc/cpuinfo (x86 'flags', ARM 'Features'); empty elsewhere."""
     try:
@@ -81,9 +83,12 @@ def kernel_paths():
     paths = [("portable", "portable")]
     avx2 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}  # x86-64-v3
     avx512 = avx2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}  # x86-64-v4
-    for name, arch, needs in [("avx2", "x86-64-v3", avx2), ("avx2-vnni", "x86-64-v3 -mavxvnni", avx2 | {"avx_vnni"}),
-                              ("avx512", "x86-64-v4", avx512),
-                              ("avx512-vnni", "x86-64-v4 -mavx512vnni", avx512 | {"avx512_vnni"})]:
+    for name, arch, needs in [
+        ("avx2", "x86-64-v3", avx2),
+        ("avx2-vnni", "x86-64-v3 -mavxvnni", avx2 | {"avx_vnni"}),
+        ("avx512", "x86-64-v4", avx512),
+        ("avx512-vnni", "x86-64-v4 -mavx512vnni", avx512 | {"avx512_vnni"}),
+    ]:
         if needs <= flags:
             paths.append((name, arch))
     if machine in ("aarch64", "arm64"):
@@ -100,19 +105,26 @@ class KernelBuild:
 
     def __init__(self, name, arch, directory):
         self.name, self.arch, self.dir = name, arch, directory
-        for target, var in [("runomp", f"BIN={directory / 'run'}"), (directory / "libengine.so", f"LIB={directory / 'libengine.so'}"),
-                            (directory / "libattention.so", f"ATTENTION_LIB={directory / 'libattention.so'}"),
-                            (directory / "test_kernels", f"KTEST={directory / 'test_kernels'}")]:
-            r = subprocess.run(["make", "-s", "-B", f"ARCH={arch}", var, str(target)], cwd=ROOT, capture_output=True, text=True)
+        for target, var in [
+            ("runomp", f"BIN={directory / 'run'}"),
+            (directory / "libengine.so", f"LIB={directory / 'libengine.so'}"),
+            (directory / "libattention.so", f"ATTENTION_LIB={directory / 'libattention.so'}"),
+            (directory / "test_kernels", f"KTEST={directory / 'test_kernels'}"),
+        ]:
+            r = subprocess.run(
+                ["make", "-s", "-B", f"ARCH={arch}", var, str(target)], cwd=ROOT, capture_output=True, text=True
+            )
             assert r.returncode == 0 and "warning" not in r.stderr, f"make {target} ARCH={arch}:\n{r.stderr}"
         self.run, self.test_kernels = directory / "run", directory / "test_kernels"
 
     def engine_lib(self):
         from csrc import engine
+
         return engine.load(self.dir / "libengine.so")
 
     def attention_lib(self):
         from csrc import attention
+
         return attention.ffi.dlopen(str(self.dir / "libattention.so"))
 
 
@@ -130,13 +142,22 @@ def pretrained(small_data, tmp_path_factory):
 
     from common import save_atomic
     from model import PRESETS, ModelArgs, Transformer
+
     out = tmp_path_factory.mktemp("stories260K")
     torch.manual_seed(0)
     args = {**PRESETS["260K"], "dropout": 0.0}
     meta = json.load(open(os.path.join(small_data, "tok512", "meta.json")))
-    save_atomic({"model": Transformer(ModelArgs(**args)).state_dict(), "model_args": args, "iter_num": 100,
-                 "best_val_loss": 3.0, "config": {}, "tokenizer": {k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_id")}},
-                str(out / "ckpt.pt"))
+    save_atomic(
+        {
+            "model": Transformer(ModelArgs(**args)).state_dict(),
+            "model_args": args,
+            "iter_num": 100,
+            "best_val_loss": 3.0,
+            "config": {},
+            "tokenizer": {k: meta[k] for k in ("tokenizer", "tokenizer_sha256", "vocab_size", "bos_id")},
+        },
+        str(out / "ckpt.pt"),
+    )
     return out
 
 
@@ -152,6 +173,7 @@ def tiny_ckpt(small_data, tmp_path_factory):
     from common import save_atomic
     from model import ModelArgs, Transformer
     from tinystories import iter_batches
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -165,8 +187,14 @@ def tiny_ckpt(small_data, tmp_path_factory):
         optimizer.step()
     torch.set_num_threads(threads)
     path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
-    save_atomic({"model": model.state_dict(), "model_args": TINY,
-                 "tokenizer": {"tokenizer": os.path.join(small_data, "tok512.model"), "vocab_size": 512, "bos_id": 1}}, path)
+    save_atomic(
+        {
+            "model": model.state_dict(),
+            "model_args": TINY,
+            "tokenizer": {"tokenizer": os.path.join(small_data, "tok512.model"), "vocab_size": 512, "bos_id": 1},
+        },
+        path,
+    )
     return path
 
 
@@ -180,8 +208,11 @@ def tiny_model(seed=0, vocab_size=64, std=None):
     import torch
 
     from model import ModelArgs, Transformer
+
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=8, max_seq_len=64))
+    model = Transformer(
+        ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=8, max_seq_len=64)
+    )
     if std:  # a random model far from uniform, so that policies differ visibly
         with torch.no_grad():
             for p in model.parameters():
@@ -193,8 +224,11 @@ def tiny_model(seed=0, vocab_size=64, std=None):
 def bos_prompts(n, length=1, seed=0):
     """n prompts (token lists) of BOS and length - 1 random tokens."""
     import torch
+
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.ones(n, 1, dtype=torch.long), torch.randint(3, 64, (n, length - 1), generator=g)], 1).tolist()
+    return torch.cat(
+        [torch.ones(n, 1, dtype=torch.long), torch.randint(3, 64, (n, length - 1), generator=g)], 1
+    ).tolist()
 
 
 def tiny_run(method, policy, reference, score, cfg, prompts=None):
@@ -205,14 +239,24 @@ def tiny_run(method, policy, reference, score, cfg, prompts=None):
     import tasks
 
     prompts = prompts or [[1]]
-    task = tasks.Task("test", lambda rng, n: [prompts[i % len(prompts)] for i in range(n)], prompts, score,
-                      lambda *args: {})
+    task = tasks.Task(
+        "test", lambda rng, n: [prompts[i % len(prompts)] for i in range(n)], prompts, score, lambda *args: {}
+    )
     optimizer = policy.model.configure_optimizers(0.0, cfg["learning_rate"], (0.9, 0.95), "cpu")
     if policy.value_head is not None:
         optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
-    return rl_train.Run(cfg=cfg, method=method, policy=policy, train_policy=policy, reference=reference,
-                        model_args=policy.model.params.__dict__, optimizer=optimizer, kl_ctl=rl.kl_controller(cfg),
-                        task=task, stop_tokens=STOP)
+    return rl_train.Run(
+        cfg=cfg,
+        method=method,
+        policy=policy,
+        train_policy=policy,
+        reference=reference,
+        model_args=policy.model.params.__dict__,
+        optimizer=optimizer,
+        kl_ctl=rl.kl_controller(cfg),
+        task=task,
+        stop_tokens=STOP,
+    )
 
 
 def learn(run, iters):
@@ -221,8 +265,8 @@ def learn(run, iters):
     import numpy as np
     import torch
 
-    import rl
     import rl_train
+    import rollouts
 
     history = []
     for it in range(iters):
@@ -231,7 +275,7 @@ def learn(run, iters):
         run.shuffle = torch.Generator().manual_seed(1000 + it)
         batch = rl_train.next_batch(run)
         stats = run.method.iteration(run, batch)
-        run.kl_ctl.update(rl.rollout_stats(batch)["objective/kl"], len(batch.tokens))
+        run.kl_ctl.update(rollouts.rollout_stats(batch)["objective/kl"], len(batch.tokens))
         history.append((batch.scores.mean().item(), stats))
     return history
 
@@ -244,10 +288,18 @@ def learn_short_stories(module, **overrides):
 
     import configurator
     import rl
+
     policy = rl.Policy(tiny_model(), value_head=getattr(module, "VALUE_HEAD", False))
     reference = rl.Policy(copy.deepcopy(policy.model)).requires_grad_(False)
-    cfg = {**configurator.split(module.config)[0], "batch_size": 16, "num_mini_batches": 2, "max_new_tokens": 12,
-           "learning_rate": 3e-3, "init_kl_coef": 0.01, **overrides}
+    cfg = {
+        **configurator.split(module.config)[0],
+        "batch_size": 16,
+        "num_mini_batches": 2,
+        "max_new_tokens": 12,
+        "learning_rate": 3e-3,
+        "init_kl_coef": 0.01,
+        **overrides,
+    }
     history = learn(tiny_run(module, policy, reference, length_score(4), cfg), 30)
     before, after = (sum(s for s, _ in h) / 3 for h in (history[:3], history[-3:]))
     return before, after, history
@@ -257,7 +309,9 @@ def length_score(target_len):
     """The length reward at target_len, as the RL stages score it."""
     import tasks
 
-    return lambda batch: tasks.score_rollouts(batch, {"length": 1.0}, {"target_len": target_len, "missing_eos_penalty": 1.0})
+    return lambda batch: tasks.score_rollouts(
+        batch, {"length": 1.0}, {"target_len": target_len, "missing_eos_penalty": 1.0}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -273,21 +327,24 @@ def wandb_history(out_dir):
     log is a 7-byte W&B header, then LevelDB log records (crc32c, length, type) in 32 KiB blocks: FULL,
     or FIRST, MIDDLE and LAST pieces, each a protobuf Record."""
     from wandb.proto import wandb_internal_pb2
-    path, = glob.glob(os.path.join(out_dir, "wandb", "offline-run-*", "run-*.wandb"))
+
+    (path,) = glob.glob(os.path.join(out_dir, "wandb", "offline-run-*", "run-*.wandb"))
     data = open(path, "rb").read()
     rows, pos, pending = [], 7, b""
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
             if record.WhichOneof("record_type") == "history":
-                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                row = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
                 rows.append({k: v for k, v in row.items() if not k.startswith("_")})
     return rows

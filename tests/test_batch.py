@@ -3,6 +3,7 @@ its own prompt length, position, KV cache, seed and stop, and many sequences sco
 weights in a Python-owned buffer (Model.from_weights, update). Against the single-sequence forward
 (bit for bit: a row's products are computed the same way whatever the batch), the float64 numpy
 Reference of test_engine.py, and PyTorch's model.py (scoring, greedy generation)."""
+
 import os
 import subprocess
 import sys
@@ -31,24 +32,32 @@ def weights():
 @pytest.fixture(scope="module")
 def torch_model():
     torch.manual_seed(0)
-    return Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32,
-                                 max_seq_len=48)).eval()
+    return Transformer(
+        ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=32, max_seq_len=48)
+    ).eval()
 
 
 def engine_of(model):
     """The engine's copy of a model.py Transformer, through the buffer export writes (no file)."""
     p = model.params
-    return engine.Model.from_weights(Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size,
-                                            p.max_seq_len), llama2c_weights(model))
+    return engine.Model.from_weights(
+        Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len),
+        llama2c_weights(model),
+    )
 
 
 def forward_rows(model, tokens, pos, slots, logits=True):
     """transformer_forward_rows: the logits (n, vocab) of rows (token, position, slot)."""
     t, p, s = (np.array(a, dtype=np.int32) for a in (tokens, pos, slots))
-    out = model.lib.transformer_forward_rows(model._t, *(engine.ffi.from_buffer("int[]", a) for a in (t, p, s)),
-                                             len(t), logits)
+    out = model.lib.transformer_forward_rows(
+        model._t, *(engine.ffi.from_buffer("int[]", a) for a in (t, p, s)), len(t), logits
+    )
     assert out != engine.ffi.NULL
-    return np.frombuffer(engine.ffi.buffer(out, 4 * len(t) * model.config.vocab_size), np.float32).reshape(len(t), -1).copy()
+    return (
+        np.frombuffer(engine.ffi.buffer(out, 4 * len(t) * model.config.vocab_size), np.float32)
+        .reshape(len(t), -1)
+        .copy()
+    )
 
 
 def batched_decode_logits(model, prompts, feeds):
@@ -60,8 +69,18 @@ def batched_decode_logits(model, prompts, feeds):
     if rows:
         forward_rows(model, *zip(*rows), logits=False)
     steps = len(feeds[0]) - len(prompts[0]) + 1
-    return np.stack([forward_rows(model, [f[len(p) - 1 + step] for p, f in zip(prompts, feeds)],
-                                  [len(p) - 1 + step for p in prompts], range(len(prompts))) for step in range(steps)], 1)
+    return np.stack(
+        [
+            forward_rows(
+                model,
+                [f[len(p) - 1 + step] for p, f in zip(prompts, feeds)],
+                [len(p) - 1 + step for p in prompts],
+                range(len(prompts)),
+            )
+            for step in range(steps)
+        ],
+        1,
+    )
 
 
 def decode_feeds(prompts, steps):
@@ -72,6 +91,7 @@ def decode_feeds(prompts, steps):
 # ---------------------------------------------------------------------------
 # batched decoding is the single-sequence forward, row by row
 
+
 @pytest.mark.parametrize("version,group_size", [(1, 0), (2, 32), (2, 64)])
 def test_batched_decode_logits_equal_single_sequence_logits(weights, kernel_build, version, group_size):
     lib = kernel_build.engine_lib()
@@ -80,7 +100,7 @@ def test_batched_decode_logits_equal_single_sequence_logits(weights, kernel_buil
     feeds = decode_feeds(PROMPTS, 6)
     got = batched_decode_logits(batched, PROMPTS, feeds)
     for b, tokens in enumerate(feeds):
-        want = np.array([single.forward(t, pos) for pos, t in enumerate(tokens)])[len(PROMPTS[b]) - 1:]
+        want = np.array([single.forward(t, pos) for pos, t in enumerate(tokens)])[len(PROMPTS[b]) - 1 :]
         err = np.abs(got[b] - want).max(axis=1)
         if version == 2 and batched._t.panels == engine.ffi.NULL:  # Q8_0 unpacked: the same products
             np.testing.assert_array_equal(got[b], want)
@@ -91,7 +111,7 @@ def test_batched_decode_logits_equal_single_sequence_logits(weights, kernel_buil
             assert np.median(err) <= 1e-5 and err.max() < 0.1, err
         else:  # fp32 batches run on packed panels, summing in another order; and the float64 reference
             ref = Reference(C, weights)
-            expected = np.array([ref.forward(t, pos) for pos, t in enumerate(tokens)])[len(PROMPTS[b]) - 1:]
+            expected = np.array([ref.forward(t, pos) for pos, t in enumerate(tokens)])[len(PROMPTS[b]) - 1 :]
             assert err.max() <= 1e-4 and np.abs(got[b] - expected).max() <= 1e-4
         # and bit for bit what the sequence gets in a batch of its own
         np.testing.assert_array_equal(got[b], batched_decode_logits(batched, [PROMPTS[b]], [tokens])[0])
@@ -100,6 +120,7 @@ def test_batched_decode_logits_equal_single_sequence_logits(weights, kernel_buil
 # ---------------------------------------------------------------------------
 # scoring against PyTorch
 
+
 def ragged_tokens(B, T, vocab_size, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab_size, (B, T)).astype(np.int32)
@@ -107,15 +128,16 @@ def ragged_tokens(B, T, vocab_size, seed=0):
     starts = np.minimum(rng.integers(1, 8, B), lengths)
     lengths[0], starts[0] = T, 1  # a full row scored from its second token
     for b in range(B):
-        tokens[b, lengths[b]:] = 0  # padding
+        tokens[b, lengths[b] :] = 0  # padding
     return tokens, lengths, starts
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_scoring_matches_pytorch_log_softmax_and_hidden_states(torch_model, kernel_build, temperature):
     tokens, lengths, starts = ragged_tokens(5, 40, 96)
-    model = engine.Model.from_weights(engine_of(torch_model).config, llama2c_weights(torch_model),
-                                      lib=kernel_build.engine_lib())
+    model = engine.Model.from_weights(
+        engine_of(torch_model).config, llama2c_weights(torch_model), lib=kernel_build.engine_lib()
+    )
     logp, hidden = model.score(tokens, lengths, starts, temperature, hidden=True)
     with torch.no_grad():
         x = torch.from_numpy(tokens).long()
@@ -123,9 +145,9 @@ def test_scoring_matches_pytorch_log_softmax_and_hidden_states(torch_model, kern
         want = torch.log_softmax(torch_model.output(h) / temperature, -1)[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
     for b in range(5):
         scored = slice(starts[b], lengths[b])
-        assert np.abs(logp[b, scored] - want[b, starts[b] - 1:lengths[b] - 1].numpy()).max() <= 1e-4
-        assert np.abs(hidden[b, scored] - h[b, starts[b] - 1:lengths[b] - 1].numpy()).max() <= 1e-4
-        outside = np.r_[0:starts[b], lengths[b]:40]
+        assert np.abs(logp[b, scored] - want[b, starts[b] - 1 : lengths[b] - 1].numpy()).max() <= 1e-4
+        assert np.abs(hidden[b, scored] - h[b, starts[b] - 1 : lengths[b] - 1].numpy()).max() <= 1e-4
+        outside = np.r_[0 : starts[b], lengths[b] : 40]
         assert not logp[b, outside].any() and not hidden[b, outside].any()
 
 
@@ -150,14 +172,17 @@ def test_greedy_generation_is_pytorchs_token_for_token(pytorch_greedy, kernel_bu
 # ---------------------------------------------------------------------------
 # sampling
 
+
 def generate_and_score(model, prompts, temperature, seeds, n=30):
     tokens, logprobs = model.generate(prompts, n, temperature, seeds)
     T = max(len(p) + len(t) for p, t in zip(prompts, tokens))
     padded = np.zeros((len(prompts), T), np.int32)
     for b, (p, t) in enumerate(zip(prompts, tokens)):
-        padded[b, :len(p) + len(t)] = p + t
-    scored = model.score(padded, [len(p) + len(t) for p, t in zip(prompts, tokens)], [len(p) for p in prompts], temperature)
-    return tokens, logprobs, [scored[b, len(p):len(p) + len(t)] for b, (p, t) in enumerate(zip(prompts, tokens))]
+        padded[b, : len(p) + len(t)] = p + t
+    scored = model.score(
+        padded, [len(p) + len(t) for p, t in zip(prompts, tokens)], [len(p) for p in prompts], temperature
+    )
+    return tokens, logprobs, [scored[b, len(p) : len(p) + len(t)] for b, (p, t) in enumerate(zip(prompts, tokens))]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -187,33 +212,39 @@ def test_a_stop_token_ends_its_sequence_and_is_included(weights):
     stopped, logprobs = model.generate(PROMPTS, 30, 1.0, seeds=[1, 2, 3, 4, 5], stop_tokens=stop)
     for f, s, lp in zip(free, stopped, logprobs):
         ends = [i for i, t in enumerate(f) if t in stop]
-        assert s == (f[:ends[0] + 1] if ends else f) and len(lp) == len(s)
+        assert s == (f[: ends[0] + 1] if ends else f) and len(lp) == len(s)
     assert len(stopped[0]) <= 6 and stopped[0][-1] in stop
 
 
-def test_max_new_tokens_ends_a_sequence_and_prompts_may_fill_the_context(weights):
+def test_max_new_tokens_or_the_context_ends_a_sequence(weights):
     model = engine.Model.from_weights(C, weights)
     tokens, _ = model.generate([[1] * 40, [1]], 8, 1.0, seeds=[1, 2])  # 40 + 8 = seq_len 48
     assert [len(t) for t in tokens] == [8, 8]
+    tokens, _ = model.generate([[1] * 44, [1] * 47, [1]], 8, 1.0, seeds=[1, 2, 3])  # each up to the context's end
+    assert [len(t) for t in tokens] == [4, 1, 8]
 
 
 # ---------------------------------------------------------------------------
 # arguments
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(prompts=[]), "batch of 0 sequences is out of range"),
-    (dict(prompts=[[1], []]), "prompt 1: empty prompt"),
-    (dict(prompts=[[1, 96]]), "prompt 0: prompt token 96 at position 1 is out of range [0, 96)"),
-    (dict(prompts=[[1, -1]]), "out of range"),
-    (dict(prompts=[[1] * 41]), "prompt 0: 41 tokens + max_new_tokens 8 exceed the context (seq_len 48)"),
-    (dict(max_new_tokens=0), "max_new_tokens 0 is not positive"),
-    (dict(temperature=-0.5), "temperature -0.5 is not a finite number >= 0"),
-    (dict(temperature=float("nan")), "temperature nan"),
-    (dict(seeds=[1, 0]), "seed of sequence 1 is 0"),
-    (dict(seeds=[1]), "seeds has shape (1,), expected (2,)"),
-    (dict(seeds=[1, -2]), "seeds must be nonnegative"),
-    (dict(stop_tokens=[2, 96]), "stop token 96 is out of range [0, 96)"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(prompts=[]), "batch of 0 sequences is out of range"),
+        (dict(prompts=[[1], []]), "prompt 1: empty prompt"),
+        (dict(prompts=[[1, 96]]), "prompt 0: prompt token 96 at position 1 is out of range [0, 96)"),
+        (dict(prompts=[[1, -1]]), "out of range"),
+        (dict(prompts=[[1] * 48]), "prompt 0: 48 tokens leave no room in the context (seq_len 48)"),
+        (dict(max_new_tokens=0), "max_new_tokens 0 is not positive"),
+        (dict(temperature=-0.5), "temperature -0.5 is not a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature nan"),
+        (dict(seeds=[1, 0]), "seed of sequence 1 is 0"),
+        (dict(seeds=[1]), "seeds has shape (1,), expected (2,)"),
+        (dict(seeds=[1, -2]), "seeds must be nonnegative"),
+        (dict(stop_tokens=[2, 96]), "stop token 96 is out of range [0, 96)"),
+    ],
+)
 def test_generate_rejects_bad_arguments_with_one_line(weights, kwargs, message):
     model = engine.Model.from_weights(C, weights)
     args = dict(prompts=[[1], [1, 5]], max_new_tokens=8, temperature=1.0, seeds=[1, 2], stop_tokens=())
@@ -225,16 +256,19 @@ def test_generate_rejects_bad_arguments_with_one_line(weights, kwargs, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(starts=[0, 1]), "sequence 0: start 0 is out of range [1, 4]"),
-    (dict(starts=[1, 5]), "sequence 1: start 5 is out of range [1, 3]"),
-    (dict(lengths=[4, 6]), "sequence 1: length 6 is out of range [1, 5]"),
-    (dict(lengths=[0, 3]), "sequence 0: length 0"),
-    (dict(tokens=[[1, 2, 3, 96, 0], [1, 2, 3, 0, 0]]), "sequence 0: token 96 at position 3 is out of range"),
-    (dict(temperature=0.0), "temperature 0 is not a finite number > 0"),
-    (dict(lengths=[4]), "lengths has shape (1,), expected (2,)"),
-    (dict(tokens=[1, 2, 3]), "tokens must be (B, T)"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(starts=[0, 1]), "sequence 0: start 0 is out of range [1, 4]"),
+        (dict(starts=[1, 5]), "sequence 1: start 5 is out of range [1, 3]"),
+        (dict(lengths=[4, 6]), "sequence 1: length 6 is out of range [1, 5]"),
+        (dict(lengths=[0, 3]), "sequence 0: length 0"),
+        (dict(tokens=[[1, 2, 3, 96, 0], [1, 2, 3, 0, 0]]), "sequence 0: token 96 at position 3 is out of range"),
+        (dict(temperature=0.0), "temperature 0 is not a finite number > 0"),
+        (dict(lengths=[4]), "lengths has shape (1,), expected (2,)"),
+        (dict(tokens=[1, 2, 3]), "tokens must be (B, T)"),
+    ],
+)
 def test_score_rejects_bad_arguments_with_one_line(weights, change, message):
     model = engine.Model.from_weights(C, weights)
     args = dict(tokens=[[1, 2, 3, 4, 0], [1, 2, 3, 0, 0]], lengths=[4, 3], starts=[1, 2], temperature=1.0)
@@ -275,8 +309,13 @@ def test_the_thread_count_does_not_change_generation_or_scoring():
     outputs = set()
     for threads in ["1", "2", "3"]:  # 3: uneven shares of rows
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "passive"}
-        r = subprocess.run([sys.executable, "-c", THREADS_SCRIPT.format(root=str(ROOT))], capture_output=True, text=True,
-                           env=env, cwd=ROOT / "tests")
+        r = subprocess.run(
+            [sys.executable, "-c", THREADS_SCRIPT.format(root=str(ROOT))],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT / "tests",
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         outputs.add(r.stdout)
     assert len(outputs) == 1
@@ -284,6 +323,7 @@ def test_the_thread_count_does_not_change_generation_or_scoring():
 
 # ---------------------------------------------------------------------------
 # weights from memory
+
 
 @pytest.mark.parametrize("version,shared", [(1, True), (1, False), (2, True), (2, False)])
 def test_a_model_from_weights_holds_the_bytes_of_the_file_export_writes(tmp_path, version, shared):

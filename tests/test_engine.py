@@ -1,6 +1,7 @@
 """The C engine's contracts, through its cffi binding and the ./run CLI: llama2.c's file
 formats, forward parity with a plain numpy transformer (fp32 and Q8_0), the tokenizer against
 sentencepiece, llama2.c's sampler, and a clean one-line error for every malformed input."""
+
 import os
 import struct
 import subprocess
@@ -31,6 +32,7 @@ def rewrite(tmp_path, name, c, w, version, group_size=64):
 # ---------------------------------------------------------------------------
 # a reference transformer in numpy (float64), written plainly from llama2.c's math
 
+
 def quantize_activation(x, group_size):
     """The engine's on-the-fly Q8_0 of an activation, dequantised: float32 scale max|x| / 127,
     values rounded half to even."""
@@ -49,15 +51,19 @@ class Reference:
         self.c, self.group_size = c, group_size
         wcls = w["token_embedding_table"] if w["wcls"] is None else w["wcls"]
         if group_size:
+
             def q8(a):
                 return formats.dequantize_q80(*formats.quantize_q80(a, group_size), a.shape)
+
             w = {k: (q8(v) if k in formats.MATRICES or k == "token_embedding_table" else v) for k, v in w.items()}
             wcls = q8(wcls)
         self.w = {k: (None if v is None else np.asarray(v, dtype=np.float64)) for k, v in w.items()}
         self.wcls = np.asarray(wcls, dtype=np.float64)
         hs = c.dim // c.n_heads
         # RoPE angles in float32, as llama2.c and PyTorch compute them
-        self.freq = np.float32(1.0) / np.power(np.float32(10000.0), np.arange(0, hs, 2, dtype=np.float32) / np.float32(hs))
+        self.freq = np.float32(1.0) / np.power(
+            np.float32(10000.0), np.arange(0, hs, 2, dtype=np.float32) / np.float32(hs)
+        )
         self.keys = np.zeros((c.n_layers, c.seq_len, c.n_kv_heads, hs))
         self.values = np.zeros_like(self.keys)
 
@@ -87,8 +93,8 @@ class Reference:
             self.keys[l, pos] = self.rope(self.matmul(w["wk"][l], xb).reshape(c.n_kv_heads, hs), pos)
             self.values[l, pos] = self.matmul(w["wv"][l], xb).reshape(c.n_kv_heads, hs)
             # GQA: query head h reads kv head h // kv_mul
-            k = np.repeat(self.keys[l, :pos + 1], kv_mul, axis=1)  # (t, n_heads, hs)
-            v = np.repeat(self.values[l, :pos + 1], kv_mul, axis=1)
+            k = np.repeat(self.keys[l, : pos + 1], kv_mul, axis=1)  # (t, n_heads, hs)
+            v = np.repeat(self.values[l, : pos + 1], kv_mul, axis=1)
             att = np.einsum("hd,thd->ht", q, k) / np.sqrt(hs)
             att = np.exp(att - att.max(axis=1, keepdims=True))
             att /= att.sum(axis=1, keepdims=True)
@@ -129,6 +135,7 @@ def random_ids(n, vocab_size, seed=0):
 
 # ---------------------------------------------------------------------------
 # formats and forward parity
+
 
 def test_stories260k_loads_with_its_config():
     model = engine.Model(STORIES260K)
@@ -174,8 +181,10 @@ def test_version2_rewrite_is_close_and_agrees_on_greedy_tokens(tmp_path, stories
     fp32, q8 = engine_logits(v0, tokens), engine_logits(v2, tokens)
     err = np.abs(fp32 - q8)
     agree = np.mean(fp32.argmax(axis=1) == q8.argmax(axis=1))
-    print(f"stories260K Q8_0 (group 4) vs fp32: logit error max {err.max():.3f}, mean {err.mean():.3f} "
-          f"(logit std {fp32.std():.2f}); greedy agreement {agree:.1%}")
+    print(
+        f"stories260K Q8_0 (group 4) vs fp32: logit error max {err.max():.3f}, mean {err.mean():.3f} "
+        f"(logit std {fp32.std():.2f}); greedy agreement {agree:.1%}"
+    )
     assert err.mean() < 0.1 * fp32.std() and agree >= 0.95
 
 
@@ -197,12 +206,14 @@ def test_fp16_cache_moves_logits_far_less_than_q8_weights(tmp_path, stories260k)
     c, w = stories260k
     f32, f16 = engine.Model(STORIES260K), engine.Model(STORIES260K, kv_cache="f16")
     q8 = engine.Model(rewrite(tmp_path, "q8.bin", c, w, 2, group_size=4))
-    tokens = (engine.generate(f32, [1], steps=200, temperature=0.0) + random_ids(c.seq_len, c.vocab_size))[:c.seq_len]
+    tokens = (engine.generate(f32, [1], steps=200, temperature=0.0) + random_ids(c.seq_len, c.vocab_size))[: c.seq_len]
     ref = engine_logits(f32, tokens)
     err = {name: np.abs(engine_logits(m, tokens) - ref) for name, m in (("f16 cache", f16), ("q8_0", q8))}
     agree = np.mean(engine_logits(f16, tokens).argmax(axis=1) == ref.argmax(axis=1))
-    print(f"stories260K vs fp32 over {c.seq_len} positions: fp16 cache logit error mean {err['f16 cache'].mean():.4f} "
-          f"max {err['f16 cache'].max():.3f}, greedy agreement {agree:.1%}; Q8_0 weights mean {err['q8_0'].mean():.4f}")
+    print(
+        f"stories260K vs fp32 over {c.seq_len} positions: fp16 cache logit error mean {err['f16 cache'].mean():.4f} "
+        f"max {err['f16 cache'].max():.3f}, greedy agreement {agree:.1%}; Q8_0 weights mean {err['q8_0'].mean():.4f}"
+    )
     assert err["f16 cache"].mean() < 0.1 * err["q8_0"].mean() and agree >= 0.98
 
 
@@ -233,8 +244,9 @@ def test_fp16_conversions_match_numpy():
     midpoints = ((finite[1:].astype(np.float64) + finite[:-1]) / 2).astype(np.float32)  # exact in fp32
     rng = np.random.default_rng(0)
     spread = (rng.standard_normal(100_000) * 10.0 ** rng.uniform(-9, 6, 100_000)).astype(np.float32)
-    edges = np.array([65504, 65519.996, 65520, 1e10, np.inf, 2**-24, 2**-25, 2**-25 * 1.0001, 2**-26, 0.0],
-                     dtype=np.float32)
+    edges = np.array(
+        [65504, 65519.996, 65520, 1e10, np.inf, 2**-24, 2**-25, 2**-25 * 1.0001, 2**-26, 0.0], dtype=np.float32
+    )
     x = np.concatenate([want[~nan], midpoints, -midpoints, spread, edges, -edges])
     with np.errstate(over="ignore"):  # numpy warns of the values that become inf
         want_halves = x.astype(np.float16).view(np.uint16)
@@ -249,8 +261,9 @@ Q8_SHAPES = [(96, 160, 32), (96, 160, 4), (128, 256, 64), (128, 256, 128), (96, 
 
 
 @pytest.mark.parametrize("dim,hidden_dim,group_size", Q8_SHAPES)
-def test_q8_forward_matches_numpy_reference_with_quantised_activations(tmp_path, dim, hidden_dim, group_size,
-                                                                       kernel_build):
+def test_q8_forward_matches_numpy_reference_with_quantised_activations(
+    tmp_path, dim, hidden_dim, group_size, kernel_build
+):
     c = Config(dim=dim, hidden_dim=hidden_dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=32)
     w = formats.random_weights(c, shared=False, seed=group_size, std=0.1)
     model = engine.Model(rewrite(tmp_path, "q8.bin", c, w, 2, group_size), lib=kernel_build.engine_lib())
@@ -291,6 +304,7 @@ def test_reset_zeroes_the_cache_so_a_position_sees_only_zeros_before_it():
 
 # ---------------------------------------------------------------------------
 # generation and sampling
+
 
 def test_greedy_generate_equals_argmax_of_forward():
     model = engine.Model(STORIES260K)
@@ -336,7 +350,7 @@ def llama2c_sample(logits, temperature, topp, state):
             last = i
             break
     r, cdf = coin * cum, np.float32(0.0)
-    for j in idx[:last + 1]:
+    for j in idx[: last + 1]:
         cdf = np.float32(cdf + p[j])
         if r < cdf:
             return int(j), state
@@ -383,14 +397,17 @@ def test_sampling_is_deterministic_per_seed():
     assert engine.generate(model, [1], steps=64, temperature=1.0, topp=0.9, seed=8) != a
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(prompt=[]), "empty prompt"),
-    (dict(prompt=[1, 512]), "out of range"),
-    (dict(prompt=[1] * 513), "longer than the context"),
-    (dict(prompt=[1], temperature=-1.0), "temperature"),
-    (dict(prompt=[1], topp=1.5), "top-p"),
-    (dict(prompt=[1], seed=0), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(prompt=[]), "empty prompt"),
+        (dict(prompt=[1, 512]), "out of range"),
+        (dict(prompt=[1] * 513), "longer than the context"),
+        (dict(prompt=[1], temperature=-1.0), "temperature"),
+        (dict(prompt=[1], topp=1.5), "top-p"),
+        (dict(prompt=[1], seed=0), "seed"),
+    ],
+)
 def test_generate_rejects_bad_arguments_with_the_engines_message(kwargs, message):
     model = engine.Model(STORIES260K)
     with pytest.raises(ValueError, match=message):
@@ -399,6 +416,7 @@ def test_generate_rejects_bad_arguments_with_the_engines_message(kwargs, message
 
 # ---------------------------------------------------------------------------
 # tokenizer
+
 
 def real_stories(n):
     text = (SHARED / "tinystories" / "valid-000.txt").read_text()
@@ -409,7 +427,7 @@ def test_tokenizer_matches_sentencepiece_on_real_stories():
     sentencepiece = pytest.importorskip("sentencepiece")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(LLAMA2C / "tok512.model"))
     tok = engine.Tokenizer(TOK512, 512)
-    stories = real_stories(400) + ["Héllo, wörld! 日本語 😀 ok", "x", "Tom said: \"Let's go!\"\n\nThe end."]
+    stories = real_stories(400) + ["Héllo, wörld! 日本語 😀 ok", "x", 'Tom said: "Let\'s go!"\n\nThe end.']
     for s in stories:
         ids = sp.encode(s)
         assert tok.encode(s, bos=False) == ids, s
@@ -445,12 +463,29 @@ def test_decode_rejects_ids_out_of_range():
 # ---------------------------------------------------------------------------
 # the CLI
 
+
 @pytest.mark.parametrize("kv_cache", ["f32", "f16"])
 def test_run_prints_the_same_greedy_text_as_the_binding(run_binary, kv_cache):
     model, tok = engine.Model(STORIES260K, kv_cache=kv_cache), engine.Tokenizer(TOK512, 512)
     ids = engine.generate(model, tok, steps=80, temperature=0.0, text="Once upon a time")
-    r = subprocess.run([run_binary, str(STORIES260K), "-z", str(TOK512), "-t", "0", "-n", "80", "-k", kv_cache,
-                        "-i", "Once upon a time"], capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "3"})
+    r = subprocess.run(
+        [
+            run_binary,
+            str(STORIES260K),
+            "-z",
+            str(TOK512),
+            "-t",
+            "0",
+            "-n",
+            "80",
+            "-k",
+            kv_cache,
+            "-i",
+            "Once upon a time",
+        ],
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "3"},
+    )
     assert r.returncode == 0
     # run skips lone control bytes, as llama2.c's safe_printf
     text = "".join(c for c in tok.decode(ids) if c.isprintable() or c.isspace())
@@ -470,9 +505,11 @@ def test_run_output_does_not_depend_on_the_thread_count(tmp_path, kernel_build, 
     for threads in ["1", "2", "3"]:  # 3: uneven shares of rows and heads
         # passive: sleeping rather than spinning threads keep this quick on a busy machine
         env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "passive"}
-        r = subprocess.run([kernel_build.run, str(path), "-z", str(TOK512), "-t", "0.9", "-s", "3", "-n", "128",
-                            "-k", kv_cache],
-                           capture_output=True, env=env)
+        r = subprocess.run(
+            [kernel_build.run, str(path), "-z", str(TOK512), "-t", "0.9", "-s", "3", "-n", "128", "-k", kv_cache],
+            capture_output=True,
+            env=env,
+        )
         assert r.returncode == 0
         outputs.add(r.stdout)
     assert len(outputs) == 1
@@ -481,14 +518,18 @@ def test_run_output_does_not_depend_on_the_thread_count(tmp_path, kernel_build, 
 def test_run_rejects_a_prompt_longer_than_the_context(tmp_path, run_binary):
     c = Config(dim=16, hidden_dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=512, seq_len=8)
     path = rewrite(tmp_path, "short.bin", c, formats.random_weights(c), 1)
-    r = subprocess.run([run_binary, str(path), "-z", str(TOK512), "-i", "Once upon a time there was a dog"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [run_binary, str(path), "-z", str(TOK512), "-i", "Once upon a time there was a dog"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0
     assert r.stderr.splitlines() == [r.stderr.strip()] and "longer than the context" in r.stderr
 
 
 # ---------------------------------------------------------------------------
 # malformed files: a ValueError from the binding, and exit 1 with one line from ./run
+
 
 def header_v1(c, version=1, shared=1, group_size=None, magic=formats.MAGIC):
     h = struct.pack("Ii", magic, version) + struct.pack("7i", *c) + struct.pack("B", shared)
@@ -512,7 +553,7 @@ def malformed_models(stories260k, tmp_path):
         ("extra_byte_v1", v1 + b"\0", "does not match header"),
         ("truncated_v0", v0[:-1000], "does not match header"),
         ("truncated_v2", v2[:-1], "does not match header"),
-        ("v0_without_freq_cis", v0[:-512 * 8 * 4], "does not match header"),
+        ("v0_without_freq_cis", v0[: -512 * 8 * 4], "does not match header"),
         ("wrong_magic", b"ak43" + v1[4:], "magic"),
         ("wrong_version", header_v1(c, version=3) + body1, "unsupported version 3"),
         ("v2_body_as_v1", header_v1(c, version=1) + body2, "does not match header"),
@@ -570,12 +611,12 @@ def malformed_tokenizers():
     second_len = 4 + 8 + len(b"<unk>") + 4  # offset of token 1's length field
     return [
         ("truncated", tok[:-3], "truncated in token 511"),
-        ("truncated_at_a_record", tok[:4 + 8 + 5], "has 1 tokens, but the model's vocab_size is 512"),
+        ("truncated_at_a_record", tok[: 4 + 8 + 5], "has 1 tokens, but the model's vocab_size is 512"),
         ("llama2_vocab", (LLAMA2C / "tokenizer.bin").read_bytes(), "has 32000 tokens"),
         ("empty", b"", "too small"),
         ("max_token_length_0", struct.pack("i", 0) + tok[4:], "max_token_length 0"),
-        ("negative_length", tok[:second_len] + struct.pack("i", -1) + tok[second_len + 4:], "token 1 has length -1"),
-        ("huge_length", tok[:second_len] + struct.pack("i", 1 << 30) + tok[second_len + 4:], "token 1 has length"),
+        ("negative_length", tok[:second_len] + struct.pack("i", -1) + tok[second_len + 4 :], "token 1 has length -1"),
+        ("huge_length", tok[:second_len] + struct.pack("i", 1 << 30) + tok[second_len + 4 :], "token 1 has length"),
         ("random_bytes", np.random.default_rng(2).bytes(3000), ""),
     ]
 
@@ -594,7 +635,9 @@ def test_cli_rejects_bad_numbers_with_one_line(run_binary):
     assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, "-t", "hot"], "-t expects a number")
     for flag in ("-t", "-p"):  # strtof reads these, and a NaN temperature or top-p would sample garbage
         for value in ("nan", "-inf", "infinity"):
-            assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, flag, value], f"{flag} expects a number, got '{value}'")
+            assert_one_line_error(
+                run_binary, [STORIES260K, "-z", TOK512, flag, value], f"{flag} expects a number, got '{value}'"
+            )
     assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, "-n", "12x"], "-n expects an integer")
     assert_one_line_error(run_binary, [STORIES260K, "-z", TOK512, "-k", "bf16"], "-k expects f32 or f16, got 'bf16'")
     with pytest.raises(ValueError, match="kv_cache must be one of f32, f16"):

@@ -92,7 +92,7 @@ def test_int8_export_stays_close_and_agrees_on_greedy_tokens(stories260k, story_
     agree = (q.argmax(-1) == ref.argmax(-1)).mean()
     print(f"int8 vs fp32: max logit error {np.abs(q - ref).max():.3f}, greedy agreement {agree:.1%}")
     # stories260K (dim 64, logit margins of ~0.9) is where int8 noise weighs most: 94.0% here, the same as
-    # quantising its weights alone in PyTorch (94.5%); the default model trained here agrees on 99.4% (reports/engine_accuracy.md)
+    # quantising its weights alone in PyTorch (94.5%); the default model agrees on 99.4% (reports/engine_accuracy.md)
     assert agree >= 0.93
     assert np.abs(q - ref).mean() < 0.5
 

@@ -4,6 +4,7 @@ float64 reference (tests/c/test_kernels.c) and its ./run through the C-side chec
 (tests/c/test_run.sh). The cffi parity tests of test_engine.py and the attention test of
 test_model.py run on every path too. The ARM paths are cross-compiled and run under qemu-aarch64
 when the tools are installed (.ci/run installs them)."""
+
 import os
 import shutil
 import subprocess
@@ -24,7 +25,9 @@ def test_this_machine_builds_and_tests_every_path_it_can_execute():
 
 
 def test_kernels_match_the_float64_reference(kernel_build):
-    r = subprocess.run([kernel_build.test_kernels], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = subprocess.run(
+        [kernel_build.test_kernels], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}
+    )
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines[-1].endswith(" passed, 0 failed"), r.stdout[-2000:]
     assert lines[0] == f"kernels: {kernel_build.name}"  # the build runs the path it was asked for
@@ -32,16 +35,23 @@ def test_kernels_match_the_float64_reference(kernel_build):
 
 
 def test_run_passes_the_c_checks(kernel_build):
-    r = subprocess.run(["bash", "tests/c/test_run.sh"], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "RUN": str(kernel_build.run)})
+    r = subprocess.run(
+        ["bash", "tests/c/test_run.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUN": str(kernel_build.run)},
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("passed, 0 failed"), r.stdout[-2000:]
 
 
 ARM_TOOLS = ["aarch64-linux-gnu-gcc", "qemu-aarch64"]
 
 
-@pytest.mark.skipif(not all(map(shutil.which, ARM_TOOLS)),
-                    reason="no aarch64 cross-compiler or qemu-aarch64 (Debian: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)")
+@pytest.mark.skipif(
+    not all(map(shutil.which, ARM_TOOLS)),
+    reason="no aarch64 cross-compiler or qemu-aarch64 (Debian: gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)",
+)
 def test_arm_neon_paths_pass_the_c_checks_under_qemu(tmp_path):
     r = subprocess.run(["make", "-s", "armtest", f"ARM_OUT={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     out = r.stdout

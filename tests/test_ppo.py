@@ -11,6 +11,7 @@ from conftest import bos_prompts, learn, length_score, tiny_model, tiny_run
 import configurator
 import ppo
 import rl
+import rollouts
 from ppo import compute_gae, ppo_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
@@ -29,7 +30,7 @@ def policy_and_reference(std=0.3):
 def experience(policy, reference, settings, stop, kl_coef=0.1, score=None):
     """The loop's rollouts of 32 prompts of 3 tokens, then PPO's rewards and advantages."""
     score = score or (lambda batch: torch.ones(len(batch.tokens)))
-    batch, _ = rl.rollout(
+    batch, _ = rollouts.rollout(
         policy, reference, bos_prompts(32, 3), score, settings, torch.Generator().manual_seed(0), stop
     )
     rewards = ppo.advantages(batch, kl_coef, settings)

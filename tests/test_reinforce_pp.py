@@ -11,6 +11,7 @@ from conftest import bos_prompts, learn_short_stories, tiny_model, tiny_run
 import configurator
 import reinforce_pp
 import rl
+import rollouts
 from reinforce_pp import token_returns
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
@@ -47,7 +48,7 @@ def test_advantages_are_whitened_over_every_token_of_the_batch_and_the_loss_is_c
 
     run = tiny_run(reinforce_pp, policy, reference, score, cfg)
     run.optimizer, run.shuffle = torch.optim.SGD(policy.parameters(), lr=0.0), torch.Generator().manual_seed(1)
-    batch, _ = rl.rollout(
+    batch, _ = rollouts.rollout(
         policy, reference, bos_prompts(8, 2), score, cfg, torch.Generator().manual_seed(0), run.stop_tokens
     )
     stats = reinforce_pp.iteration(run, batch)

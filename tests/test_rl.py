@@ -22,6 +22,7 @@ import metrics
 import ppo
 import rl
 import rl_train
+import rollouts
 import tasks
 import train
 from common import DataError
@@ -115,7 +116,7 @@ def test_length_reward_peaks_at_the_target_and_a_cut_off_response_pays_the_missi
     assert r.argmax().item() == 200 and r[200] == 0
     assert (r[1:201] > r[:200]).all() and (r[201:] < r[200:400]).all()  # strictly better toward the target
     # two responses of 6 story tokens: one ended (its stop token is the 7th), one cut off at the cap of 6
-    batch = rl.collate(bos_prompts(2), [[5, 6, 7, 8, 9, 10, 1], [5, 6, 7, 8, 9, 10]], STOP, "cpu")
+    batch = rollouts.collate(bos_prompts(2), [[5, 6, 7, 8, 9, 10, 1], [5, 6, 7, 8, 9, 10]], STOP, "cpu")
     assert batch.ended.tolist() == [True, False] and batch.lengths().tolist() == [6, 6]
     score = tasks.score_rollouts(batch, {"length": 1.0}, {"target_len": 6, "missing_eos_penalty": 0.7})
     assert score.tolist() == pytest.approx([0.0, -0.7])
@@ -133,7 +134,7 @@ def test_reward_specs_and_the_reward_model_wiring():
             assert (tokens[:, 0] == 1).all()  # BOS first
             return torch.tensor([float(tokens[i, :n].sum()) for i, n in enumerate(lengths)])
 
-    batch = rl.collate([[1, 40, 41], [1, 50]], [[5, 1], [6, 7, 8, 9]], STOP, "cpu")  # prompts of two lengths
+    batch = rollouts.collate([[1, 40, 41], [1, 50]], [[5, 1], [6, 7, 8, 9]], STOP, "cpu")  # prompts of two lengths
     cfg = {"target_len": 4, "missing_eos_penalty": 0.0, "batch_size": 1}
     score = tasks.score_rollouts(batch, {"rm": 2.0, "length": 0.0}, cfg, StandInRewardModel())
     # the reward model sees prompt + response up to and with the stop token, never the padding
@@ -143,7 +144,7 @@ def test_reward_specs_and_the_reward_model_wiring():
 def test_rollouts_of_prompts_of_different_lengths_line_up_with_their_responses():
     policy = rl.Policy(tiny_model(std=0.3))
     prompts = [[1, 7], [1, 9, 10, 11, 12], [1]]
-    batch, _ = rl.rollout(
+    batch, _ = rollouts.rollout(
         policy,
         policy,
         prompts,
@@ -166,7 +167,7 @@ def test_rollouts_of_prompts_of_different_lengths_line_up_with_their_responses()
 
 
 def test_minibatches_keep_each_group_whole_and_cover_every_row_once_an_epoch():
-    batch = rl.collate([[1]] * 12, [[5 + i] for i in range(12)], STOP, "cpu")
+    batch = rollouts.collate([[1]] * 12, [[5 + i] for i in range(12)], STOP, "cpu")
     batch.group_size = 3
     seen = []
     for epoch, mb in rl.minibatches(batch, 6, 2, torch.Generator().manual_seed(0)):

@@ -10,6 +10,7 @@ from conftest import bos_prompts, learn_short_stories, tiny_model, tiny_run
 import configurator
 import rl
 import rloo
+import rollouts
 from rloo import leave_one_out_advantages, rloo_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
@@ -48,7 +49,7 @@ def test_the_kl_is_summed_into_the_reward_before_the_baseline():
     }
     run = tiny_run(rloo, policy, reference, lambda batch: torch.ones(len(batch.tokens)), cfg, prompts=bos_prompts(2, 3))
     run.optimizer, run.shuffle = torch.optim.SGD(policy.parameters(), lr=0.0), torch.Generator().manual_seed(1)
-    batch, _ = rl.rollout(
+    batch, _ = rollouts.rollout(
         policy,
         reference,
         [p for p in bos_prompts(2, 3) for _ in range(4)],

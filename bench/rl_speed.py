@@ -1,0 +1,285 @@
+"""
+RL speed on this machine: one iteration of an RL method, as the training loop runs it
+(rl_train.next_batch, then the method's iteration), split into rollout (sampling), scoring (the
+policy's and reference's log-probabilities, rewards, advantages) and optimisation seconds, for each
+rollout engine (rollouts.py: PyTorch, or the C engine), beside Hugging Face TRL's GRPOTrainer on the
+same model and settings (bench/trl_anchor.py, with --trl).
+
+    python bench/rl_speed.py [--workloads=grpo,ppo,fork] [--engines=torch,c] [--threads=2] [--repeats=3]
+    python bench/rl_speed.py --workloads= --checkpoint=out/sft_ckpt.pt --trl=/path/to/trl-venv/bin/python
+
+Workloads (random weights, prompts of BOS and random tokens, no stop token: every rollout runs to
+the length cap, the worst case):
+  grpo  the default model, GRPO: 64 rollouts (8 prompts x 8) of up to 226 tokens (the context's room
+        after 30 prompt tokens), 8 optimizer steps of 8, learning rate 1e-4, beta 0.04, temperature 1
+  ppo   the same shape and rollouts, PPO (value head, GAE), 1 epoch of 8 steps of 8
+  fork  the llama2.c PPO fork's iteration on the 260K preset: 400 rollouts (8 x 50) of up to 300 new
+        tokens, 4 epochs of 8 minibatches of 50 (the fork measured 57-61 s an iteration, TRL 0.11's
+        PPOTrainer 54-56 s, on this machine kind: reports/rl_speed.md)
+  instruct (--checkpoint=SFT checkpoint) GRPO on the instruct task as train.py runs it, 64 rollouts an
+        iteration (8 headers x 8) to their own ends, 8 steps of 8, learning rate 1e-4, beta 0.04,
+        temperature 1, for --iterations; beside it, with --trl (a venv with trl installed, see
+        bench/trl_anchor.py), TRL's GRPOTrainer on the same checkpoint exported to transformers, the
+        same settings, data and reward; skipped with a message without it
+Each setting runs --repeats times after a warm-up iteration (instruct: the iterations after the
+first); the table gives the medians, and for instruct the mean reward over the iterations. Prints a
+JSON line and a markdown table naming the CPU.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import configurator  # noqa: E402
+import export  # noqa: E402
+import grpo  # noqa: E402
+import ppo  # noqa: E402
+import rl  # noqa: E402
+import rl_train  # noqa: E402
+import tasks  # noqa: E402
+from common import reuse_freed_memory  # noqa: E402
+from model import PRESETS, ModelArgs, Transformer  # noqa: E402
+from rollouts import Engines  # noqa: E402
+
+# name: (method, preset, rollouts, group size, new tokens, epochs, minibatch size, prompt tokens)
+WORKLOADS = {
+    "grpo": (grpo, "default", 64, 8, 226, 1, 8, 30),
+    "ppo": (ppo, "default", 64, 1, 226, 1, 8, 30),
+    "fork": (ppo, "260K", 400, 1, 300, 4, 50, 30),
+}
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--workloads", default="grpo,ppo,fork", help="comma-separated: grpo, ppo, fork")
+parser.add_argument("--engines", default="torch,c", help="comma-separated rollout engines: torch, c")
+parser.add_argument("--threads", type=int, default=os.cpu_count())
+parser.add_argument("--repeats", type=int, default=3, help="timed iterations a setting, after one warm-up")
+parser.add_argument("--checkpoint", default="", help="an SFT checkpoint: GRPO on the instruct task, ours and TRL's")
+parser.add_argument("--iterations", type=int, default=20, help="the instruct task's iterations")
+parser.add_argument("--trl", default="", help="a Python with trl installed (bench/trl_anchor.py): TRL's GRPO too")
+
+
+def cpu_name():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def make_run(workload, engine, seed):
+    """A Run of the workload's method on a random model of its shape, prompts of BOS + random tokens and
+    the length reward, as rl_train.setup makes one from a checkpoint."""
+    method, preset, n, group, new_tokens, epochs, minibatch, prompt_len = WORKLOADS[workload]
+    torch.manual_seed(seed)
+    shape = PRESETS[preset]
+    policy = rl.Policy(Transformer(ModelArgs(**shape)), value_head=getattr(method, "VALUE_HEAD", False)).eval()
+    reference = rl.Policy(Transformer(ModelArgs(**shape))).eval().requires_grad_(False)
+    reference.model.load_state_dict(policy.model.state_dict())
+    for p in (policy, reference):
+        p.model.set_attention("auto")
+    cfg = {
+        **configurator.split(method.config)[0],
+        "batch_size": minibatch,
+        "num_mini_batches": n // minibatch,
+        "max_new_tokens": new_tokens,
+        "ppo_epochs": epochs,
+        "temperature": 1.0,
+        "learning_rate": 1e-4,
+        "init_kl_coef": 0.04 if method is grpo else 0.2,
+        "target_len": 200,
+        "seed": seed,
+    }
+    if group > 1:
+        cfg["group_size"] = group
+    rng = np.random.default_rng(seed)
+
+    def draw(_, k):
+        return [[1] + rng.integers(3, shape["vocab_size"], prompt_len - 1).tolist() for _ in range(k)]
+
+    def score(batch):
+        return tasks.length_reward(batch.lengths(), cfg["target_len"])
+
+    optimizer = policy.model.configure_optimizers(0.0, cfg["learning_rate"], (0.9, 0.95), "cpu")
+    if policy.value_head is not None:
+        optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
+    return rl_train.Run(
+        cfg=cfg,
+        method=method,
+        policy=policy,
+        train_policy=policy,
+        reference=reference,
+        model_args=shape,
+        optimizer=optimizer,
+        kl_ctl=rl.kl_controller(cfg),
+        task=tasks.Task("length", draw, [], score, lambda *a: {}),
+        stop_tokens=(),
+        engines=Engines(policy.model, reference.model) if engine == "c" else None,
+    )
+
+
+def iteration(run, it, workload):
+    """One iteration's phases, in seconds."""
+    run.iter_num, run.rng = it, np.random.default_rng([run.cfg["seed"], 0, it])
+    run.shuffle = torch.Generator().manual_seed(it)
+    t0 = time.perf_counter()
+    batch = rl_train.next_batch(run)
+    stats = run.method.iteration(run, batch)
+    total = time.perf_counter() - t0
+    _, _, n, _, new_tokens, *_ = WORKLOADS[workload]
+    assert batch.mask.sum(1).eq(new_tokens).all() and len(batch.tokens) == n  # every rollout ran to full length
+    rollout, optimisation = run.timing["time/rollout"], stats["time/optimize_step"]
+    return {"rollout": rollout, "scoring": total - rollout - optimisation, "optimisation": optimisation, "total": total}
+
+
+def ours(workload, engine, repeats):
+    run = make_run(workload, engine, seed=0)
+    runs = [iteration(run, it, workload) for it in range(repeats + 1)][1:]  # the first warms up
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def instruct_runs(args):
+    """GRPO on the instruct task from an SFT checkpoint (--checkpoint) for --iterations iterations, ours
+    through train.py with each rollout engine and, with --trl, TRL's GRPOTrainer (bench/trl_anchor.py)
+    on the checkpoint exported to transformers, every setting the same: the medians of each phase
+    after the first iteration, and each iteration's mean reward (their curves should agree)."""
+    import checkpoint
+
+    ckpt = checkpoint.load(args.checkpoint, kinds=("sft",))
+    data_dir = checkpoint.data_dir_of(ckpt, args.checkpoint, "data")
+    n, settings = (
+        args.iterations,
+        dict(group_size=8, batch_size=8, num_mini_batches=8, learning_rate=1e-4, temperature=1.0, seed=1337),
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in args.engines.split(","):
+            run_dir = os.path.join(tmp, engine)
+            os.makedirs(run_dir)
+            os.symlink(os.path.abspath(args.checkpoint), os.path.join(run_dir, "sft_ckpt.pt"))
+            argv = [
+                sys.executable,
+                os.path.join(ROOT, "train.py"),
+                "--rl=grpo",
+                "--reward=instruct",
+                f"--out_dir={run_dir}",
+                *(f"--{k}={v}" for k, v in settings.items()),
+                "--init_kl_coef=0.04",
+                f"--max_iters={n}",
+                f"--eval_interval={n}",
+                "--eval_prompts=8",
+                f"--rollout_engine={engine}",
+            ]
+            p = subprocess.run(argv, capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                raise SystemExit(f"error: our run ({engine}) failed: {p.stderr.strip().splitlines()[-1]}")
+            rows = [json.loads(line) for line in open(os.path.join(run_dir, "grpo_log.jsonl"))][1:]
+            phase = {
+                "rollout": "time/rollout",
+                "scoring": ("time/forward_pass", "time/score"),
+                "optimisation": "time/optimize_step",
+                "total": "time/total",
+            }
+            med = {
+                k: statistics.median(sum(r[x] for x in (v if isinstance(v, tuple) else (v,))) for r in rows[1:])
+                for k, v in phase.items()
+            }
+            out.append(
+                {
+                    "workload": "instruct",
+                    "who": f"ours, rollouts by {engine}",
+                    **med,
+                    "reward": [r["env/reward_mean"] for r in rows],
+                }
+            )
+        if args.trl:
+            hf = os.path.join(tmp, "hf")
+            with torch.no_grad():
+                export.export_hf(checkpoint.model_from(ckpt), hf, checkpoint.tokenizer_of(ckpt, args.checkpoint))
+            argv = [
+                args.trl,
+                os.path.join(ROOT, "bench", "trl_anchor.py"),
+                "--mode=grpo",
+                f"--model={hf}",
+                f"--data_dir={data_dir}",
+                f"--vocab_size={ckpt['model_args']['vocab_size']}",
+                f"--iterations={n}",
+                "--beta=0.04",
+                f"--threads={args.threads}",
+                *(f"--{k}={v}" for k, v in settings.items()),
+            ]
+            p = subprocess.run(argv, capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                raise SystemExit(f"error: TRL's run failed: {(p.stderr.strip().splitlines() or [p.returncode])[-1]}")
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            ph = r["phases"]
+            out.append(
+                {
+                    "workload": "instruct",
+                    "who": "TRL GRPOTrainer",
+                    "rollout": ph["rollout"],
+                    "scoring": ph["forward_pass"] + ph["score"],
+                    "optimisation": ph["optimize"],
+                    "total": r["seconds_per_iteration"],
+                    "reward": r["reward_mean"],
+                }
+            )
+        else:
+            print(
+                "instruct: TRL skipped (no --trl=PYTHON with trl installed; see bench/trl_anchor.py)", file=sys.stderr
+            )
+    return out
+
+
+def main(args):
+    reuse_freed_memory()
+    torch.set_num_threads(args.threads)
+    results = []
+    for workload in filter(None, args.workloads.split(",")):
+        if workload not in WORKLOADS:
+            raise SystemExit(f"error: unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+        for engine in args.engines.split(","):
+            r = ours(workload, engine, args.repeats)
+            results.append({"workload": workload, "who": f"ours, rollouts by {engine}", **r})
+            print(f"{workload} ours ({engine}): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()), file=sys.stderr)
+    if args.checkpoint:
+        results += instruct_runs(args)
+    cpu = cpu_name()
+    from csrc import engine as c_engine
+
+    print(
+        json.dumps(
+            {
+                "bench": "rl_speed",
+                "cpu": cpu,
+                "kernels": c_engine.kernels(),
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "results": results,
+            }
+        )
+    )
+    print(
+        f"\n{cpu}, {args.threads} threads, fp32, C kernels {c_engine.kernels()}; medians of {args.repeats} iterations\n"
+    )
+    print("| workload | who | rollout s | scoring s | optimisation s | total s | mean reward |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        reward = f"{statistics.mean(r['reward']):.3f}" if "reward" in r else ""
+        print(
+            f"| {r['workload']} | {r['who']} | {r['rollout']:.2f} | {r['scoring']:.2f} | {r['optimisation']:.2f} | "
+            f"**{r['total']:.2f}** | {reward} |"
+        )
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
