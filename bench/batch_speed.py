@@ -38,10 +38,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+from run_speed import cpu_name  # noqa: E402
+
 from csrc import engine, formats  # noqa: E402
 from export import llama2c_weights, q80_group_size  # noqa: E402
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
-from run_speed import cpu_name  # noqa: E402
 
 TOKENIZERS = {512: "tok512.model", 32000: "tokenizer.model"}  # in ../shared/models/llama2c/, for GGUF files
 MODELS = {"default": "fp32", "15M": "q8_0"}

@@ -178,9 +178,10 @@ HEADER_SIZE = 256  # versions 1 and 2
 def views(buf, c, version, shared, group_size=64):
     """Numpy views, by name, of the weights in buf (a uint8 array holding a version 1 or 2 file of
     config c, header included), walking the layout _checkpoint_parts writes; and the file's size,
-    which buf must have (buf None: the size, and no views). Version 1: fp32 arrays of shapes(c). Version 2: the norms fp32, each matrix
-    a pair (int8 values, fp32 scales) of shapes (..., rows, cols) and (..., rows, cols // group_size),
-    a layer's values and scales side by side in the file. wcls is absent when shared."""
+    which buf must have (buf None: the size, and no views). Version 1: fp32 arrays of shapes(c).
+    Version 2: the norms fp32, each matrix a pair (int8 values, fp32 scales) of shapes
+    (..., rows, cols) and (..., rows, cols // group_size), a layer's values and scales side by side
+    in the file. wcls is absent when shared."""
     at, out = HEADER_SIZE, {}
 
     def take(dtype, shape, offset, strides=None):

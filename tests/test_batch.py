@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+from test_engine import STORIES260K, Reference
+
 from csrc import engine, formats
 from csrc.formats import Config
 from export import llama2c_weights, model_from_llama2c
 from model import ModelArgs, Transformer
-from test_engine import STORIES260K, Reference
 
 # GQA, a 32-multiple hidden size for Q8_0 groups of 32 and 64, a vocabulary that is not a power of 2
 C = Config(dim=64, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, seq_len=48)

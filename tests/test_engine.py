@@ -8,8 +8,8 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import SHARED
 
-from conftest import ROOT, SHARED
 from csrc import engine, formats
 from csrc.formats import Config
 

@@ -360,3 +360,27 @@ def test_bad_settings_and_too_little_data_are_one_line_errors(small_data, tmp_pa
     with pytest.raises(DataError, match=r"too few training stories \(2\)"):
         instruct_data.prepare(stories, tok, tmp_path)
     assert not os.listdir(tmp_path)
+
+
+def test_the_c_engine_writes_the_same_greedy_story_for_a_header_as_pytorch(small_data, tiny_ckpt, tmp_path):
+    """A header prompt, newlines and all, tokenises in the C engine as in sentencepiece, and the engine's
+    greedy story is the PyTorch model's token for token (what ./run -i "$(printf 'Words: ...')" prints)."""
+    import checkpoint
+    import export
+    from csrc import engine
+
+    ckpt = checkpoint.load(tiny_ckpt)
+    model, tok = checkpoint.model_from(ckpt).eval(), checkpoint.tokenizer_of(ckpt, tiny_ckpt)
+    export.export(model, tmp_path / "model.bin")
+    c_model = engine.Model(str(tmp_path / "model.bin"))
+    c_tok = engine.Tokenizer(os.path.join(small_data, "tok512.bin"), 512)
+    for c in (
+        {"words": [["dog", "NOUN"], ["jump", "VERB"], ["happy", "ADJ"]], "dialogue": True, "name": "Lily"},
+        {"words": [["ball", "NOUN"], ["find", "VERB"], ["red", "ADJ"]], "dialogue": False, "name": None},
+    ):
+        header = instruct.render_header(c)
+        ids = tok.encode(header, bos=True)
+        assert c_tok.encode(header) == ids
+        ours = engine.generate(c_model, ids, steps=80, temperature=0.0)[len(ids) :]
+        theirs = model.generate([ids], 81 - len(ids), temperature=0.0, stop_tokens=(tok.bos_id,))[0]  # 80 steps
+        assert ours == [t for t in theirs if t != tok.bos_id]  # ./run stops at BOS without printing it
