@@ -56,8 +56,6 @@ EXTERNAL = (  # programs that are not this project's: their arguments are not ch
 )
 SEPARATORS = ("&&", "||", ";", "|")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|\.\.\.")
-# Scripts whose --help is known to fail, and why: the test fails once they are mended, to drop them here.
-KNOWN_BROKEN = {"bench/ppo_speed.py": "bench/ppo_speed.py uses ppo.PolicyWithValueHead, which ppo.py no longer has"}
 
 
 # -----------------------------------------------------------------------------
@@ -362,13 +360,7 @@ def test_every_relative_link_points_to_a_file_and_heading_that_exist(page):
             assert anchor in anchors(file), f"{shown(page)}: {link}: no such heading"
 
 
-@pytest.mark.parametrize(
-    "script",
-    [
-        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[s])) if s in KNOWN_BROKEN else s
-        for s in SCRIPTS
-    ],
-)
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_answers_help(script):
     code, text = help_of(script)
     assert code == 0 and text.strip(), (code, text[-500:])
