@@ -159,16 +159,18 @@ def bare(token):
 @lru_cache(maxsize=16)  # choose() checks one text many times
 def sentences(text):
     """The sentences of a text, each as (its words, the same lowercased and bare, for each word
-    whether a list separator (, ; / &) stands between it and the word before)."""
+    whether a list separator (, ; / &) stands between it and the word before, where each word ends
+    in the text)."""
     out = []
-    for sentence in SENTENCE.findall(text):
-        spans = [m.span() for m in WORD.finditer(sentence)]
+    for m in SENTENCE.finditer(text):
+        sentence, start = m.group(), m.start()
+        spans = [w.span() for w in WORD.finditer(sentence)]
         tokens = [sentence[a:b] for a, b in spans]
         joined = [
             i > 0 and LIST_SEPARATOR.fullmatch(sentence[spans[i - 1][1] : a]) is not None
             for i, (a, _) in enumerate(spans)
         ]
-        out.append((tokens, [bare(t.lower()) for t in tokens], joined))
+        out.append((tokens, [bare(t.lower()) for t in tokens], joined, [start + b for _, b in spans]))
     return out
 
 
@@ -200,7 +202,7 @@ def counts_for(word):
 
 def held(text):
     """Every (lemma, POS) that some word of the text counts for."""
-    return set().union(*(counts_for(w) for w in {w for _, ws, _ in sentences(text) for w in ws}))
+    return set().union(*(counts_for(w) for w in {w for _, ws, _, _ in sentences(text) for w in ws}))
 
 
 def has_dialogue(text):
@@ -261,7 +263,7 @@ def content_words(text):
     first word)."""
     skip = {n.lower() for n in name_counts(text)}
     out = set()
-    for tokens, ws, _ in sentences(text):
+    for tokens, ws, _, _ in sentences(text):
         if len(ws) < MIN_SENTENCE_WORDS:
             continue
         for i, (t, w) in enumerate(zip(tokens, ws)):
@@ -323,21 +325,23 @@ def lists(ws, joined, hits):
     return [r for r in runs + [run] if len(r) >= LIST_ITEMS and len(set().union(*(hits[i] for i in r))) >= 2]
 
 
-def check(text, header):
-    """Which constraints of a header (text or constraints) the text meets: {"noun", "verb", "adj",
-    ["dialogue",] ["name",] "all", "listed"}. A required word (or the name) counts only where it
-    stands in a real sentence (at least MIN_SENTENCE_WORDS words, fewer than half of them required)
-    and not in a list of required words (lists()): "Dog, jump, happy." does not count, nor does
-    "Dog, jump, happy, and then the story begins." `listed`: the text holds such a list."""
+def met_at(text, header):
+    """Where the text first meets each constraint of a header (text or constraints) that it meets:
+    ({"noun", "verb", "adj", "dialogue", "name" -> the offset in text just after the word, or the
+    quotation, that meets it}, the constraints asked for, whether the text lists the required words).
+    A required word (or the name) counts only where it stands in a real sentence (at least
+    MIN_SENTENCE_WORDS words, fewer than half of them required) and not in a list of required words
+    (lists()): "Dog, jump, happy." does not count, nor does "Dog, jump, happy, and then the story
+    begins." """
     c = parse_header(header) if isinstance(header, str) else header
-    found = {pos.lower(): False for _, pos in c["words"]} | ({"name": False} if c["name"] else {})
-    listed = False
+    asked = [pos.lower() for _, pos in c["words"]] + ["dialogue"] * c["dialogue"] + ["name"] * bool(c["name"])
+    at, listed = {}, False
 
     def meets(token, word):  # the constraints a word of the text meets
         keys = {pos.lower() for lemma, pos in c["words"] if (lemma, pos) in counts_for(word)}
         return keys | {"name"} if c["name"] and bare(token) == c["name"] else keys
 
-    for tokens, ws, joined in sentences(text):
+    for tokens, ws, joined, ends in sentences(text):
         hits = [meets(t, w) for t, w in zip(tokens, ws)]
         real = len(ws) >= MIN_SENTENCE_WORDS and 2 * sum(map(bool, hits)) < len(ws)
         for run in lists(ws, joined, hits):
@@ -345,17 +349,29 @@ def check(text, header):
             for i in run:
                 hits[i] = set()
         if real:
-            found.update((k, True) for h in hits for k in h)
+            for h, end in zip(hits, ends):
+                for k in h:
+                    at.setdefault(k, end)
     if c["dialogue"]:
-        found["dialogue"] = has_dialogue(text)
+        quote = next((m for m in QUOTATION.finditer(text) if re.search("[A-Za-z]", m[0])), None)
+        if quote:
+            at["dialogue"] = quote.end()
+    return at, asked, listed
+
+
+def check(text, header):
+    """Which constraints of a header (text or constraints) the text meets (met_at): {"noun", "verb",
+    "adj", ["dialogue",] ["name",] "all", "listed"}; `listed`: the text holds a list of the required
+    words."""
+    at, asked, listed = met_at(text, header)
+    found = {k: k in at for k in asked}
     return {**found, "all": all(found.values()), "listed": listed}
 
 
 def reward(text, header):
     """The share of a header's constraints the text meets (a listed word is not met)."""
-    met = check(text, header)
-    del met["all"], met["listed"]
-    return sum(met.values()) / len(met)
+    at, asked, _ = met_at(text, header)
+    return len(at) / len(asked)
 
 
 # -----------------------------------------------------------------------------
@@ -385,14 +401,28 @@ def prompts(tok, data_dir, split, eval_set):
 
 
 def score(batch, tok):
-    """The reward of each of a batch of rollouts.Rollouts whose prompts are headers (B,)."""
+    """The reward of each of a batch of rollouts.Rollouts whose prompts are headers (B,), and the same
+    spread over the response tokens (B, R): each constraint's share on the token that meets it."""
     from metrics import END, response_text
 
-    out = []
-    for tokens, P, n in zip(batch.tokens.tolist(), batch.prompt_lens.tolist(), batch.mask.sum(1).long().tolist()):
-        prompt = tokens[:P]
-        out.append(reward(response_text(tok, prompt, tokens[P : P + n]).removesuffix(END), tok.decode(prompt[1:])))
-    return torch.tensor(out)
+    scores, at_tokens = torch.zeros(len(batch.tokens)), torch.zeros(batch.mask.shape)
+    for row, (tokens, P, n) in enumerate(
+        zip(batch.tokens.tolist(), batch.prompt_lens.tolist(), batch.mask.sum(1).long().tolist())
+    ):
+        prompt, response = tokens[:P], tokens[P : P + n]
+
+        def text(k):  # the response's text after its first k tokens
+            return response_text(tok, prompt, response[:k]).removesuffix(END)
+
+        at, asked, _ = met_at(text(n), tok.decode(prompt[1:]))
+        scores[row] = len(at) / len(asked)
+        for offset in at.values():
+            lo, hi = 1, n  # the first k whose text reaches the offset
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if len(text(mid)) >= offset else (mid + 1, hi)
+            at_tokens[row, lo - 1] += 1 / len(asked)
+    return scores, at_tokens
 
 
 def measures(headers, texts):

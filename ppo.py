@@ -58,11 +58,8 @@ config = rl.method_config(
 
 def compute_rewards(scores, kl_penalties, mask, kl_coef):
     """Per-token rewards (B, R): -kl_coef x each token's KL penalty (rl.kl_penalty), and the score added
-    at the last token."""
-    rewards = -kl_coef * kl_penalties
-    last = mask.sum(1).long() - 1  # (B,)
-    rewards[torch.arange(len(rewards)), last] += scores
-    return rewards
+    at the last token (scores (B,)) or on the tokens that earned it (scores (B, R): rl.at_tokens)."""
+    return -kl_coef * kl_penalties + rl.at_tokens(scores, mask)
 
 
 def compute_gae(values, rewards, mask, gamma, lam):
@@ -108,7 +105,8 @@ def advantages(batch, kl_coef, cfg):
     """The rewards (the score, and -kl_coef x each token's KL with kl_in='reward'), then GAE: fills
     batch.advantages (whitened) and batch.returns; returns the per-token rewards (B, R)."""
     mask = batch.mask
-    scores = rl.whiten(batch.scores) if cfg["score_norm"] else batch.scores
+    # reward normalisation whitens each response's score; without it, a score spread over tokens stays so
+    scores = rl.whiten(batch.scores) if cfg["score_norm"] else batch.earned()
     kl = rl.kl_penalty(
         rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg["kl_estimator"]), mask, cfg["kl_reduction"]
     )

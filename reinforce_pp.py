@@ -32,12 +32,11 @@ config = rl.method_config(
 
 
 def token_returns(scores, kl, mask, kl_coef, gamma):
-    """scores (B,), per-token KL estimates and mask (B, R) -> the discounted return of each response
-    token (B, R): the rewards from it to the end, -kl_coef x KL at every token and the score at the last;
-    zero after each row's end."""
-    rewards = -kl_coef * kl * mask
-    rewards[torch.arange(len(rewards)), mask.sum(1).long() - 1] += scores
-    returns, running = torch.zeros_like(rewards), torch.zeros_like(scores)
+    """scores (B,) at each row's last token, or (B, R) on the tokens that earned them (rl.at_tokens),
+    per-token KL estimates and mask (B, R) -> the discounted return of each response token (B, R): the
+    rewards from it to the end, -kl_coef x KL at every token and the scores; zero after each row's end."""
+    rewards = -kl_coef * kl * mask + rl.at_tokens(scores, mask)
+    returns, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.size(1))):
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
@@ -51,7 +50,7 @@ def iteration(run, batch):
     t0 = time.perf_counter()
     kl = rl.kl_estimate(batch.logprobs, batch.ref_logprobs, cfg["kl_estimator"])
     kl_coef = run.kl_ctl.value if cfg["kl_in"] == "reward" else 0.0
-    batch.returns = token_returns(batch.scores, kl, batch.mask, kl_coef, cfg["gamma"])
+    batch.returns = token_returns(batch.earned(), kl, batch.mask, kl_coef, cfg["gamma"])
     batch.advantages = masked_whiten(batch.returns, batch.mask)
 
     def policy_loss(mb, logprobs, logp, _):

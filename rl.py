@@ -186,6 +186,16 @@ def masked_whiten(x, mask, shift_mean=True):
     return (whitened if shift_mean else whitened + mean) * mask
 
 
+def at_tokens(scores, mask):
+    """Scores as per-token rewards (B, R): scores (B,) on each row's last token, or scores already
+    spread over the tokens (B, R, rollouts.Rollouts.token_scores) as they are."""
+    if scores.dim() == 2:
+        return scores * mask
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(len(scores)), mask.sum(1).long() - 1] = scores
+    return rewards
+
+
 def whiten(x):
     """Reward normalisation: the batch's values at mean 0 and std 1."""
     return (x - x.mean()) / (x.std() + 1e-8)

@@ -40,6 +40,7 @@ class Rollouts:
     ref_logprobs: torch.Tensor = None  # (B, R) and under the reference
     values: Optional[torch.Tensor] = None  # (B, R) PPO's value head
     scores: torch.Tensor = None  # (B,) the task's reward
+    token_scores: Optional[torch.Tensor] = None  # (B, R) the same spread over the tokens that earned it (tasks.py)
     advantages: Optional[torch.Tensor] = None  # (B,) or (B, R)
     returns: Optional[torch.Tensor] = None  # (B, R)
     group_size: int = 1
@@ -50,6 +51,10 @@ class Rollouts:
             max=self.tokens.size(1) - 1
         )
         return self.tokens.gather(1, idx) * self.mask.long()
+
+    def earned(self):
+        """The scores where they were earned: token_scores (B, R) where the task spread them, else scores (B,)."""
+        return self.scores if self.token_scores is None else self.token_scores
 
     def lengths(self):
         """Story tokens in each response: the stop token is the end of the story, not part of it."""

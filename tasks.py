@@ -26,10 +26,8 @@ CONFIG = dict(  # every RL method's reward keys; report.py and prefs.py read the
     target_len=(200, "> 0"),  # length: the target RESPONSE length in tokens (the fork also counted the prompt)
     missing_eos_penalty=(1.0, ">= 0"),  # subtracted from the score of a response cut off at max_new_tokens
     rm_path="out/rm.pt",  # rm: a reward model written by reward_model.py
-    eval_set=(
-        "val",
-        "val | ood",
-    ),  # instruct: the held-out headers: the validation stories' or unseen word combinations
+    eval_set=("val", "val | ood"),  # instruct: the held-out headers: the validation stories', or unseen word pairings
+    token_rewards=False,  # instruct: each constraint's share on the token that meets it (PPO, REINFORCE++ credit it)
 )
 REWARDS = ("length", "rm", "instruct")
 
@@ -156,9 +154,12 @@ def make_task(cfg, tok, data_dir, max_seq_len, device="cpu", ctx=nullcontext(), 
 
 @torch.no_grad()
 def score_rollouts(batch, weights, cfg, reward_model=None, tok=None, ctx=nullcontext()):
-    """The score of each of a batch of rollouts.Rollouts (B,): the rewards weighted by weights ({name: weight},
-    parse_reward), minus cfg's missing_eos_penalty where a response was cut off instead of ending."""
+    """The score of each of a batch of rollouts.Rollouts (B,): the rewards weighted by weights ({name:
+    weight}, parse_reward), minus cfg's missing_eos_penalty where a response was cut off instead of
+    ending. Sets batch.token_scores (B, R), the same spread over the response's tokens: all on its last
+    token, but with token_rewards, an instruction's constraints on the tokens that meet them."""
     total = torch.zeros(len(batch.tokens), device=batch.tokens.device)
+    placed = torch.zeros(batch.mask.shape, device=batch.tokens.device)
     if "length" in weights:
         total += weights["length"] * length_reward(batch.lengths(), cfg["target_len"])
     if "rm" in weights:
@@ -173,5 +174,12 @@ def score_rollouts(batch, weights, cfg, reward_model=None, tok=None, ctx=nullcon
     if "instruct" in weights:
         import instruct
 
-        total += weights["instruct"] * instruct.score(batch, tok).to(total.device)
-    return total - cfg["missing_eos_penalty"] * (~batch.ended).float()
+        scores, at_tokens = instruct.score(batch, tok)
+        total += weights["instruct"] * scores.to(total.device)
+        if cfg.get("token_rewards"):
+            placed += weights["instruct"] * at_tokens.to(total.device)
+    total = total - cfg["missing_eos_penalty"] * (~batch.ended).float()
+    last = batch.mask.sum(1).long() - 1
+    placed[torch.arange(len(total)), last] += total - placed.sum(1)  # the rest of the score at the story's end
+    batch.token_scores = placed
+    return total

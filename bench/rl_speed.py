@@ -62,6 +62,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--workloads", default="grpo,ppo,fork", help="comma-separated: grpo, ppo, fork")
 parser.add_argument("--engines", default="torch,c", help="comma-separated rollout engines: torch, c")
 parser.add_argument("--threads", type=int, default=os.cpu_count())
+parser.add_argument("--attention", default="auto", help="the forward passes' attention: auto, c or torch (model.py)")
 parser.add_argument("--repeats", type=int, default=3, help="timed iterations a setting, after one warm-up")
 parser.add_argument("--checkpoint", default="", help="an SFT checkpoint: GRPO on the instruct task, ours and TRL's")
 parser.add_argument("--iterations", type=int, default=20, help="the instruct task's iterations")
@@ -75,7 +76,7 @@ def cpu_name():
         return "unknown CPU"
 
 
-def make_run(workload, engine, seed):
+def make_run(workload, engine, seed, attention="auto"):
     """A Run of the workload's method on a random model of its shape, prompts of BOS + random tokens and
     the length reward, as rl_train.setup makes one from a checkpoint."""
     method, preset, n, group, new_tokens, epochs, minibatch, prompt_len = WORKLOADS[workload]
@@ -85,7 +86,7 @@ def make_run(workload, engine, seed):
     reference = rl.Policy(Transformer(ModelArgs(**shape))).eval().requires_grad_(False)
     reference.model.load_state_dict(policy.model.state_dict())
     for p in (policy, reference):
-        p.model.set_attention("auto")
+        p.model.set_attention(attention)
     cfg = {
         **configurator.split(method.config)[0],
         "batch_size": minibatch,
@@ -140,8 +141,8 @@ def iteration(run, it, workload):
     return {"rollout": rollout, "scoring": total - rollout - optimisation, "optimisation": optimisation, "total": total}
 
 
-def ours(workload, engine, repeats):
-    run = make_run(workload, engine, seed=0)
+def ours(workload, engine, repeats, attention):
+    run = make_run(workload, engine, seed=0, attention=attention)
     runs = [iteration(run, it, workload) for it in range(repeats + 1)][1:]  # the first warms up
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -248,7 +249,7 @@ def main(args):
         if workload not in WORKLOADS:
             raise SystemExit(f"error: unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
         for engine in args.engines.split(","):
-            r = ours(workload, engine, args.repeats)
+            r = ours(workload, engine, args.repeats, args.attention)
             results.append({"workload": workload, "who": f"ours, rollouts by {engine}", **r})
             print(f"{workload} ours ({engine}): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()), file=sys.stderr)
     if args.checkpoint:

@@ -384,3 +384,39 @@ def test_the_c_engine_writes_the_same_greedy_story_for_a_header_as_pytorch(small
         ours = engine.generate(c_model, ids, steps=80, temperature=0.0)[len(ids) :]
         theirs = model.generate([ids], 81 - len(ids), temperature=0.0, stop_tokens=(tok.bos_id,))[0]  # 80 steps
         assert ours == [t for t in theirs if t != tok.bos_id]  # ./run stops at BOS without printing it
+
+
+def test_each_constraint_is_met_where_its_word_or_quotation_ends():
+    header = instruct.render_header(
+        {"words": [["dog", "NOUN"], ["jump", "VERB"], ["happy", "ADJ"]], "dialogue": True, "name": "Lily"}
+    )
+    text = 'Lily had a small dog that liked the park. Every day the dog jumped over a log. "Look at me!" she said.'
+    at, asked, listed = instruct.met_at(text, header)
+    assert asked == ["noun", "verb", "adj", "dialogue", "name"] and not listed
+    assert text[: at["name"]].endswith("Lily") and text[: at["noun"]].endswith("small dog")  # the first of each
+    assert text[: at["verb"]].endswith("jumped") and text[: at["dialogue"]].endswith('"Look at me!"')
+    assert "adj" not in at and instruct.reward(text, header) == 4 / 5
+
+
+def test_token_rewards_sit_on_the_token_that_meets_each_constraint_and_sum_to_the_score(small_data):
+    import rollouts
+    import tasks
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(os.path.join(small_data, "tok512.model"))
+    header = instruct.render_header(
+        {"words": [["dog", "NOUN"], ["jump", "VERB"], ["sad", "ADJ"]], "dialogue": False, "name": None}
+    )
+    story = " Tom saw a big dog in the park today. The little dog jumped over the wall and ran home."
+    prompt, response = tok.encode(header, bos=True), tok.encode(story, bos=False) + [tok.bos_id]
+    batch = rollouts.collate([prompt, prompt], [response, response[:-1]], (tok.bos_id,), "cpu")  # ended, cut off
+    cfg = {"missing_eos_penalty": 1.0, "token_rewards": True}
+    scores = tasks.score_rollouts(batch, {"instruct": 1.0}, cfg, tok=tok)
+    assert scores.tolist() == pytest.approx([2 / 3, 2 / 3 - 1.0])
+    assert batch.token_scores.sum(1).tolist() == pytest.approx(scores.tolist())
+    placed = (batch.token_scores[0] > 0).nonzero().flatten().tolist()
+    text = [tok.decode(prompt[1:] + response[: i + 1])[len(tok.decode(prompt[1:])) :] for i in placed]
+    assert text[0].endswith("big dog") and text[1].endswith("dog jumped")  # the word's last token, not the end's
+    cfg["token_rewards"] = False
+    tasks.score_rollouts(batch, {"instruct": 1.0}, cfg, tok=tok)
+    assert (batch.token_scores[0, :-1] == 0).all()  # all of it on the story's end

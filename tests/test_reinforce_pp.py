@@ -64,3 +64,12 @@ def test_reinforce_pp_learns_to_end_stories_at_a_short_target_length():
     before, after, history = learn_short_stories(reinforce_pp, ppo_epochs=2)
     assert before < -1.5 and after > -0.5, (before, after)
     assert all(math.isfinite(s["loss"]) for _, s in history)
+
+
+def test_a_score_spread_over_tokens_is_credited_from_where_it_was_earned():
+    mask = torch.ones(1, 4)
+    spread = torch.tensor([[0.0, 0.5, 0.0, 0.25]])  # a constraint met at token 1, the rest at the end
+    returns = token_returns(spread, torch.zeros(1, 4), mask, kl_coef=0.0, gamma=0.5)
+    torch.testing.assert_close(returns, torch.tensor([[0.5 * 0.5 + 0.25 * 0.125, 0.5 + 0.25 * 0.25, 0.125, 0.25]]))
+    # all at the end, the same score: the tokens before get less of it
+    assert token_returns(torch.tensor([0.75]), torch.zeros(1, 4), mask, 0.0, 0.5)[0, 1] < returns[0, 1]
