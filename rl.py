@@ -139,6 +139,17 @@ class Policy(nn.Module):
             return self.model.output(h), values
 
 
+def make_optimizer(policy, cfg, device_type="cpu"):
+    """AdamW over the policy: the model's groups (decay on matrices only, model.configure_optimizers) and
+    its value head, undecayed."""
+    optimizer = policy.model.configure_optimizers(
+        cfg.get("weight_decay", 0.0), cfg["learning_rate"], (cfg.get("beta1", 0.9), cfg.get("beta2", 0.95)), device_type
+    )
+    if policy.value_head is not None:
+        optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
+    return optimizer
+
+
 def unwrap(policy):
     """The policy inside a DDP wrapper."""
     return policy.module if isinstance(policy, DDP) else policy

@@ -46,7 +46,7 @@ from common import (
     reuse_freed_memory,
     start_wandb,
 )
-from rl import Policy, kl_controller, unwrap
+from rl import Policy, kl_controller, make_optimizer, unwrap
 from rollouts import Engines, choose_engine, rollout, rollout_stats
 from tokenizer import Tokenizer
 
@@ -98,6 +98,24 @@ class Run:
     def episodes(self):
         """Rollouts (DPO: pairs) per iteration, over all ranks."""
         return self.cfg["batch_size"] * self.cfg.get("num_mini_batches", 1) * self.world_size
+
+
+def run_of(method, policy, reference, task, cfg, stop_tokens, engines=None):
+    """A Run of given models and task without a checkpoint, on the CPU (tests and benchmarks): the
+    optimizer and KL controller setup() makes."""
+    return Run(
+        cfg=cfg,
+        method=method,
+        policy=policy,
+        train_policy=policy,
+        reference=reference,
+        model_args=policy.model.params.__dict__,
+        optimizer=make_optimizer(policy, cfg),
+        kl_ctl=kl_controller(cfg),
+        task=task,
+        stop_tokens=stop_tokens,
+        engines=engines,
+    )
 
 
 def find_method(name):
@@ -174,11 +192,7 @@ def setup(cfg, given, method):
         else None
     )
 
-    optimizer = policy.model.configure_optimizers(
-        cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type
-    )
-    if policy.value_head is not None:
-        optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
+    optimizer = make_optimizer(policy, cfg, device_type)
     kl_ctl = kl_controller(cfg)
     iter_num = 0
     if resuming:

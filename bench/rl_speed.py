@@ -109,21 +109,9 @@ def make_run(workload, engine, seed, attention="auto"):
     def score(batch):
         return tasks.length_reward(batch.lengths(), cfg["target_len"])
 
-    optimizer = policy.model.configure_optimizers(0.0, cfg["learning_rate"], (0.9, 0.95), "cpu")
-    if policy.value_head is not None:
-        optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
-    return rl_train.Run(
-        cfg=cfg,
-        method=method,
-        policy=policy,
-        train_policy=policy,
-        reference=reference,
-        model_args=shape,
-        optimizer=optimizer,
-        kl_ctl=rl.kl_controller(cfg),
-        task=tasks.Task("length", draw, [], score, lambda *a: {}),
-        stop_tokens=(),
-        engines=Engines(policy.model, reference.model) if engine == "c" else None,
+    engines = Engines(policy.model, reference.model) if engine == "c" else None
+    return rl_train.run_of(
+        method, policy, reference, tasks.Task("length", draw, [], score, lambda *a: {}), cfg, (), engines
     )
 
 
@@ -145,6 +133,13 @@ def ours(workload, engine, repeats, attention):
     run = make_run(workload, engine, seed=0, attention=attention)
     runs = [iteration(run, it, workload) for it in range(repeats + 1)][1:]  # the first warms up
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def run_or_exit(argv, env, who):
+    p = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"error: {who} failed: {(p.stderr.strip().splitlines() or [p.returncode])[-1]}")
+    return p
 
 
 def instruct_runs(args):
@@ -180,9 +175,7 @@ def instruct_runs(args):
                 "--eval_prompts=8",
                 f"--rollout_engine={engine}",
             ]
-            p = subprocess.run(argv, capture_output=True, text=True, env=env)
-            if p.returncode != 0:
-                raise SystemExit(f"error: our run ({engine}) failed: {p.stderr.strip().splitlines()[-1]}")
+            run_or_exit(argv, env, f"our run ({engine})")
             rows = [json.loads(line) for line in open(os.path.join(run_dir, "grpo_log.jsonl"))][1:]
             phase = {
                 "rollout": "time/rollout",
@@ -218,10 +211,7 @@ def instruct_runs(args):
                 f"--threads={args.threads}",
                 *(f"--{k}={v}" for k, v in settings.items()),
             ]
-            p = subprocess.run(argv, capture_output=True, text=True, env=env)
-            if p.returncode != 0:
-                raise SystemExit(f"error: TRL's run failed: {(p.stderr.strip().splitlines() or [p.returncode])[-1]}")
-            r = json.loads(p.stdout.strip().splitlines()[-1])
+            r = json.loads(run_or_exit(argv, env, "TRL's run").stdout.strip().splitlines()[-1])
             ph = r["phases"]
             out.append(
                 {

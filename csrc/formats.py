@@ -61,6 +61,22 @@ def random_weights(c, shared=True, seed=0, std=0.02):
     return w
 
 
+# the tensors of a version 0 (legacy) file, in order: llama2.c's legacy_export
+LEGACY_ORDER = (
+    "token_embedding_table",
+    "rms_att_weight",
+    "wq",
+    "wk",
+    "wv",
+    "wo",
+    "rms_ffn_weight",
+    "w1",
+    "w2",
+    "w3",
+    "rms_final_weight",
+)
+
+
 def read_v0(path):
     """(config, weights) of a legacy version-0 checkpoint such as stories260K.bin."""
     data = open(path, "rb").read()
@@ -68,19 +84,7 @@ def read_v0(path):
     shared = vocab_size > 0
     c = Config(dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(vocab_size), seq_len)
     floats = np.frombuffer(data, dtype=np.float32, offset=28)
-    order = [
-        "token_embedding_table",
-        "rms_att_weight",
-        "wq",
-        "wk",
-        "wv",
-        "wo",
-        "rms_ffn_weight",
-        "w1",
-        "w2",
-        "w3",
-        "rms_final_weight",
-    ]
+    order = LEGACY_ORDER
     w, at = {}, 0
     for name in order:
         shape = shapes(c)[name]
@@ -133,19 +137,7 @@ def _checkpoint_parts(c, w, version, group_size):
     if version == 0:
         vocab = c.vocab_size if shared else -c.vocab_size
         yield struct.pack("7i", c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, vocab, c.seq_len)
-        for name in [
-            "token_embedding_table",
-            "rms_att_weight",
-            "wq",
-            "wk",
-            "wv",
-            "wo",
-            "rms_ffn_weight",
-            "w1",
-            "w2",
-            "w3",
-            "rms_final_weight",
-        ]:
+        for name in LEGACY_ORDER:
             yield _f32(w[name])
         head_size = c.dim // c.n_heads
         freqs = 1.0 / (10000.0 ** (np.arange(0, head_size, 2) / head_size))

@@ -234,7 +234,6 @@ def bos_prompts(n, length=1, seed=0):
 def tiny_run(method, policy, reference, score, cfg, prompts=None):
     """An rl_train.Run for a method on tiny models, without a checkpoint: the optimizer and KL controller
     of rl_train.setup, BOS-only prompts (or `prompts`), and score(rollouts) -> (B,) as the reward."""
-    import rl
     import rl_train
     import tasks
 
@@ -242,21 +241,7 @@ def tiny_run(method, policy, reference, score, cfg, prompts=None):
     task = tasks.Task(
         "test", lambda rng, n: [prompts[i % len(prompts)] for i in range(n)], prompts, score, lambda *args: {}
     )
-    optimizer = policy.model.configure_optimizers(0.0, cfg["learning_rate"], (0.9, 0.95), "cpu")
-    if policy.value_head is not None:
-        optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
-    return rl_train.Run(
-        cfg=cfg,
-        method=method,
-        policy=policy,
-        train_policy=policy,
-        reference=reference,
-        model_args=policy.model.params.__dict__,
-        optimizer=optimizer,
-        kl_ctl=rl.kl_controller(cfg),
-        task=task,
-        stop_tokens=STOP,
-    )
+    return rl_train.run_of(method, policy, reference, task, cfg, STOP)
 
 
 def learn(run, iters):
