@@ -167,20 +167,20 @@ def main(cfg):
         vocabulary = metrics.training_words(data_dir)
         ns = [int(n) for n in cfg["best_of"].split(",") if n]
     reference = models[cfg["reference"]]
-    engines = (
-        Engines(reference, reference) if choose_engine(cfg["rollout_engine"], device_type, reference) == "c" else None
-    )
+    in_c = all(choose_engine(cfg["rollout_engine"], device_type, m) == "c" for m in models.values())
+    engines = {name: Engines(model, reference) if in_c else None for name, model in models.items()}
     results, samples, best = {}, {}, {}
     for s, task in task_of.items():
-        ref_m, _ = evaluate_model(reference, reference, task, cfg, tok, cfg["seed"], vocabulary, None, ctx, engines)
+        ref_engines = engines[cfg["reference"]]
+        ref_m, _ = evaluate_model(reference, reference, task, cfg, tok, cfg["seed"], vocabulary, None, ctx, ref_engines)
         for name, model in models.items():
             print(f"{s}: {name}, {len(task.eval_prompts)} samples")
             results[s, name], samples[s, name] = evaluate_model(
-                model, reference, task, cfg, tok, cfg["seed"], vocabulary, ref_m["nll"], ctx, engines
+                model, reference, task, cfg, tok, cfg["seed"], vocabulary, ref_m["nll"], ctx, engines[name]
             )
         if ns:
             print(f"{s}: best-of-{max(ns)} of {cfg['reference']}")
-            best[s] = best_of(reference, reference, task, cfg, tok, ns, ctx, engines)
+            best[s] = best_of(reference, reference, task, cfg, tok, ns, ctx, ref_engines)
     ppl = {name: perplexities(model, data_dir, tok, cfg, ctx) for name, model in models.items()}
     write_report(cfg, paths, sets, task_of, results, samples, best, ppl, tok)
 

@@ -88,18 +88,21 @@ def collate(prompts, responses, stop_tokens, device):
 
 
 class Engines:
-    """The C engine's copies of the policy and the reference (csrc/engine.py's Model, weights in memory):
-    sync() copies the policy's current weights in, in place (a millisecond for the default model)."""
+    """The C engine's copies of the policy and the reference (csrc/engine.py's Model, weights in memory), each
+    of its own shape: sync() copies the policy's current weights in, in place (a millisecond for the default
+    model)."""
 
     def __init__(self, policy_model, reference_model, lib=None):
         from csrc import engine
 
-        p = policy_model.params
-        self.config = engine.Config(
-            p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len
-        )
-        self.policy = engine.Model.from_weights(self.config, weights_of(policy_model), lib=lib)
-        self.reference = engine.Model.from_weights(self.config, weights_of(reference_model), lib=lib)
+        def copy(model):
+            p = model.params
+            config = engine.Config(
+                p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len
+            )
+            return engine.Model.from_weights(config, weights_of(model), lib=lib)
+
+        self.policy, self.reference = copy(policy_model), copy(reference_model)
 
     def sync(self, policy_model):
         self.policy.update(weights_of(policy_model))
