@@ -4,9 +4,12 @@ task's reward, which reward_model.py (a Bradley-Terry reward model) and dpo.py (
 
     python prefs.py --checkpoint=out/ckpt.pt --num_pairs=1000   # -> data/prefs_{train,eval}.jsonl
     python prefs.py --label=length --target_len=170 --pairs=data/len_train.jsonl --eval_pairs=data/len_eval.jsonl
+    python prefs.py --label=instruct --checkpoint=out/sft_ckpt.pt --pairs=data/instruct_train.jsonl \
+        --eval_pairs=data/instruct_eval.jsonl   # DPO on instructions: the SFT model's stories for a header
 
 Two samples of the pretrained model continue the same real story beginning, and the one the judge
-scores higher is "chosen". The pairs are plain text,
+scores higher is "chosen". With --label=instruct the prompts are instruction headers (tinystories.py
+instruct) and the story meeting more of its header's constraints (instruct.py's checker) is chosen. The pairs are plain text,
 {"prompt", "chosen", "rejected"} a line, so real human labels can replace them. A response that
 ends with END ("<|endoftext|>", TinyStories' own separator) is one whose writer ended the story; as
 tokens that is the BOS that starts the next story, as in the token files.
@@ -20,6 +23,7 @@ from tqdm import tqdm
 
 import checkpoint
 import configurator
+import instruct
 from common import DataError, atomic_open, one_line_errors, resolve_device_dtype
 from metrics import judge, response_text
 from tasks import length_reward
@@ -48,8 +52,8 @@ config = dict(
     keyword="",  # a word the judge wants in the story; empty = that component is off
     label=(
         "judge",
-        "judge | length",
-    ),  # who prefers: the judge, or the RL stages' length reward at target_len (DPO on the length task)
+        "judge | length | instruct",
+    ),  # who prefers: the judge, the RL stages' length reward at target_len, or the instruction checker
     target_len=(
         200,
         "> 0",
@@ -106,11 +110,12 @@ def make_pairs(model, tok, prompts, n, cfg, generator, desc):
         for j in range(0, len(rows), k):
             prompt = tok.decode(rows[j][1:])
             texts = [response_text(tok, rows[j], r) for r in responses[j : j + k]]
-            scores = (
-                [judge(prompt, t, cfg["keyword"]) for t in texts]
-                if cfg["label"] == "judge"
-                else [length_score(tok, r, cfg["target_len"]) for r in responses[j : j + k]]
-            )
+            if cfg["label"] == "judge":
+                scores = [judge(prompt, t, cfg["keyword"]) for t in texts]
+            elif cfg["label"] == "instruct":
+                scores = [instruct.reward(t.removesuffix(END), prompt) for t in texts]
+            else:
+                scores = [length_score(tok, r, cfg["target_len"]) for r in responses[j : j + k]]
             best, worst = max(range(k), key=scores.__getitem__), min(range(k), key=scores.__getitem__)
             if len(pairs) == n:
                 break
@@ -197,6 +202,12 @@ def load_policy(path, device):
     return checkpoint.model_from(ckpt).to(device).eval(), checkpoint.tokenizer_of(ckpt, path), ckpt
 
 
+def instruction_prompts(tok, data_dir, split):
+    """BOS + the tokens of each header of a split's instruction examples (tinystories.py instruct)."""
+    path = os.path.join(data_dir, f"tok{tok.n_words}", f"instruct_{split}.jsonl")
+    return [tok.encode(h, bos=True) for h in instruct.read_headers(path)]
+
+
 def main(cfg, given):
     with one_line_errors():
         device = resolve_device_dtype(cfg["device"], "float32")[0]
@@ -213,7 +224,10 @@ def main(cfg, given):
             ("train", cfg["pairs"], "train", cfg["num_pairs"], 1),
             ("eval", cfg["eval_pairs"], "val", cfg["num_eval_pairs"], -1),
         ):
-            prompts = story_prompts(tok, load_text(data_dir, split)[::order], cfg["start_len"])
+            if cfg["label"] == "instruct":
+                prompts = instruction_prompts(tok, data_dir, split)[::order]
+            else:
+                prompts = story_prompts(tok, load_text(data_dir, split)[::order], cfg["start_len"])
             if not prompts:
                 raise DataError(f"no {split} story is longer than --start_len={cfg['start_len']} tokens")
             jobs.append((name, path, prompts, n))

@@ -420,3 +420,39 @@ def test_token_rewards_sit_on_the_token_that_meets_each_constraint_and_sum_to_th
     cfg["token_rewards"] = False
     tasks.score_rollouts(batch, {"instruct": 1.0}, cfg, tok=tok)
     assert (batch.token_scores[0, :-1] == 0).all()  # all of it on the story's end
+
+
+def test_dpo_pairs_for_headers_are_labelled_by_the_checker(prepared, small_data, tiny_ckpt, tmp_path):
+    """prefs.py --label=instruct: two stories for one training header, the one meeting more constraints chosen."""
+    from prefs import read_pairs
+
+    train_pairs, eval_pairs = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "prefs.py"),
+            "--label=instruct",
+            f"--checkpoint={tiny_ckpt}",
+            f"--data_dir={small_data}",
+            f"--pairs={train_pairs}",
+            f"--eval_pairs={eval_pairs}",
+            "--num_pairs=6",
+            "--num_eval_pairs=2",
+            "--samples_per_prompt=4",
+            "--max_new_tokens=120",
+            "--device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert p.returncode == 0, p.stderr
+    train_headers = set(instruct.read_headers(os.path.join(prepared[0], "instruct_train.jsonl")))
+    got = read_pairs(str(train_pairs))
+    assert len(got) == 6 and len(read_pairs(str(eval_pairs))) == 2
+    for pair in got:
+        assert pair["prompt"] in train_headers
+        for side in ("chosen", "rejected"):
+            score = instruct.reward(pair[side].removesuffix(tinystories.SEPARATOR), pair["prompt"])
+            assert score == pytest.approx(pair[f"{side}_score"], abs=1e-4)
+        assert pair["chosen_score"] > pair["rejected_score"]
