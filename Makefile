@@ -30,11 +30,15 @@ demo: setup
 	$(MAKE) -s runomp
 	OMP_NUM_THREADS=1 ./run out/model.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
 	OMP_NUM_THREADS=1 ./run out/model_q80.bin -z data/tok512.bin -t 0.8 -n 256 -i "Once upon a time"
-	rm -f out/ppo_ckpt.pt out/ppo_log.jsonl
-	$(PY) train.py recipes/length_ppo.conf --max_iters=30
-	$(PY) report.py --checkpoint=out/ppo_ckpt.pt --report_path=out/ppo_length.md --report_prompts=100
-	$(PY) export.py out/ppo_model.bin --checkpoint=out/ppo_ckpt.pt
-	OMP_NUM_THREADS=1 ./run out/ppo_model.bin -z data/tok512.bin -t 1.0 -n 256 -i "Once upon a time"
+	$(MAKE) -s lib
+	$(PY) tinystories.py instruct --vocab_size=512
+	$(PY) train.py --sft=True --max_iters=300
+	$(PY) train.py recipes/instruct_grpo.conf --max_iters=30
+	$(PY) compare.py --models=pretrained:out/ckpt.pt,sft:out/sft_ckpt.pt,grpo:out/grpo_ckpt.pt --reference=sft \
+		--reward=instruct --prompts=200 --best_of=1,2,4 --num_show=3 --report_path=out/instruct.md
+	$(PY) export.py out/grpo_model.bin --checkpoint=out/grpo_ckpt.pt
+	OMP_NUM_THREADS=1 ./run out/grpo_model.bin -z data/tok512.bin -t 0.8 -n 256 \
+		-i "$$(printf 'Words: dog, run, happy\nFeatures: Dialogue\nName: Lily\nStory:')"
 
 test: setup lint ctest lib
 	$(PY) -m pytest -q tests

@@ -3,7 +3,7 @@ Sample stories from a trained checkpoint (KV-cache generation in PyTorch).
 
     python sample.py                                    # out/ckpt.pt, 3 stories
     python sample.py --prompt="Once upon a time" --temperature=0.8 --top_k=50 --seed=7
-    python sample.py --checkpoint=out/grpo_ckpt.pt --prompt="$(printf 'Words: dog, jump, happy\nStory:\n')"
+    python sample.py --checkpoint=out/grpo_ckpt.pt --prompt="$(printf 'Words: dog, jump, happy\nStory:')"
 
 A prompt is the story's beginning, or an instruction header for a model fine-tuned on them
 (train.py --sft=True): the text up to and with the header's last line.
