@@ -16,9 +16,8 @@ Prints a JSON line and markdown tables.
     python bench/batch_speed.py --arch=x86-64-v3    # the AVX2 build of the engine
     python bench/batch_speed.py --kv_cache=f16      # our fp16 KV cache (half the bytes attention reads)
 
-The GRPO rollout target of the issue "RL at engine speed" is the default model's row at B=64 and
---steps=226: 64 rollouts of 226 tokens in 0.5-0.7 s, at least 4x PyTorch's batched generate (about
-3.0 s on a 2-core Zen 3).
+GRPO's rollouts are the default model's row at B=64 and --steps=226: 64 rollouts of 226 tokens,
+beside PyTorch's batched generate (--torch) at the same batch.
 """
 
 import argparse

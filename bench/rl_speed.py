@@ -7,6 +7,7 @@ same model and settings (bench/trl_anchor.py, with --trl).
 
     python bench/rl_speed.py [--workloads=grpo,ppo,fork] [--engines=torch,c] [--threads=2] [--repeats=3]
     python bench/rl_speed.py --workloads= --checkpoint=out/sft_ckpt.pt --trl=/path/to/trl-venv/bin/python
+    python bench/rl_speed.py --workloads=grpo --engines=c --attention=torch --dtype=bfloat16 --compile  # the update
 
 Workloads (random weights, prompts of BOS and random tokens, no stop token: every rollout runs to
 the length cap, the worst case):
@@ -47,7 +48,7 @@ import ppo  # noqa: E402
 import rl  # noqa: E402
 import rl_train  # noqa: E402
 import tasks  # noqa: E402
-from common import reuse_freed_memory  # noqa: E402
+from common import autocast, reuse_freed_memory  # noqa: E402
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 from rollouts import Engines  # noqa: E402
 
@@ -63,6 +64,8 @@ parser.add_argument("--workloads", default="grpo,ppo,fork", help="comma-separate
 parser.add_argument("--engines", default="torch,c", help="comma-separated rollout engines: torch, c")
 parser.add_argument("--threads", type=int, default=os.cpu_count())
 parser.add_argument("--attention", default="auto", help="the forward passes' attention: auto, c or torch (model.py)")
+parser.add_argument("--dtype", default="float32", help="autocast of the forward passes and updates: float32, bfloat16")
+parser.add_argument("--compile", action="store_true", help="the update's forward and backward through torch.compile")
 parser.add_argument("--repeats", type=int, default=3, help="timed iterations a setting, after one warm-up")
 parser.add_argument("--checkpoint", default="", help="an SFT checkpoint: GRPO on the instruct task, ours and TRL's")
 parser.add_argument("--iterations", type=int, default=20, help="the instruct task's iterations")
@@ -129,8 +132,12 @@ def iteration(run, it, workload):
     return {"rollout": rollout, "scoring": total - rollout - optimisation, "optimisation": optimisation, "total": total}
 
 
-def ours(workload, engine, repeats, attention):
-    run = make_run(workload, engine, seed=0, attention=attention)
+def ours(workload, engine, args):
+    run = make_run(workload, engine, seed=0, attention=args.attention)
+    run.dtype, run.ctx = args.dtype, autocast("cpu", args.dtype)
+    if args.compile:
+        run.train_policy = torch.compile(run.policy)
+    repeats = args.repeats
     runs = [iteration(run, it, workload) for it in range(repeats + 1)][1:]  # the first warms up
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -239,7 +246,7 @@ def main(args):
         if workload not in WORKLOADS:
             raise SystemExit(f"error: unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
         for engine in args.engines.split(","):
-            r = ours(workload, engine, args.repeats, args.attention)
+            r = ours(workload, engine, args)
             results.append({"workload": workload, "who": f"ours, rollouts by {engine}", **r})
             print(f"{workload} ours ({engine}): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()), file=sys.stderr)
     if args.checkpoint:
@@ -254,13 +261,18 @@ def main(args):
                 "cpu": cpu,
                 "kernels": c_engine.kernels(),
                 "threads": args.threads,
+                "dtype": args.dtype,
+                "attention": args.attention,
+                "compile": args.compile,
                 "torch": torch.__version__,
                 "results": results,
             }
         )
     )
     print(
-        f"\n{cpu}, {args.threads} threads, fp32, C kernels {c_engine.kernels()}; medians of {args.repeats} iterations\n"
+        f"\n{cpu}, {args.threads} threads, {args.dtype}, attention {args.attention}"
+        + (", torch.compile" if args.compile else "")
+        + f", C kernels {c_engine.kernels()}; medians of {args.repeats} iterations\n"
     )
     print("| workload | who | rollout s | scoring s | optimisation s | total s | mean reward |")
     print("|---|---|---|---|---|---|---|")

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import peak_matmul_flops  # noqa: E402
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 
-SHAPES = {  # name: (preset, overrides); seq lengths as in the llama2.c measurements
+SHAPES = {  # name: (preset, overrides); seq lengths as in llama2.c's own measurements
     "default": ("default", {}),
     "260K": ("260K", dict(max_seq_len=512)),
     "15M-4096": ("15M", dict(vocab_size=4096, max_seq_len=256)),

@@ -37,7 +37,7 @@ def story_tokens():
 def torch_logits(model, tokens):
     """PyTorch's logits through its own SDPA attention: the reference the C engine must match. (At head
     size 8 model.py trains through csrc/train/attention.c, 4.5e-5 from SDPA on stories260K; the engine is
-    6.9e-5 from SDPA, so the two rounding errors could add up past the issue's 1e-4.)"""
+    6.9e-5 from SDPA, so the two rounding errors could add up past the 1e-4 the parity tests hold.)"""
     model.set_attention("torch")
     with torch.no_grad():
         return model(torch.tensor([tokens]))[0][0].numpy()  # (T, vocab)
