@@ -9,10 +9,10 @@ task's reward, which reward_model.py (a Bradley-Terry reward model) and dpo.py (
 
 Two samples of the pretrained model continue the same real story beginning, and the one the judge
 scores higher is "chosen". With --label=instruct the prompts are instruction headers (tinystories.py
-instruct) and the story meeting more of its header's constraints (instruct.py's checker) is chosen. The pairs are plain text,
-{"prompt", "chosen", "rejected"} a line, so real human labels can replace them. A response that
-ends with END ("<|endoftext|>", TinyStories' own separator) is one whose writer ended the story; as
-tokens that is the BOS that starts the next story, as in the token files.
+instruct) and the story meeting more of its header's constraints (instruct.py's checker) is chosen.
+The pairs are plain text, {"prompt", "chosen", "rejected"} a line, so real human labels can replace
+them. A response that ends with END ("<|endoftext|>", TinyStories' own separator) is one whose writer
+ended the story; as tokens that is the BOS that starts the next story, as in the token files.
 """
 
 import json
