@@ -76,6 +76,11 @@ ROWS = (  # measure, its row in the table
 CURVES = (
     ("eval/score", "reward (held out)"),
     ("eval/all", "every constraint met"),
+    ("eval/noun", "the noun"),
+    ("eval/verb", "the verb"),
+    ("eval/adj", "the adjective"),
+    ("eval/dialogue", "dialogue, where asked"),
+    ("eval/name", "the name, where asked"),
     ("eval/within_10pct", "within ±10% of the target"),
     ("eval/judge", "judge (held out)"),
     ("eval/kl", "KL to the start (nats/response)"),

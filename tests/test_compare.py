@@ -46,7 +46,8 @@ def test_models_side_by_side_with_best_of_n_on_held_out_prompts(small_data, pret
     assert row["KL to the reference (nats/response)"][1] == 0.0  # the reference against itself
     assert row["fluency: NLL ratio under the reference"][1] == 1.0
     assert row["KL to the reference (nats/response)"][0] > 0 and row["fluency: NLL ratio under the reference"][0] > 1
-    best = [float(x) for x in re.search(r"^\| score \| (.+) \|$", text, re.M)[1].split(" | ")]
+    best_of = text[text.index("Best-of-n") :]
+    best = [float(x) for x in re.search(r"^\| reward \| (.+) \|$", best_of, re.M)[1].split(" | ")]
     assert best == sorted(best)  # the best of more samples (the same ones, and more) is never worse
     assert text.count("- *random*") == 2 and (tmp_path / "compare.png").stat().st_size > 5000
 
