@@ -4,8 +4,8 @@ task's reward, which reward_model.py (a Bradley-Terry reward model) and dpo.py (
 
     python prefs.py --checkpoint=out/ckpt.pt --num_pairs=1000   # -> data/prefs_{train,eval}.jsonl
     python prefs.py --label=length --target_len=170 --pairs=data/len_train.jsonl --eval_pairs=data/len_eval.jsonl
-    python prefs.py --label=instruct --checkpoint=out/sft_ckpt.pt --pairs=data/instruct_train.jsonl \
-        --eval_pairs=data/instruct_eval.jsonl   # DPO on instructions: the SFT model's stories for a header
+    python prefs.py --label=instruct --checkpoint=out/sft_ckpt.pt --pairs=data/instruct_pairs_train.jsonl \
+        --eval_pairs=data/instruct_pairs_eval.jsonl   # DPO on instructions: the SFT model's stories for a header
 
 Two samples of the pretrained model continue the same real story beginning, and the one the judge
 scores higher is "chosen". With --label=instruct the prompts are instruction headers (tinystories.py
