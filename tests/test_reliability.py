@@ -179,6 +179,17 @@ ROWS = [  # (the command line, with {ws} for the working directory; the fragment
     ),
     (f"{PY} prefs.py --checkpoint={{ws}}/out/ckpt.pt --samples_per_prompt=1", "--samples_per_prompt=1: must be >= 2"),
     (
+        f"{PY} prefs.py --label=instruct --checkpoint={{ws}}/out/ckpt.pt",
+        "no instruction data {ws}/data/tok512/instruct_train.jsonl",
+    ),
+    # compare.py
+    (
+        f"{PY} compare.py --models=a:{{ws}}/out/ckpt.pt --reference=b",
+        "--reference=b is not one of the --models (a)",
+    ),
+    (f"{PY} compare.py --models={{ws}}/out/ckpt.pt", "expected name:path,name:path"),
+    (f"{PY} compare.py --curves=a:{{ws}}/none.jsonl", "no log file {ws}/none.jsonl"),
+    (
         f"{PY} reward_model.py --checkpoint={{ws}}/out/ckpt.pt --pairs={{ws}}/pairs_broken.jsonl "
         "--rm_path={ws}/rm.pt",
         "{ws}/pairs_broken.jsonl:3: not valid JSON",
