@@ -172,11 +172,13 @@ def main(cfg):
         vocabulary = metrics.training_words(data_dir)
         ns = [int(n) for n in cfg["best_of"].split(",") if n]
     reference = models[cfg["reference"]]
-    in_c = all(choose_engine(cfg["rollout_engine"], device_type, m) == "c" for m in models.values())
-    engines = {name: Engines(model, reference) if in_c else None for name, model in models.items()}
+    engines = dict.fromkeys(models)  # None: PyTorch samples and scores
+    if all(choose_engine(cfg["rollout_engine"], device_type, m) == "c" for m in models.values()):
+        on_reference = Engines(reference, reference)
+        engines = {n: on_reference if m is reference else on_reference.beside(m) for n, m in models.items()}
+    ref_engines = engines[cfg["reference"]]
     results, samples, best = {}, {}, {}
     for s, task in task_of.items():
-        ref_engines = engines[cfg["reference"]]
         ref_m, _ = evaluate_model(reference, reference, task, cfg, tok, cfg["seed"], vocabulary, None, ctx, ref_engines)
         for name, model in models.items():
             print(f"{s}: {name}, {len(task.eval_prompts)} samples")

@@ -45,6 +45,12 @@ config = dict(
 # -----------------------------------------------------------------------------
 
 
+def llama2c_config(model):
+    """The llama2.c header of a model: its shape, as the .bin files and the C engine read it."""
+    p = model.params
+    return formats.Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len)
+
+
 def llama2c_weights(model):
     """The model's weights as csrc/formats.py's dict of llama2.c names, all layers stacked."""
 
@@ -123,7 +129,7 @@ def export(model, path, version=1):
             f"llama2.c's .bin has no room for rope_theta {p.rope_theta} or norm_eps {p.norm_eps} "
             "(the engine assumes 10000 and 1e-5)"
         )
-    config = formats.Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len)
+    config = llama2c_config(model)
     w = llama2c_weights(model)
     group_size = q80_group_size(p.dim, p.hidden_dim) if version == 2 else 64
     with atomic_path(path) as tmp:

@@ -387,17 +387,18 @@ def read_headers(path):
         return [json.loads(line)["header"] for line in f if line.strip()]
 
 
+def header_prompts(tok, data_dir, name):
+    """BOS + the tokens of each header of an instruction file (data_dir/tokN/name, tinystories.py instruct)."""
+    return [tok.encode(h, bos=True) for h in read_headers(os.path.join(data_dir, f"tok{tok.n_words}", name))]
+
+
 def prompts(tok, data_dir, split, eval_set):
     """(draw(rng, n), held_out(n)): prompts (BOS + a header's tokens) drawn from the headers of a split's
     examples, and the first n held-out headers of eval_set ('val': the validation stories', 'ood':
     words no training story holds together)."""
-    token_dir = os.path.join(data_dir, f"tok{tok.n_words}")
-    train = [tok.encode(h, bos=True) for h in read_headers(os.path.join(token_dir, f"instruct_{split}.jsonl"))]
-    held_out = read_headers(os.path.join(token_dir, EVAL_SETS[eval_set]))
-    return (
-        lambda rng, n: [train[i] for i in rng.integers(len(train), size=n)],
-        lambda n: [tok.encode(h, bos=True) for h in held_out[:n]],
-    )
+    train = header_prompts(tok, data_dir, f"instruct_{split}.jsonl")
+    held_out = header_prompts(tok, data_dir, EVAL_SETS[eval_set])
+    return lambda rng, n: [train[i] for i in rng.integers(len(train), size=n)], lambda n: held_out[:n]
 
 
 def score(batch, tok):

@@ -202,12 +202,6 @@ def load_policy(path, device):
     return checkpoint.model_from(ckpt).to(device).eval(), checkpoint.tokenizer_of(ckpt, path), ckpt
 
 
-def instruction_prompts(tok, data_dir, split):
-    """BOS + the tokens of each header of a split's instruction examples (tinystories.py instruct)."""
-    path = os.path.join(data_dir, f"tok{tok.n_words}", f"instruct_{split}.jsonl")
-    return [tok.encode(h, bos=True) for h in instruct.read_headers(path)]
-
-
 def main(cfg, given):
     with one_line_errors():
         device = resolve_device_dtype(cfg["device"], "float32")[0]
@@ -225,7 +219,7 @@ def main(cfg, given):
             ("eval", cfg["eval_pairs"], "val", cfg["num_eval_pairs"], -1),
         ):
             if cfg["label"] == "instruct":
-                prompts = instruction_prompts(tok, data_dir, split)[::order]
+                prompts = instruct.header_prompts(tok, data_dir, f"instruct_{split}.jsonl")[::order]
             else:
                 prompts = story_prompts(tok, load_text(data_dir, split)[::order], cfg["start_len"])
             if not prompts:

@@ -14,6 +14,7 @@ Either way the optimisation's ratio divides PyTorch's own log-probabilities of t
 these, as TRL does when vLLM generates.
 """
 
+import copy
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
@@ -93,19 +94,25 @@ class Engines:
     model)."""
 
     def __init__(self, policy_model, reference_model, lib=None):
-        from csrc import engine
+        self.lib = lib
+        self.policy, self.reference = engine_model(policy_model, lib), engine_model(reference_model, lib)
 
-        def copy(model):
-            p = model.params
-            config = engine.Config(
-                p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len
-            )
-            return engine.Model.from_weights(config, weights_of(model), lib=lib)
-
-        self.policy, self.reference = copy(policy_model), copy(reference_model)
+    def beside(self, policy_model):
+        """Engines of another policy with this reference, the same copy (compare.py's several models)."""
+        other = copy.copy(self)
+        other.policy = engine_model(policy_model, self.lib)
+        return other
 
     def sync(self, policy_model):
         self.policy.update(weights_of(policy_model))
+
+
+def engine_model(model, lib=None):
+    """A C engine Model holding a copy of a PyTorch model's weights."""
+    from csrc import engine
+    from export import llama2c_config
+
+    return engine.Model.from_weights(llama2c_config(model), weights_of(model), lib=lib)
 
 
 def weights_of(model):

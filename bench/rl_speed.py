@@ -137,8 +137,7 @@ def ours(workload, engine, args):
     run.dtype, run.ctx = args.dtype, autocast("cpu", args.dtype)
     if args.compile:
         run.train_policy = torch.compile(run.policy)
-    repeats = args.repeats
-    runs = [iteration(run, it, workload) for it in range(repeats + 1)][1:]  # the first warms up
+    runs = [iteration(run, it, workload) for it in range(args.repeats + 1)][1:]  # the first warms up
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
