@@ -100,7 +100,7 @@ def repeat_kv(x, n_rep):
 
 class CausalAttentionCPU(torch.autograd.Function):
     """Causal attention through csrc/train/attention.c, for CPUs at small head sizes, where PyTorch's
-    flash attention is slow (head size 8: 4x, reports/rl_speed.md). q, k, v (B, H, T, head_dim)
+    flash attention is slow (reports/training_speed.md). q, k, v (B, H, T, head_dim)
     with as many KV heads as query heads; fp32 arithmetic, results in the inputs' dtype. lib: another
     build of the library (tests), else csrc/libattention.so."""
 
@@ -134,7 +134,7 @@ class CausalAttentionCPU(torch.autograd.Function):
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None
 
 
-C_ATTENTION_MAX_HEAD_DIM = 8  # where csrc/train/attention.c beats PyTorch's CPU kernel (reports/rl_speed.md)
+C_ATTENTION_MAX_HEAD_DIM = 16  # where csrc/train/attention.c beats PyTorch's CPU kernel (reports/training_speed.md)
 ATTENTION_KERNELS = ("auto", "c", "torch")
 
 

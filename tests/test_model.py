@@ -109,7 +109,9 @@ def test_attention_equals_per_head_reference_with_run_c_rope(n_kv_heads):
         assert torch.allclose(y, reference_attention(attn, x), atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 17, 8), (3, 2, 40, 16), (1, 1, 1, 8), (1, 2, 130, 4)])
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 17, 8), (3, 2, 40, 16), (1, 1, 1, 8), (1, 2, 130, 4), (2, 1, 23, 32), (1, 1, 9, 12)]
+)
 def test_c_attention_kernel_equals_causal_sdpa_and_its_gradients(shape, kernel_build):
     """csrc/train/attention.c (the CPU path at small head sizes), built for each kernel path, against
     PyTorch in float64."""
@@ -143,7 +145,7 @@ def test_a_model_at_head_size_8_trains_the_same_through_the_c_kernel_as_through_
 
 
 def test_the_attention_switch_is_explicit_and_refuses_what_it_cannot_do():
-    model = tiny_model(dim=64, n_heads=4, n_kv_heads=2)  # head size 16: PyTorch's kernel is faster there
+    model = tiny_model(dim=128, n_heads=4, n_kv_heads=2)  # head size 32: PyTorch's kernel by default
     assert model.set_attention("auto") == "torch" and model.set_attention("c") == "c"
     assert all(layer.attention.c_kernel for layer in model.layers)
     assert model.set_attention("auto", "cuda") == "torch"

@@ -1,8 +1,10 @@
 // Causal self-attention, forward and backward, for the small head sizes of TinyStories models on
-// a CPU. At head size 8 (the 260K preset) PyTorch's CPU flash attention spends most of its time
-// around GEMMs with an inner dimension of 8; here every loop runs over the keys of one query row
-// instead, with keys and values stored transposed (head_dim rows of T), so the compiler
-// vectorises them whatever the head size. One (batch, head) pair per OpenMP task, no allocation
+// a CPU. At head sizes 8 and 16 (the 260K preset and the default model) PyTorch's CPU flash
+// attention spends most of its time around GEMMs with an inner dimension of 8 or 16. Here the query
+// rows go in blocks of ROWS and every product is a loop of whole vectors with its sums in registers:
+// the scores of a block over the keys (keys stored transposed, head_dim rows of T, each vector of
+// keys loaded once for the ROWS queries), and the weighted sums of value or key rows (a row of the
+// head's values is one or a few vectors). One (batch, head) pair per OpenMP task, no allocation
 // beyond one scratch buffer per thread. The backward pass recomputes the probabilities from the
 // log-sum-exp of the forward pass, as flash attention does.
 #include "attention.h"
@@ -13,36 +15,128 @@
 #include <stdlib.h>
 #include <string.h>
 
-// n rounded up to whole vectors of 16 floats; score rows have room for it
+// Query rows handled together: each key or value loaded serves ROWS of them
+#define ROWS 8
+
+// The native vector of the target: GCC's and Clang's vector extension, lowered to its instructions
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4 // NEON, SSE2, or the portable build's target
+#endif
+typedef float vec __attribute__((vector_size(4 * LANES)));
+
+static inline vec load(const float *x) {
+    vec v;
+    memcpy(&v, x, sizeof(v));
+    return v;
+}
+
+// n rounded up to whole vectors of 16 floats; score rows, and the rows of transposed keys and
+// values, have room for it
 static inline int round_up(int n) { return (n + 15) & ~15; }
 
-static void transpose(const float *x, float *xt, int T, int D) {  // (T, D) -> (D, T)
+// (T, D) -> (D, row), with zeros from T up to row
+static void transpose(const float *x, float *xt, int T, int D, int row) {
+    for (int d = 0; d < D; d++) memset(xt + (size_t)d * row + T, 0, sizeof(float) * (row - T));
     for (int t = 0; t < T; t++)
-        for (int d = 0; d < D; d++) xt[d * T + t] = x[t * D + d];
+        for (int d = 0; d < D; d++) xt[(size_t)d * row + t] = x[t * D + d];
 }
 
-// s[j] = scale * q . k_j for j < n, keys transposed: kt (D, T)
-static inline void scores_any(const float *q, const float *kt, float *s, int n, int T, int D, float scale) {
-    for (int j = 0; j < n; j++) s[j] = 0.0f;
-    for (int d = 0; d < D; d++) {
-        float qd = q[d] * scale;
-        const float *kd = kt + (size_t)d * T;
-#pragma omp simd
-        for (int j = 0; j < n; j++) s[j] += qd * kd[j];
-    }
-}
-
-static void scores(const float *q, const float *kt, float *s, int n, int T, int D, float scale) {
-    if (D == 8) {  // the 260K shape: a constant D unrolls, and each score's sum stays in a register
-#pragma omp simd
-        for (int j = 0; j < n; j++) {
-            float acc = 0.0f;
-            for (int d = 0; d < 8; d++) acc += q[d] * kt[(size_t)d * T + j];
-            s[j] = acc * scale;
+// s[r * row + j] = scale * x_r . yt[:, j] for the ROWS rows x_r = x + r * D and keys j < n (and on up
+// to the vector's end), with yt (D, row) transposed keys (or values): one pass over yt, a vector of
+// keys at a time, ROWS sums of each in registers
+static void scores(const float *x, const float *yt, float *s, int row, int n, int D, float scale) {
+    for (int j = 0; j < n; j += LANES) {
+        vec acc[ROWS] = {0};
+        for (int d = 0; d < D; d++) {
+            const vec y = load(yt + (size_t)d * row + j);
+            for (int r = 0; r < ROWS; r++) acc[r] += x[r * D + d] * y;
         }
-    } else {
-        scores_any(q, kt, s, n, T, D, scale);
+        for (int r = 0; r < ROWS; r++) {
+            acc[r] *= scale;
+            memcpy(s + (size_t)r * row + j, &acc[r], sizeof(vec));
+        }
     }
+}
+
+// The weighted sums of rows (T, D) row-major, over d in vectors, at head sizes 4, 8, 16, 32 and 64:
+// a row of D values is PARTS vectors of up to LANES floats, and GROUP of the ROWS rows go through at
+// a time, so that their GROUP * PARTS sums stay in registers (8 of them: AVX2 has 16).
+//   weighted: out_r = scale_r * sum_{j < n} w[r * row + j] * y_j, for the ROWS rows: attention's
+//             output from the values, and dq from the keys
+//   outer:    g_j += sum_r w[r * row + j] * x_r, for j < n: the key and value gradients
+// Any other head size goes value by value (weighted and outer below).
+#define HEAD_SIZE_KERNELS(D)                                                                                           \
+    enum { WIDTH_##D = D < LANES ? D : LANES, PARTS_##D = D / WIDTH_##D, GROUP_##D = PARTS_##D < 8 ? 8 / PARTS_##D : 1 };              \
+    typedef float part##D __attribute__((vector_size(4 * WIDTH_##D)));                                               \
+    static void weighted_##D(const float *w, const float *y, float *out, int row, int n, const float *scale) {      \
+        for (int r0 = 0; r0 < ROWS; r0 += GROUP_##D) {                                                                \
+            part##D acc[GROUP_##D][PARTS_##D], yj;                                                                    \
+            memset(acc, 0, sizeof(acc));                                                                              \
+            for (int j = 0; j < n; j++) {                                                                             \
+                for (int p = 0; p < PARTS_##D; p++) {                                                                 \
+                    memcpy(&yj, y + (size_t)j * D + p * WIDTH_##D, sizeof(yj));                                       \
+                    for (int g = 0; g < GROUP_##D; g++) acc[g][p] += w[(r0 + g) * row + j] * yj;                      \
+                }                                                                                                     \
+            }                                                                                                         \
+            for (int g = 0; g < GROUP_##D; g++) {                                                                     \
+                for (int p = 0; p < PARTS_##D; p++) {                                                                 \
+                    acc[g][p] *= scale[r0 + g];                                                                       \
+                    memcpy(out + (r0 + g) * D + p * WIDTH_##D, &acc[g][p], sizeof(yj));                               \
+                }                                                                                                     \
+            }                                                                                                         \
+        }                                                                                                             \
+    }                                                                                                                 \
+    static void outer_##D(const float *w, const float *x, float *g, int row, int n) {                                \
+        for (int r0 = 0; r0 < ROWS; r0 += GROUP_##D) {                                                                \
+            part##D xr[GROUP_##D][PARTS_##D], gj;                                                                     \
+            memcpy(xr, x + r0 * D, sizeof(xr));                                                                       \
+            for (int j = 0; j < n; j++) {                                                                             \
+                for (int p = 0; p < PARTS_##D; p++) {                                                                 \
+                    memcpy(&gj, g + (size_t)j * D + p * WIDTH_##D, sizeof(gj));                                       \
+                    for (int r = 0; r < GROUP_##D; r++) gj += w[(r0 + r) * row + j] * xr[r][p];                       \
+                    memcpy(g + (size_t)j * D + p * WIDTH_##D, &gj, sizeof(gj));                                       \
+                }                                                                                                     \
+            }                                                                                                         \
+        }                                                                                                             \
+    }
+HEAD_SIZE_KERNELS(4)
+HEAD_SIZE_KERNELS(8)
+HEAD_SIZE_KERNELS(16)
+HEAD_SIZE_KERNELS(32)
+HEAD_SIZE_KERNELS(64)
+
+static void weighted(const float *w, const float *y, float *out, int row, int n, int D, const float *scale) {
+    switch (D) {
+    case 4: weighted_4(w, y, out, row, n, scale); return;
+    case 8: weighted_8(w, y, out, row, n, scale); return;
+    case 16: weighted_16(w, y, out, row, n, scale); return;
+    case 32: weighted_32(w, y, out, row, n, scale); return;
+    case 64: weighted_64(w, y, out, row, n, scale); return;
+    }
+    for (int r = 0; r < ROWS; r++) {
+        for (int d = 0; d < D; d++) {
+            float sum = 0.0f;
+            for (int j = 0; j < n; j++) sum += w[r * row + j] * y[(size_t)j * D + d];
+            out[r * D + d] = sum * scale[r];
+        }
+    }
+}
+
+static void outer(const float *w, const float *x, float *g, int row, int n, int D) {
+    switch (D) {
+    case 4: outer_4(w, x, g, row, n); return;
+    case 8: outer_8(w, x, g, row, n); return;
+    case 16: outer_16(w, x, g, row, n); return;
+    case 32: outer_32(w, x, g, row, n); return;
+    case 64: outer_64(w, x, g, row, n); return;
+    }
+    for (int j = 0; j < n; j++)
+        for (int r = 0; r < ROWS; r++)
+            for (int d = 0; d < D; d++) g[(size_t)j * D + d] += w[r * row + j] * x[r * D + d];
 }
 
 // s[j] = exp(s[j] - shift) for j < n, 0 from there up to the whole vector after n_total; returns the
@@ -57,30 +151,18 @@ static float exp_shifted(float *s, int n, int n_total, float shift) {
     return sum;
 }
 
+static float max_of_row(const float *s, int n) {
+    float max = s[0];
+#pragma omp simd reduction(max : max)
+    for (int j = 1; j < n; j++) max = s[j] > max ? s[j] : max;
+    return max;
+}
+
 static float dot(const float *a, const float *b, int n) {
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int j = 0; j < n; j++) sum += a[j] * b[j];
     return sum;
-}
-
-// out[d] = scale * sum_j w[j] xt[d][j] for the D rows of xt (D, T): attention's weighted sum of
-// values (forward) and of keys (dq). At D = 8 one pass over w with eight sums in registers.
-static void weighted_sum(const float *w, const float *xt, float *out, int n, int T, int D, float scale) {
-    if (D == 8) {
-        const float *x0 = xt, *x1 = xt + T, *x2 = xt + 2 * T, *x3 = xt + 3 * T, *x4 = xt + 4 * T, *x5 = xt + 5 * T,
-                    *x6 = xt + 6 * T, *x7 = xt + 7 * T;
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, a4 = 0.0f, a5 = 0.0f, a6 = 0.0f, a7 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7)
-        for (int j = 0; j < n; j++) {
-            a0 += w[j] * x0[j], a1 += w[j] * x1[j], a2 += w[j] * x2[j], a3 += w[j] * x3[j];
-            a4 += w[j] * x4[j], a5 += w[j] * x5[j], a6 += w[j] * x6[j], a7 += w[j] * x7[j];
-        }
-        out[0] = a0 * scale, out[1] = a1 * scale, out[2] = a2 * scale, out[3] = a3 * scale;
-        out[4] = a4 * scale, out[5] = a5 * scale, out[6] = a6 * scale, out[7] = a7 * scale;
-    } else {
-        for (int d = 0; d < D; d++) out[d] = dot(w, xt + (size_t)d * T, n) * scale;
-    }
 }
 
 // One thread's scratch floats; if malloc fails, the call reports it and the thread skips its work.
@@ -93,29 +175,43 @@ static float *scratch(size_t n, int *failed) {
     return buf;
 }
 
+// Rows i0..i0+ROWS-1 of x (T, D) into block (ROWS, D), zeros for the rows past T; returns the rows
+// that exist
+static int load_block(float *block, const float *x, int i0, int T, int D) {
+    const int rows = T - i0 < ROWS ? T - i0 : ROWS;
+    memcpy(block, x + (size_t)i0 * D, sizeof(float) * rows * D);
+    memset(block + (size_t)rows * D, 0, sizeof(float) * (ROWS - rows) * D);
+    return rows;
+}
+
 int attention_forward(const float *q, const float *k, const float *v, float *out, float *lse, int BH, int T, int D,
                       int n_threads) {
     const float scale = 1.0f / sqrtf((float)D);
+    const size_t TD = (size_t)T * D, row = (size_t)round_up(T);
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        float *buf = scratch((size_t)T * (2 * D + 1) + 16, &failed);  // kt, vt, one row of scores
+        // kt (D, T); ROWS rows of scores; a block of queries and of outputs (ROWS, D)
+        float *buf = scratch((size_t)D * row + ROWS * row + 2 * ROWS * D, &failed);
 #pragma omp for schedule(static)
         for (int bh = 0; bh < BH; bh++) {
             if (!buf) continue;
-            size_t off = (size_t)bh * T * D;
-            float *kt = buf, *vt = buf + (size_t)T * D, *s = buf + (size_t)2 * T * D;
-            transpose(k + off, kt, T, D);
-            transpose(v + off, vt, T, D);
-            for (int i = 0; i < T; i++) {
-                int n = i + 1;  // causal: query i sees keys 0..i
-                scores(q + off + (size_t)i * D, kt, s, n, T, D, scale);
-                float max = s[0];
-#pragma omp simd reduction(max : max)
-                for (int j = 1; j < n; j++) max = s[j] > max ? s[j] : max;
-                float sum = exp_shifted(s, n, n, max);
-                weighted_sum(s, vt, out + off + (size_t)i * D, n, T, D, 1.0f / sum);
-                lse[(size_t)bh * T + i] = max + logf(sum);
+            const size_t off = (size_t)bh * TD;
+            float *kt = buf, *s = buf + (size_t)D * row, *qb = s + ROWS * row, *ob = qb + ROWS * D;
+            transpose(k + off, kt, T, D, row);
+            for (int i0 = 0; i0 < T; i0 += ROWS) {
+                const int rows = load_block(qb, q + off, i0, T, D);
+                const int n_max = i0 + rows; // keys of the block's last row
+                scores(qb, kt, s, row, n_max, D, scale);
+                float inv_sum[ROWS] = {0.0f};
+                for (int r = 0; r < rows; r++) {
+                    float *sr = s + r * row, max = max_of_row(sr, i0 + r + 1); // causal: keys 0..i0+r
+                    const float sum = exp_shifted(sr, i0 + r + 1, n_max, max);
+                    inv_sum[r] = 1.0f / sum;
+                    lse[(size_t)bh * T + i0 + r] = max + logf(sum);
+                }
+                weighted(s, v + off, ob, row, n_max, D, inv_sum);
+                memcpy(out + off + (size_t)i0 * D, ob, sizeof(float) * rows * D);
             }
         }
         free(buf);
@@ -123,69 +219,45 @@ int attention_forward(const float *q, const float *k, const float *v, float *out
     return failed ? -1 : 0;
 }
 
-// Rows of queries handled together in the backward pass, so that each read-modify-write of the key
-// and value gradients serves ROWS of them (2x at head size 8).
-#define ROWS 4
-
 int attention_backward(const float *q, const float *k, const float *v, const float *out, const float *lse,
                        const float *dout, float *dq, float *dk, float *dv, int BH, int T, int D, int n_threads) {
     const float scale = 1.0f / sqrtf((float)D);
-    const size_t TD = (size_t)T * D, row = (size_t)T + 16;  // a row of scores, with room for round_up
+    const size_t TD = (size_t)T * D, row = (size_t)round_up(T);
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        // kt, vt, dkt, dvt (D, T) each; ROWS rows of p and of ds; zeros standing in for missing rows
-        float *buf = scratch(4 * TD + 2 * ROWS * row + D, &failed);
+        // kt, vt (D, T); ROWS rows of p and of ds; blocks (ROWS, D) of q, dout and dq
+        float *buf = scratch(2 * (size_t)D * row + 2 * ROWS * row + 3 * ROWS * D, &failed);
 #pragma omp for schedule(static)
         for (int bh = 0; bh < BH; bh++) {
             if (!buf) continue;
-            size_t off = (size_t)bh * TD;
-            float *kt = buf, *vt = buf + TD, *dkt = buf + 2 * TD, *dvt = buf + 3 * TD;
-            float *p = buf + 4 * TD, *ds = p + ROWS * row, *zeros = ds + ROWS * row;
-            transpose(k + off, kt, T, D);
-            transpose(v + off, vt, T, D);
-            memset(dkt, 0, sizeof(float) * 2 * TD);  // dkt and dvt
-            memset(zeros, 0, sizeof(float) * D);
+            const size_t off = (size_t)bh * TD;
+            float *kt = buf, *vt = buf + (size_t)D * row, *p = vt + (size_t)D * row, *ds = p + ROWS * row;
+            float *qb = ds + ROWS * row, *gb = qb + ROWS * D, *dqb = gb + ROWS * D;
+            transpose(k + off, kt, T, D, row);
+            transpose(v + off, vt, T, D, row);
+            memset(dk + off, 0, sizeof(float) * TD);
+            memset(dv + off, 0, sizeof(float) * TD);
+            const float ones[ROWS] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
             for (int i0 = 0; i0 < T; i0 += ROWS) {
-                int n_max = i0 + ROWS < T ? i0 + ROWS : T;  // keys of the block's last row
-                const float *qr[ROWS], *dor[ROWS];
-                for (int r = 0; r < ROWS; r++) {
-                    int i = i0 + r, n = i + 1;
+                const int rows = load_block(qb, q + off, i0, T, D);
+                load_block(gb, dout + off, i0, T, D);
+                const int n_max = i0 + rows;
+                scores(qb, kt, p, row, n_max, D, scale);
+                scores(gb, vt, ds, row, n_max, D, 1.0f); // dout_i . v_j for now
+                for (int r = 0; r < rows; r++) { // (the rows past T: zero queries and dout, so p = ds = 0)
                     float *pr = p + r * row, *dsr = ds + r * row;
-                    if (i >= T) {  // past the end: a row of zeros changes no gradient
-                        qr[r] = dor[r] = zeros;
-                        memset(pr, 0, sizeof(float) * row);
-                        memset(dsr, 0, sizeof(float) * row);
-                        continue;
-                    }
-                    qr[r] = q + off + (size_t)i * D;
-                    dor[r] = dout + off + (size_t)i * D;
-                    scores(qr[r], kt, pr, n_max, T, D, scale);
-                    exp_shifted(pr, n, n_max, lse[(size_t)bh * T + i]);  // 0 past the row's own keys
-                    scores(dor[r], vt, dsr, n_max, T, D, 1.0f);  // dout_i . v_j for now
-                    float delta = dot(dor[r], out + off + (size_t)i * D, D);  // sum_j p_j (dout_i . v_j)
+                    const size_t i = (size_t)i0 + r;
+                    exp_shifted(pr, i0 + r + 1, n_max, lse[(size_t)bh * T + i]); // 0 past the row's own keys
+                    const float delta = dot(gb + r * D, out + off + i * D, D); // sum_j p_j (dout_i . v_j)
 #pragma omp simd
                     for (int j = 0; j < n_max; j++) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
-                    weighted_sum(dsr, kt, dq + off + (size_t)i * D, n_max, T, D, 1.0f);
                 }
-                for (int d = 0; d < D; d++) {
-                    float *dvd = dvt + (size_t)d * T, *dkd = dkt + (size_t)d * T;
-                    float g0 = dor[0][d], g1 = dor[1][d], g2 = dor[2][d], g3 = dor[3][d];
-                    float q0 = qr[0][d], q1 = qr[1][d], q2 = qr[2][d], q3 = qr[3][d];
-                    const float *p0 = p, *p1 = p + row, *p2 = p + 2 * row, *p3 = p + 3 * row;
-                    const float *s0 = ds, *s1 = ds + row, *s2 = ds + 2 * row, *s3 = ds + 3 * row;
-#pragma omp simd
-                    for (int j = 0; j < n_max; j++) {
-                        dvd[j] += p0[j] * g0 + p1[j] * g1 + p2[j] * g2 + p3[j] * g3;
-                        dkd[j] += s0[j] * q0 + s1[j] * q1 + s2[j] * q2 + s3[j] * q3;
-                    }
-                }
+                weighted(ds, k + off, dqb, row, n_max, D, ones);
+                memcpy(dq + off + (size_t)i0 * D, dqb, sizeof(float) * rows * D);
+                outer(p, gb, dv + off, row, n_max, D);
+                outer(ds, qb, dk + off, row, n_max, D);
             }
-            for (int t = 0; t < T; t++)
-                for (int d = 0; d < D; d++) {
-                    dk[off + (size_t)t * D + d] = dkt[(size_t)d * T + t];
-                    dv[off + (size_t)t * D + d] = dvt[(size_t)d * T + t];
-                }
         }
         free(buf);
     }
