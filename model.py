@@ -98,40 +98,75 @@ def repeat_kv(x, n_rep):
     return x[:, :, None].expand(B, n_kv_heads, n_rep, S, head_dim).reshape(B, n_kv_heads * n_rep, S, head_dim)
 
 
-class CausalAttentionCPU(torch.autograd.Function):
-    """Causal attention through csrc/train/attention.c, for CPUs at small head sizes, where PyTorch's
-    flash attention is slow (reports/training_speed.md). q, k, v (B, H, T, head_dim)
-    with as many KV heads as query heads; fp32 arithmetic, results in the inputs' dtype. lib: another
-    build of the library (tests), else csrc/libattention.so."""
+# Causal attention through csrc/train/attention.c, for CPUs at small head sizes, where PyTorch's flash
+# attention is slow (reports/training_speed.md): q, k, v (B, H, T, head_dim) contiguous fp32 with as
+# many KV heads as query heads -> the output and each row's log-sum-exp, which the backward pass
+# recomputes the probabilities from. Custom operators rather than an autograd.Function, so that
+# torch.compile keeps them in its graph instead of breaking it at every layer. lib: the path of
+# another build of the library (the tests' kernel paths), else csrc/libattention.so.
+@torch.library.custom_op("tinystories::c_attention", mutates_args=(), device_types="cpu")
+def c_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lib: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from csrc import attention
 
-    @staticmethod
-    def forward(ctx, q, k, v, lib=None):
-        from csrc import attention
+    B, H, T, D = q.shape
+    out, lse = torch.empty_like(q), q.new_empty(B, H, T)
+    if attention.load(lib).attention_forward(
+        *map(attention.float_ptr, (q, k, v, out, lse)), B * H, T, D, torch.get_num_threads()
+    ):
+        raise MemoryError("attention_forward: out of memory")
+    return out, lse
 
-        lib = lib or attention.lib
-        dtype = q.dtype
-        q, k, v = (x.float().contiguous() for x in (q, k, v))
-        B, H, T, D = q.shape
-        out, lse = torch.empty_like(q), q.new_empty(B, H, T)
-        if lib.attention_forward(*map(attention.float_ptr, (q, k, v, out, lse)), B * H, T, D, torch.get_num_threads()):
-            raise MemoryError("attention_forward: out of memory")
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.dtype, ctx.lib = dtype, lib
-        return out.to(dtype)
 
-    @staticmethod
-    def backward(ctx, dout):
-        from csrc import attention
+@torch.library.custom_op("tinystories::c_attention_backward", mutates_args=(), device_types="cpu")
+def c_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    lib: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from csrc import attention
 
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = dout.float().contiguous()
-        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
-        B, H, T, D = q.shape
-        if ctx.lib.attention_backward(
-            *map(attention.float_ptr, (q, k, v, out, lse, dout, dq, dk, dv)), B * H, T, D, torch.get_num_threads()
-        ):
-            raise MemoryError("attention_backward: out of memory")
-        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None
+    dout = dout.contiguous()
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    B, H, T, D = q.shape
+    ptrs = map(attention.float_ptr, (q, k, v, out, lse, dout, dq, dk, dv))
+    if attention.load(lib).attention_backward(*ptrs, B * H, T, D, torch.get_num_threads()):
+        raise MemoryError("attention_backward: out of memory")
+    return dq, dk, dv
+
+
+@c_attention_forward.register_fake
+def _(q, k, v, lib):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1])
+
+
+@c_attention_backward.register_fake
+def _(q, k, v, out, lse, dout, lib):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], *output)
+    ctx.lib = inputs[3]
+
+
+def _backward(ctx, dout, _):
+    return (*c_attention_backward(*ctx.saved_tensors, dout, ctx.lib), None)
+
+
+c_attention_forward.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def c_attention(q, k, v, lib=""):
+    """Causal attention of q, k, v (B, H, T, head_dim) in any float dtype through csrc/train/attention.c:
+    fp32 arithmetic, the output in q's dtype."""
+    out, _ = c_attention_forward(*(x.float().contiguous() for x in (q, k, v)), lib)
+    return out.to(q.dtype)
 
 
 C_ATTENTION_MAX_HEAD_DIM = 16  # where csrc/train/attention.c beats PyTorch's CPU kernel (reports/training_speed.md)
@@ -188,7 +223,7 @@ class Attention(nn.Module):
                 and kv_cache is None
                 and not (self.training and self.dropout)
             ):
-                y = CausalAttentionCPU.apply(q, k, v)
+                y = c_attention(q, k, v)
             else:
                 y = F.scaled_dot_product_attention(
                     q,

@@ -65,6 +65,7 @@ RUN = dict(  # every method
     device="auto",  # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype=("auto", "auto | float32 | bfloat16 | float16"),  # autocast of the forward passes and updates
     attention=("auto", " | ".join(ATTENTION_KERNELS)),  # causal attention of the forward passes (model.set_attention)
+    compile=False,  # torch.compile of the policy's passes in the update, for shapes that change from step to step
     rollout_engine=("auto", "auto | c | torch"),  # who samples and scores the rollouts (rollouts.py); auto: C on a CPU
     wandb_log=False,  # llama2.c's experiment-tracking keys: every row of {method}_log.jsonl also goes to W&B
     wandb_project="tinystories-rl",
@@ -148,11 +149,6 @@ def make_optimizer(policy, cfg, device_type="cpu"):
     if policy.value_head is not None:
         optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
     return optimizer
-
-
-def unwrap(policy):
-    """The policy inside a DDP wrapper."""
-    return policy.module if isinstance(policy, DDP) else policy
 
 
 def log_softmax(logits, temperature):

@@ -46,7 +46,7 @@ from common import (
     reuse_freed_memory,
     start_wandb,
 )
-from rl import Policy, kl_controller, make_optimizer, unwrap
+from rl import Policy, kl_controller, make_optimizer
 from rollouts import Engines, choose_engine, rollout, rollout_stats
 from tokenizer import Tokenizer
 
@@ -58,7 +58,7 @@ class Run:
     cfg: dict  # the settings
     method: ModuleType  # the method's module: UNIT, VALUE_HEAD, iteration()
     policy: Policy  # the model being trained, with its value head if any
-    train_policy: nn.Module  # the policy, or its DDP wrapper
+    train_policy: nn.Module  # the policy as the update runs it: compiled (compile), in a DDP wrapper (DDP)
     reference: Policy  # the frozen starting model
     model_args: dict
     optimizer: torch.optim.Optimizer
@@ -200,7 +200,9 @@ def setup(cfg, given, method):
         iter_num = ckpt["iter_num"]
         if kl_ctl:
             kl_ctl.value = ckpt["rl"]["kl_coef"]
-    train_policy = DDP(policy, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else policy
+    train_policy = torch.compile(policy, dynamic=True) if cfg["compile"] else policy
+    if ddp:
+        train_policy = DDP(train_policy, device_ids=[local_rank] if device_type == "cuda" else None)
     return Run(
         cfg=cfg,
         method=method,
@@ -256,7 +258,7 @@ def next_batch(run):
     prompts = run.task.train_prompts(run.rng, cfg["num_mini_batches"] * cfg["batch_size"] // g)
     generator = torch.Generator(run.device).manual_seed(int(run.rng.integers(2**62)))
     batch, timing = rollout(
-        unwrap(run.train_policy),
+        run.policy,
         run.reference,
         [p for p in prompts for _ in range(g)],
         run.task.score,

@@ -136,7 +136,7 @@ def ours(workload, engine, args):
     run = make_run(workload, engine, seed=0, attention=args.attention)
     run.dtype, run.ctx = args.dtype, autocast("cpu", args.dtype)
     if args.compile:
-        run.train_policy = torch.compile(run.policy)
+        run.train_policy = torch.compile(run.policy, dynamic=True)
     runs = [iteration(run, it, workload) for it in range(args.repeats + 1)][1:]  # the first warms up
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -180,6 +180,8 @@ def instruct_runs(args):
                 f"--eval_interval={n}",
                 "--eval_prompts=8",
                 f"--rollout_engine={engine}",
+                f"--attention={args.attention}",
+                f"--compile={args.compile}",
             ]
             run_or_exit(argv, env, f"our run ({engine})")
             rows = [json.loads(line) for line in open(os.path.join(run_dir, "grpo_log.jsonl"))][1:]

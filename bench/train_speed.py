@@ -6,10 +6,10 @@ eager loop (llama2.c's baseline) with bf16 autocast, torch.compile and thread co
     python bench/train_speed.py [--presets=260K,15M-4096,15M,42M] [--batch_size=32] [--seconds=4] [--only=fp32]
 
 Random tokens: speed does not depend on the data. Prints a JSON line and a markdown table.
-The "C attention" settings train through csrc/train/attention.c (`make lib`) at any head size, not
-only at the sizes up to 8 where model.py uses it. PyTorch's AVX2 path can be timed on an AVX-512
-machine: ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 (with
---only=fp32: bf16 has no fast path there).
+The "C attention" settings train through csrc/train/attention.c (`make lib`) at any head size (by
+default model.py uses it at sizes up to 16), the others through PyTorch's attention. PyTorch's AVX2
+path can be timed on an AVX-512 machine: ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ONEDNN_MAX_CPU_ISA=AVX2 (with --only=fp32: bf16 has no fast path there).
 """
 
 import argparse
@@ -32,7 +32,7 @@ SHAPES = {  # name: (preset, overrides); seq lengths as in llama2.c's own measur
     "15M": ("15M", dict(max_seq_len=256)),
     "42M": ("42M", dict(max_seq_len=256)),
 }
-SETTINGS = [  # name, dtype, compile, threads, C attention at every head size
+SETTINGS = [  # name, dtype, compile, threads, whether C attention (else PyTorch's) at every head size
     ("fp32 eager", torch.float32, False, 2, False),
     ("fp32 eager, C attention", torch.float32, False, 2, True),
     ("bf16 autocast", torch.bfloat16, False, 2, False),
@@ -57,7 +57,7 @@ def tokens_per_second(shape, dtype, use_compile, threads, c_attention):
     preset, overrides = SHAPES[shape]
     margs = ModelArgs(**{**PRESETS[preset], **overrides})
     model = Transformer(margs)
-    model.set_attention("c" if c_attention else "auto")  # auto: C only at head sizes up to 8
+    model.set_attention("c" if c_attention else "torch")
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
     step_model = torch.compile(model) if use_compile else model
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)

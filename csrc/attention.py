@@ -16,6 +16,16 @@ ffi.cdef(engine.declarations(["train/attention.h"]))
 lib = engine.dlopen(ffi, LIB_PATH, ["train/attention.c", "train/attention.h"])
 
 
+def load(path=""):
+    """The library at path (another build: the tests' kernel paths), or csrc/libattention.so for ""."""
+    if path not in _builds:
+        _builds[path] = ffi.dlopen(path)
+    return _builds[path]
+
+
+_builds = {"": lib}
+
+
 def float_ptr(tensor):
     """A float * to a contiguous fp32 torch tensor's data."""
     return ffi.cast("float *", tensor.data_ptr())

@@ -122,11 +122,6 @@ class KernelBuild:
 
         return engine.load(self.dir / "libengine.so")
 
-    def attention_lib(self):
-        from csrc import attention
-
-        return attention.ffi.dlopen(str(self.dir / "libattention.so"))
-
 
 @pytest.fixture(scope="session", params=KERNEL_PATHS, ids=[name for name, _ in KERNEL_PATHS])
 def kernel_build(request, tmp_path_factory):

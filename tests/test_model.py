@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED
 
-from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, CausalAttentionCPU, ModelArgs, Transformer, apply_rope, rope_tables
+from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, ModelArgs, Transformer, apply_rope, c_attention, rope_tables
 
 STORIES260K = SHARED / "models" / "llama2c" / "stories260K.bin"
 
@@ -121,7 +121,7 @@ def test_c_attention_kernel_equals_causal_sdpa_and_its_gradients(shape, kernel_b
     grad = torch.randn(shape, generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    out = CausalAttentionCPU.apply(q32, k32, v32, kernel_build.attention_lib())
+    out = c_attention(q32, k32, v32, str(kernel_build.dir / "libattention.so"))
     grads = torch.autograd.grad(out, (q32, k32, v32), grad.float())
     for ours, theirs in zip((out, *grads), (ref, *ref_grads)):
         assert ours.dtype == torch.float32 and (ours.double() - theirs).abs().max() < 1e-5
