@@ -206,13 +206,15 @@ class Model:
         if self.lib.transformer_reserve(self._t, n_seqs, max(n_seqs, BATCH_ROWS), err) != 0:
             raise ValueError(_message(err))
 
-    def generate(self, prompts, max_new_tokens, temperature=1.0, seeds=None, stop_tokens=()):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, seeds=None, stop_tokens=(), group=0):
         """Samples up to max_new_tokens after each prompt (a list of id lists, lengths may differ), all
         in one batch, as model.py's Transformer.generate does but with llama2.c's sampler: greedy at
         temperature 0, else one xorshift stream per sequence seeded with seeds[b] (nonzero; default
         1, 2, ..., B), so a sequence's tokens do not depend on the others in the batch. A sequence stops
-        after a stop token (included) or max_new_tokens. Returns the new tokens (B lists) and their
-        log-probabilities under softmax(logits / temperature) (B lists; 0 at temperature 0)."""
+        after a stop token (included) or max_new_tokens. group: sequences decoded together, one group after
+        another (0: the engine's choice, csrc/batch.h); the results do not depend on it. Returns the new
+        tokens (B lists) and their log-probabilities under softmax(logits / temperature) (B lists; 0 at
+        temperature 0)."""
         try:
             prompts = [[int(t) for t in p] for p in prompts]
         except (TypeError, ValueError) as e:
@@ -243,6 +245,7 @@ class Model:
                 _ptr("unsigned long long", seeds),
                 _ptr("int", stop),
                 len(stop),
+                int(group),
                 _ptr("int", tokens),
                 _ptr("float", logprobs),
                 _ptr("int", counts),

@@ -203,6 +203,11 @@ def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(weights
         assert alone == ([tokens[b] for b in order], [logprobs[b] for b in order])
     assert model.generate(PROMPTS, 30, 1.0, seeds=[21, 22, 23, 24, 25])[0] != tokens
     assert len({tuple(t) for t in tokens}) == 5  # different seeds, different samples
+    # decoded in groups one after another (the engine's choice for caches larger than the L3): the same
+    for group in (1, 2, 3):
+        assert model.generate(PROMPTS, 30, 1.0, seeds=[11, 12, 13, 14, 15], group=group) == (tokens, logprobs)
+    with pytest.raises(ValueError, match="group -1 is negative"):
+        model.generate(PROMPTS, 30, 1.0, group=-1)
 
 
 def test_a_stop_token_ends_its_sequence_and_is_included(weights):
