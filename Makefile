@@ -101,9 +101,9 @@ $(ATTENTION_LIB): csrc/train/attention.c csrc/train/attention.h
 # the kernels of ARCH against the portable ones on random data (tests/test_kernels.py runs it for
 # every path this CPU can execute)
 KTEST ?= out/test_kernels
-$(KTEST): tests/c/test_kernels.c $(ENGINE_SRC) $(ENGINE_HDR)
+$(KTEST): tests/c/test_kernels.c $(ENGINE_SRC) $(ENGINE_HDR) csrc/train/attention.c csrc/train/attention.h
 	@mkdir -p $(dir $@)
-	$(CC) -O3 $(TARGET) $(WARN) -fopenmp -Icsrc -o $@ tests/c/test_kernels.c $(ENGINE_SRC) -lm
+	$(CC) -O3 $(TARGET) $(WARN) -fopenmp -Icsrc -o $@ tests/c/test_kernels.c $(ENGINE_SRC) csrc/train/attention.c -lm
 
 # run and runomp for this CPU; tests/test_kernels.py does the same for every other path
 ctest:
@@ -119,7 +119,7 @@ armtest:
 	@for arch in armv8.2-a+dotprod armv8-a; do \
 		echo "aarch64 -march=$$arch:"; \
 		$(AARCH64_CC) -Ofast -march=$$arch $(WARN) -fopenmp -o $(ARM_OUT)/run-aarch64 run.c $(ENGINE_SRC) -lm && \
-		$(AARCH64_CC) -O3 -march=$$arch $(WARN) -fopenmp -Icsrc -o $(ARM_OUT)/test_kernels-aarch64 tests/c/test_kernels.c $(ENGINE_SRC) -lm && \
+		$(AARCH64_CC) -O3 -march=$$arch $(WARN) -fopenmp -Icsrc -o $(ARM_OUT)/test_kernels-aarch64 tests/c/test_kernels.c $(ENGINE_SRC) csrc/train/attention.c -lm && \
 		qemu-aarch64 -L /usr/aarch64-linux-gnu $(ARM_OUT)/test_kernels-aarch64 && \
 		RUN="qemu-aarch64 -L /usr/aarch64-linux-gnu $(ARM_OUT)/run-aarch64" bash tests/c/test_run.sh || exit 1; \
 	done

@@ -104,6 +104,15 @@ def out_dir_lock(out_dir):
 PTDTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo), for benchmarks to say where they ran."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
 def cpu_has_fast_bf16():
     """AMX: where bf16 autocast pays on CPU (bench/train_speed.py: 1.4x fp32 eager at the default
     shape on a CPU with AMX; 0.57x on one with AVX512-BF16 but no AMX, whose bf16 matmuls run at

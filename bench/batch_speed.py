@@ -15,6 +15,7 @@ Prints a JSON line and markdown tables.
     python bench/batch_speed.py --threads=2 --steps=226 --torch --llama_cpp=../llama.cpp/build
     python bench/batch_speed.py --arch=x86-64-v3    # the AVX2 build of the engine
     python bench/batch_speed.py --kv_cache=f16      # our fp16 KV cache (half the bytes attention reads)
+    python bench/batch_speed.py --group=64          # beside the engine's groups, 64 sequences decoded together
 
 GRPO's rollouts are the default model's row at B=64 and --steps=226: 64 rollouts of 226 tokens,
 beside PyTorch's batched generate (--torch) at the same batch.
@@ -33,12 +34,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-from run_speed import cpu_name  # noqa: E402
-
+from common import cpu_name  # noqa: E402
 from csrc import engine, formats  # noqa: E402
 from export import llama2c_weights, q80_group_size  # noqa: E402
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
@@ -57,33 +55,41 @@ def config_of(model):
     return formats.Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len)
 
 
-def best_of(runs, fn):
-    """The median seconds of runs calls of fn after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
+def best_of(runs, *fns):
+    """The median seconds of runs calls of fn after one warm-up call, for each of fns (their calls
+    alternate, so that a slow spell of the machine falls on all of them); one fn: its median."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    medians = [statistics.median(t) for t in times]
+    return medians if len(fns) > 1 else medians[0]
 
 
-def ours(model, fmt, batches, steps, runs, lib, kv_cache):
-    """(decode (tok/s, seconds) by B, score (tok/s, seconds) at the largest B, refresh seconds) of the
-    engine; a refresh is Model.update with every weight (copied, or quantised, then packed)."""
+def ours(model, fmt, batches, steps, runs, lib, kv_cache, group):
+    """(decode (tok/s, seconds) by B, score (tok/s, seconds) at the largest B, refresh seconds, and the
+    decoding seconds by B in groups of `group` if given) of the engine; a refresh is Model.update with
+    every weight (copied, or quantised, then packed)."""
     c, w = config_of(model), llama2c_weights(model)
     version = 2 if fmt == "q8_0" else 1
     m = engine.Model.from_weights(c, w, version, q80_group_size(c.dim, c.hidden_dim), lib=lib, kv_cache=kv_cache)
     m._reserve(max(batches))
     refresh = best_of(runs, lambda: m.update(w))
-    decode = {}
+    decode, grouped = {}, {}
     for B in batches:
-        seconds = best_of(runs, lambda: m.generate([[1]] * B, steps, 1.0, seeds=range(1, B + 1)))
+        runs_of = [lambda g=g: m.generate([[1]] * B, steps, 1.0, seeds=range(1, B + 1), group=g) for g in (0, group)]
+        seconds = best_of(runs, *runs_of[: 2 if group else 1])
+        if group:
+            seconds, grouped[B] = seconds
         decode[B] = (B * steps / seconds, seconds)
     B = max(batches)
     tokens = np.random.default_rng(0).integers(0, c.vocab_size, (B, steps + 1)).astype(np.int32)
     seconds = best_of(runs, lambda: m.score(tokens, steps + 1, 1))
-    return decode, (B * steps / seconds, seconds), refresh
+    return decode, (B * steps / seconds, seconds), refresh, grouped
 
 
 def pytorch(model, batches, steps, runs):
@@ -155,6 +161,7 @@ def main():
     parser.add_argument("--llama_cpp", help="a llama.cpp build directory with bin/llama-batched-bench")
     parser.add_argument("--torch", action="store_true", help="also time model.py's batched generate")
     parser.add_argument("--kv_cache", default="f32", choices=["f32", "f16"], help="our engine's KV cache type")
+    parser.add_argument("--group", type=int, default=0, help="also decode in groups of this many, alternating runs")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before the library starts OpenMP
     torch.set_num_threads(args.threads)
@@ -169,7 +176,9 @@ def main():
         for name in args.models.split(","):
             fmt, model = MODELS[name], random_model(name)
             steps = min(args.steps, model.params.max_seq_len - 1)
-            decode, score, refresh = ours(model, fmt, batches, steps, args.runs, lib, args.kv_cache)
+            decode, score, refresh, grouped = ours(
+                model, fmt, batches, steps, args.runs, lib, args.kv_cache, args.group
+            )
             theirs = llama_cpp(args.llama_cpp, model, fmt, batches, steps, args.threads, tmp) if args.llama_cpp else {}
             torch_decode = pytorch(model, batches, steps, args.runs) if args.torch else {}
             for B in batches:
@@ -185,6 +194,8 @@ def main():
                     row.update(
                         llama_cpp_tok_s=round(theirs[B], 1), ours_vs_llama_cpp=round(decode[B][0] / theirs[B], 2)
                     )
+                if B in grouped:
+                    row.update(group_seconds=round(grouped[B], 3), ours_vs_group=round(grouped[B] / decode[B][1], 2))
                 if B in torch_decode:
                     row.update(
                         torch_seconds=round(torch_decode[B][1], 3),
@@ -209,12 +220,13 @@ def main():
         kernels=engine.kernels(lib),
         threads=args.threads,
         kv_cache=args.kv_cache,
+        group=args.group,
         results=results,
     )
     print(json.dumps(report))
     print(
         f"\n{report['cpu']}, ARCH={args.arch} (kernels: {report['kernels']}), {args.threads} threads, "
-        f"{args.kv_cache} KV cache"
+        f"{args.kv_cache} KV cache; the engine's groups" + (f", and groups of {args.group}" if args.group else "")
     )
     table(
         [
@@ -228,6 +240,8 @@ def main():
             "ours_vs_llama_cpp",
             "torch_seconds",
             "ours_vs_torch",
+            "group_seconds",
+            "ours_vs_group",
         ],
         [r for r in results if "ours_tok_s" in r],
     )

@@ -6,7 +6,7 @@ rollout engine (rollouts.py: PyTorch, or the C engine), beside Hugging Face TRL'
 same model and settings (bench/trl_anchor.py, with --trl).
 
     python bench/rl_speed.py [--workloads=grpo,ppo,fork] [--engines=torch,c] [--threads=2] [--repeats=3]
-    python bench/rl_speed.py --workloads= --checkpoint=out/sft_ckpt.pt --trl=/path/to/trl-venv/bin/python
+    python bench/rl_speed.py --workloads= --checkpoint=out/sft_ckpt.pt --trl=/path/to/trl-venv/bin/python --rounds=3
     python bench/rl_speed.py --workloads=grpo --engines=c --attention=torch --dtype=bfloat16 --compile  # the update
 
 Workloads (random weights, prompts of BOS and random tokens, no stop token: every rollout runs to
@@ -23,7 +23,8 @@ the length cap, the worst case):
         bench/trl_anchor.py), TRL's GRPOTrainer on the same checkpoint exported to transformers, the
         same settings, data and reward; skipped with a message without it
 Each setting runs --repeats times after a warm-up iteration (instruct: the iterations after the
-first); the table gives the medians, and for instruct the mean reward over the iterations. Prints a
+first, in each of --rounds alternating runs of ours and TRL's); the table gives the medians, and for
+instruct the mean reward over the iterations and TRL's time over ours, round by round. Prints a
 JSON line and a markdown table naming the CPU.
 """
 
@@ -48,7 +49,7 @@ import ppo  # noqa: E402
 import rl  # noqa: E402
 import rl_train  # noqa: E402
 import tasks  # noqa: E402
-from common import autocast, reuse_freed_memory  # noqa: E402
+from common import autocast, cpu_name, reuse_freed_memory  # noqa: E402
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 from rollouts import Engines  # noqa: E402
 
@@ -70,13 +71,7 @@ parser.add_argument("--repeats", type=int, default=3, help="timed iterations a s
 parser.add_argument("--checkpoint", default="", help="an SFT checkpoint: GRPO on the instruct task, ours and TRL's")
 parser.add_argument("--iterations", type=int, default=20, help="the instruct task's iterations")
 parser.add_argument("--trl", default="", help="a Python with trl installed (bench/trl_anchor.py): TRL's GRPO too")
-
-
-def cpu_name():
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
+parser.add_argument("--rounds", type=int, default=1, help="instruct: runs of ours and TRL's, alternating (medians)")
 
 
 def make_run(workload, engine, seed, attention="auto"):
@@ -251,7 +246,12 @@ def main(args):
             results.append({"workload": workload, "who": f"ours, rollouts by {engine}", **r})
             print(f"{workload} ours ({engine}): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()), file=sys.stderr)
     if args.checkpoint:
-        results += instruct_runs(args)
+        # ours and TRL's alternate, so that a slow spell of a shared machine falls on both
+        rounds = [instruct_runs(args) for _ in range(args.rounds)]
+        for rows in zip(*rounds):
+            totals = [r["total"] for r in rows]
+            phases = {k: statistics.median(r[k] for r in rows) for k in ("rollout", "scoring", "optimisation", "total")}
+            results.append({**rows[0], **phases, "round_totals": totals})
     cpu = cpu_name()
     from csrc import engine as c_engine
 
@@ -283,6 +283,15 @@ def main(args):
             f"| {r['workload']} | {r['who']} | {r['rollout']:.2f} | {r['scoring']:.2f} | {r['optimisation']:.2f} | "
             f"**{r['total']:.2f}** | {reward} |"
         )
+    trl = next((r for r in results if r["who"] == "TRL GRPOTrainer"), None)
+    for r in results:
+        if trl and r["workload"] == "instruct" and r is not trl:
+            ratios = [t / o for t, o in zip(trl["round_totals"], r["round_totals"])]
+            print(
+                f"\nTRL's seconds over {r['who']}'s, a round: "
+                + ", ".join(f"{x:.2f}x" for x in ratios)
+                + f" (median {statistics.median(ratios):.2f}x)"
+            )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import cpu_name  # noqa: E402
 from csrc import formats  # noqa: E402
 from csrc.formats import Config  # noqa: E402
 from model import PRESETS, ModelArgs  # noqa: E402
@@ -225,13 +226,6 @@ def bandwidth(tmp, arch, nbytes, threads):
             exe,
         )
     return float(sh(exe, int(nbytes), 1.0, env={**os.environ, "OMP_NUM_THREADS": str(threads)}).stdout)
-
-
-def cpu_name():
-    try:
-        return re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
-    except (OSError, AttributeError):
-        return "unknown"
 
 
 def main():

@@ -70,7 +70,8 @@ static void scores(const float *x, const float *yt, float *s, int row, int n, in
 //   outer:    g_j += sum_r w[r * row + j] * x_r, for j < n: the key and value gradients
 // Any other head size goes value by value (weighted and outer below).
 #define HEAD_SIZE_KERNELS(D)                                                                                           \
-    enum { WIDTH_##D = D < LANES ? D : LANES, PARTS_##D = D / WIDTH_##D, GROUP_##D = PARTS_##D < 8 ? 8 / PARTS_##D : 1 };              \
+    enum { WIDTH_##D = D < LANES ? D : LANES, PARTS_##D = D / WIDTH_##D };                                          \
+    enum { GROUP_##D = PARTS_##D < 8 ? 8 / PARTS_##D : 1 };                                                         \
     typedef float part##D __attribute__((vector_size(4 * WIDTH_##D)));                                               \
     static void weighted_##D(const float *w, const float *y, float *out, int row, int n, const float *scale) {      \
         for (int r0 = 0; r0 < ROWS; r0 += GROUP_##D) {                                                                \

@@ -4,8 +4,9 @@
 // with tails of columns and of rows; batches of vectors (through the rows kernels, and W packed in
 // panels), each vector's result also bit for bit the one it gets alone; quantize_q8
 // against its definition; exp_fast against exp, max_of against a loop; attention's products over
-// fp32 and fp16 rows, and the fp16 conversions (every half there and back). Prints the kernels' name
-// and "N passed, M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
+// fp32 and fp16 rows, and the fp16 conversions (every half there and back); and model.py's training
+// attention (csrc/train/attention.c), forward and backward. Prints the kernels' name and "N passed,
+// M failed"; exit status 1 on a failure. (make out/test_kernels ARCH=...;
 // tests/test_kernels.py runs it for every path the CPU can execute, and under qemu-aarch64.)
 #include <math.h>
 #include <omp.h>
@@ -16,6 +17,7 @@
 
 #include "matmul.h"
 #include "ops.h"
+#include "train/attention.h"
 
 static int passed = 0, failed = 0;
 static unsigned long long rng = 42;
@@ -239,6 +241,73 @@ static void test_f16_round_trip(void) {
     bad ? failed++ : passed++;
 }
 
+// got (n,) within tol * (1 + |want|) of want
+static void check_close(const char *what, int BH, int T, int D, const float *got, const double *want, size_t n,
+                        double tol) {
+    for (size_t i = 0; i < n; i++) {
+        if (!(fabs(got[i] - want[i]) <= tol * (1.0 + fabs(want[i])))) {
+            failed++;
+            printf("FAIL attention %s BH=%d T=%d D=%d at %zu: got %.9g, want %.9g\n", what, BH, T, D, i, got[i],
+                   want[i]);
+            return;
+        }
+    }
+    passed++;
+}
+
+// csrc/train/attention.c's causal attention, forward and backward, against float64 at BH (batch,
+// head) pairs of T positions and head size D: the output, the log-sum-exp, and dq, dk, dv
+static void test_attention(int BH, int T, int D) {
+    const size_t n = (size_t)BH * T * D;
+    float *x = malloc(sizeof(float) * 8 * n), *lse = malloc(sizeof(float) * BH * T);
+    float *q = x, *k = x + n, *v = x + 2 * n, *dout = x + 3 * n, *out = x + 4 * n;
+    float *dq = x + 5 * n, *dk = x + 6 * n, *dv = x + 7 * n;
+    double *want = calloc(4 * n + BH * T, sizeof(double)), *p = malloc(sizeof(double) * 2 * T), *dp = p + T;
+    double *w_out = want, *w_dq = want + n, *w_dk = want + 2 * n, *w_dv = want + 3 * n, *w_lse = want + 4 * n;
+    for (size_t i = 0; i < 4 * n; i++) x[i] = 2.0f * uniform();
+    const double scale = 1.0 / sqrt(D);
+    for (int bh = 0; bh < BH; bh++) {
+        const float *qh = q + (size_t)bh * T * D, *kh = k + (size_t)bh * T * D, *vh = v + (size_t)bh * T * D;
+        const float *gh = dout + (size_t)bh * T * D;
+        const size_t o = (size_t)bh * T * D;
+        for (int i = 0; i < T; i++) {
+            double max = -INFINITY, sum = 0.0, delta = 0.0;
+            for (int j = 0; j <= i; j++) {
+                p[j] = dp[j] = 0.0;
+                for (int d = 0; d < D; d++) {
+                    p[j] += scale * qh[i * D + d] * kh[j * D + d];
+                    dp[j] += gh[i * D + d] * vh[j * D + d];
+                }
+                max = p[j] > max ? p[j] : max;
+            }
+            for (int j = 0; j <= i; j++) sum += p[j] = exp(p[j] - max);
+            w_lse[bh * T + i] = max + log(sum);
+            for (int j = 0; j <= i; j++) p[j] /= sum, delta += p[j] * dp[j];
+            for (int j = 0; j <= i; j++) {
+                const double ds = p[j] * (dp[j] - delta) * scale;
+                for (int d = 0; d < D; d++) {
+                    w_out[o + i * D + d] += p[j] * vh[j * D + d];
+                    w_dv[o + j * D + d] += p[j] * gh[i * D + d];
+                    w_dq[o + i * D + d] += ds * kh[j * D + d];
+                    w_dk[o + j * D + d] += ds * qh[i * D + d];
+                }
+            }
+        }
+    }
+    if (attention_forward(q, k, v, out, lse, BH, T, D, 2) ||
+        attention_backward(q, k, v, out, lse, dout, dq, dk, dv, BH, T, D, 2)) {
+        failed++;
+        printf("FAIL attention BH=%d T=%d D=%d: out of memory\n", BH, T, D);
+    } else {
+        check_close("out", BH, T, D, out, w_out, n, 1e-5);
+        check_close("lse", BH, T, D, lse, w_lse, (size_t)BH * T, 1e-5);
+        check_close("dq", BH, T, D, dq, w_dq, n, 1e-5);
+        check_close("dk", BH, T, D, dk, w_dk, n, 1e-5);
+        check_close("dv", BH, T, D, dv, w_dv, n, 1e-5);
+    }
+    free(x), free(lse), free(want), free(p);
+}
+
 int main(void) {
     printf("kernels: %s\n", matmul_kernels());
     const int widths[] = {64, 96, 172, 288, 512, 768, 1376};
@@ -286,6 +355,13 @@ int main(void) {
             test_rows(head_sizes[h], rows[r], KV_F16, head_sizes[h]);
             test_rows(head_sizes[h], rows[r], KV_F32, head_sizes[h]);
             test_rows(head_sizes[h], rows[r], KV_F32, 3 * head_sizes[h]);
+        }
+    }
+    // attention.c at its vector head sizes (4 to 64) and others, with T past and short of its blocks of 8 rows
+    const int attention_heads[] = {4, 8, 12, 16, 32, 64}, lengths[] = {1, 7, 8, 9, 37};
+    for (size_t h = 0; h < sizeof(attention_heads) / sizeof(attention_heads[0]); h++) {
+        for (size_t t = 0; t < sizeof(lengths) / sizeof(lengths[0]); t++) {
+            test_attention(3, lengths[t], attention_heads[h]);
         }
     }
     test_f16_round_trip();
