@@ -37,8 +37,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import cpu_name  # noqa: E402
-from csrc import engine, formats  # noqa: E402
-from export import llama2c_weights, q80_group_size  # noqa: E402
+from csrc import engine  # noqa: E402
+from export import llama2c_config, llama2c_weights, q80_group_size  # noqa: E402
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 
 TOKENIZERS = {512: "tok512.model", 32000: "tokenizer.model"}  # in ../shared/models/llama2c/, for GGUF files
@@ -48,11 +48,6 @@ MODELS = {"default": "fp32", "15M": "q8_0"}
 def random_model(preset):
     torch.manual_seed(0)
     return Transformer(ModelArgs(**PRESETS[preset])).eval()
-
-
-def config_of(model):
-    p = model.params
-    return formats.Config(p.dim, p.hidden_dim, p.n_layers, p.n_heads, p.n_kv_heads, p.vocab_size, p.max_seq_len)
 
 
 def best_of(runs, *fns):
@@ -74,7 +69,7 @@ def ours(model, fmt, batches, steps, runs, lib, kv_cache, group):
     """(decode (tok/s, seconds) by B, score (tok/s, seconds) at the largest B, refresh seconds, and the
     decoding seconds by B in groups of `group` if given) of the engine; a refresh is Model.update with
     every weight (copied, or quantised, then packed)."""
-    c, w = config_of(model), llama2c_weights(model)
+    c, w = llama2c_config(model), llama2c_weights(model)
     version = 2 if fmt == "q8_0" else 1
     m = engine.Model.from_weights(c, w, version, q80_group_size(c.dim, c.hidden_dim), lib=lib, kv_cache=kv_cache)
     m._reserve(max(batches))

@@ -174,7 +174,7 @@ int transformer_generate_batch(Transformer *t, const int *prompts, const int *pr
     const int n_threads = omp_get_max_threads();
     if (n_seqs < 1) return check_batch(t, n_seqs, err); // before the allocations below take n_seqs
     if (group < 0) return fail(err, "group %d is negative", group);
-    group = group == 0 || group > n_seqs ? auto_group(t, n_seqs) : group;
+    group = group == 0 ? auto_group(t, n_seqs) : group < n_seqs ? group : n_seqs;
     const int **prompt = malloc(n_seqs * sizeof(int *));
     int *at = malloc(group * sizeof(int)), *end = malloc(group * sizeof(int));
     int *active = malloc(group * sizeof(int));
