@@ -90,6 +90,15 @@ def apply_rope(x, cos, sin):
     return (x32 * cos.unsqueeze(-2) + swapped * sin.unsqueeze(-2)).type_as(x)  # tables broadcast over heads
 
 
+def packed_mask(bounds, parents, T):
+    """The (T, T) attention mask of sequences packed along T (c_attention's bounds and parents): True where
+    a query may attend, causally within its own sequence and to all of the sequence it continues."""
+    pos = torch.arange(T, device=bounds.device)
+    seq = torch.bucketize(pos, bounds[1:].to(pos.dtype), right=True)  # each position's sequence
+    same = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
+    return same if parents is None else same | (parents.long()[seq][:, None] == seq[None, :])
+
+
 def repeat_kv(x, n_rep):
     """(B, n_kv_heads, S, head_dim) -> (B, n_kv_heads * n_rep, S, head_dim); query head h reads KV head h // n_rep."""
     if n_rep == 1:
@@ -101,19 +110,28 @@ def repeat_kv(x, n_rep):
 # Causal attention through csrc/train/attention.c, for CPUs at small head sizes, where PyTorch's flash
 # attention is slow (reports/training_speed.md): q, k, v (B, H, T, head_dim) contiguous fp32 with as
 # many KV heads as query heads -> the output and each row's log-sum-exp, which the backward pass
-# recomputes the probabilities from. Custom operators rather than an autograd.Function, so that
-# torch.compile keeps them in its graph instead of breaking it at every layer. lib: the path of
-# another build of the library (the tests' kernel paths), else csrc/libattention.so.
+# recomputes the probabilities from. Sequences packed along T (B = 1) pass bounds, the (n + 1,) int32
+# offsets of n sequences, and parents, (n,) int32: the earlier sequence each continues (a shared
+# prompt) or -1. Each attends causally within itself and to the whole of its parent, to nothing else.
+# Custom operators rather than an autograd.Function, so that torch.compile keeps them in its graph
+# instead of breaking it at every layer. lib: the path of another build of the library (the tests'
+# kernel paths), else csrc/libattention.so.
 @torch.library.custom_op("tinystories::c_attention", mutates_args=(), device_types="cpu")
 def c_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lib: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bounds: Optional[torch.Tensor],
+    parents: Optional[torch.Tensor],
+    lib: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from csrc import attention
 
     B, H, T, D = q.shape
     out, lse = torch.empty_like(q), q.new_empty(B, H, T)
+    seqs = attention.sequences(bounds, parents)
     if attention.load(lib).attention_forward(
-        *map(attention.float_ptr, (q, k, v, out, lse)), B * H, T, D, torch.get_num_threads()
+        *map(attention.float_ptr, (q, k, v, out, lse)), B * H, T, D, *seqs, torch.get_num_threads()
     ):
         raise MemoryError("attention_forward: out of memory")
     return out, lse
@@ -127,6 +145,8 @@ def c_attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     dout: torch.Tensor,
+    bounds: Optional[torch.Tensor],
+    parents: Optional[torch.Tensor],
     lib: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from csrc import attention
@@ -135,37 +155,38 @@ def c_attention_backward(
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     B, H, T, D = q.shape
     ptrs = map(attention.float_ptr, (q, k, v, out, lse, dout, dq, dk, dv))
-    if attention.load(lib).attention_backward(*ptrs, B * H, T, D, torch.get_num_threads()):
+    seqs = attention.sequences(bounds, parents)
+    if attention.load(lib).attention_backward(*ptrs, B * H, T, D, *seqs, torch.get_num_threads()):
         raise MemoryError("attention_backward: out of memory")
     return dq, dk, dv
 
 
 @c_attention_forward.register_fake
-def _(q, k, v, lib):
+def _(q, k, v, bounds, parents, lib):
     return torch.empty_like(q), q.new_empty(q.shape[:-1])
 
 
 @c_attention_backward.register_fake
-def _(q, k, v, out, lse, dout, lib):
+def _(q, k, v, out, lse, dout, bounds, parents, lib):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3], *output)
-    ctx.lib = inputs[3]
+    ctx.bounds, ctx.parents, ctx.lib = inputs[3:]
 
 
 def _backward(ctx, dout, _):
-    return (*c_attention_backward(*ctx.saved_tensors, dout, ctx.lib), None)
+    return (*c_attention_backward(*ctx.saved_tensors, dout, ctx.bounds, ctx.parents, ctx.lib), None, None, None)
 
 
 c_attention_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
-def c_attention(q, k, v, lib=""):
+def c_attention(q, k, v, lib="", bounds=None, parents=None):
     """Causal attention of q, k, v (B, H, T, head_dim) in any float dtype through csrc/train/attention.c:
-    fp32 arithmetic, the output in q's dtype."""
-    out, _ = c_attention_forward(*(x.float().contiguous() for x in (q, k, v)), lib)
+    fp32 arithmetic, the output in q's dtype. bounds, parents: sequences packed along T (see above)."""
+    out, _ = c_attention_forward(*(x.float().contiguous() for x in (q, k, v)), bounds, parents, lib)
     return out.to(q.dtype)
 
 
@@ -186,8 +207,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(args.dropout)
         self.c_kernel = False  # causal attention through csrc/train/attention.c: Transformer.set_attention
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, start_pos=0):
-        """x (B, T, dim) -> (B, T, dim). Without a mask, plain causal attention over x (training).
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, start_pos=0, packed=None):
+        """x (B, T, dim) -> (B, T, dim). Without a mask, plain causal attention over x (training), or with
+        packed = (bounds, parents) (see c_attention) attention within the sequences packed along T.
         Decoding passes kv_cache (2, B, n_kv_heads, max_len, head_dim), into which this chunk's keys
         and values go at columns start_pos..start_pos+T-1, and a boolean mask (B, 1, T, start_pos+T)
         that is True where a query may attend, or no mask when no row is padded (then a chunk from
@@ -223,8 +245,10 @@ class Attention(nn.Module):
                 and kv_cache is None
                 and not (self.training and self.dropout)
             ):
-                y = c_attention(q, k, v)
+                bounds, parents = packed or (None, None)
+                y = c_attention(q, k, v, bounds=bounds, parents=parents)
             else:
+                mask = mask if packed is None else packed_mask(*packed, T)
                 y = F.scaled_dot_product_attention(
                     q,
                     k,
@@ -257,8 +281,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, start_pos=0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, start_pos)
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, start_pos=0, packed=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, start_pos, packed)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -272,6 +296,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         self.tok_embeddings.weight = self.output.weight  # weight tying
+        self.attention_kernel = "torch"  # or "c": set_attention
         cos, sin = rope_frequencies(params.dim // params.n_heads, params.max_seq_len, params.rope_theta)
         # not persistent: they follow from params, so state_dict holds only the weights
         self.register_buffer("freqs_cos", cos, persistent=False)
@@ -307,15 +332,17 @@ class Transformer(nn.Module):
             raise ValueError(f"--attention=c runs on the CPU only, not on {device_type}")
         for layer in self.layers:
             layer.attention.c_kernel = use_c
-        return "c" if use_c else "torch"
+        self.attention_kernel = "c" if use_c else "torch"
+        return self.attention_kernel
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
-    def hidden(self, tokens, positions=None, mask=None, kv_cache=None, start_pos=0):
+    def hidden(self, tokens, positions=None, mask=None, kv_cache=None, start_pos=0, packed=None):
         """tokens (B, T) -> final-normed hidden states (B, T, dim), the trunk a value or reward head sits on.
         By default positions are 0..T-1 and attention is causal. decode() passes positions (T,), or
-        (B, T) per row, a mask and the KV cache (n_layers, 2, B, n_kv_heads, max_len, head_dim)."""
+        (B, T) per row, a mask and the KV cache (n_layers, 2, B, n_kv_heads, max_len, head_dim). Sequences
+        packed along T pass their positions and packed = (bounds, parents) (c_attention's)."""
         T = tokens.size(1)
         if positions is None:
             cos, sin = self.freqs_cos[:T], self.freqs_sin[:T]  # (T, head_dim/2)
@@ -324,7 +351,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cos, sin)  # once per forward, not per layer
         h = self.dropout(self.tok_embeddings(tokens))  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if kv_cache is None else kv_cache[i], start_pos)
+            h = layer(h, cos, sin, mask, None if kv_cache is None else kv_cache[i], start_pos, packed)
         return self.norm(h)
 
     def forward(self, tokens, targets=None):

@@ -117,7 +117,10 @@ class Policy(nn.Module):
     prompt_lens[b] prompt tokens), in fp32 where the log-probability bookkeeping happens, and the
     values (B, R) of a value head (PPO), a Linear(dim, 1) on the same final hidden states, or None.
     The value head starts at zero, so the first values are 0 rather than noise. The trunk runs in
-    the caller's autocast."""
+    the caller's autocast. Given each row's length (prompt and response, lengths (B,)) and the C
+    attention, the trunk runs on the rows packed into one sequence, without their padding (an RL
+    minibatch's responses differ by tens of tokens) and with each group's prompt once: the same
+    results, up to rounding, from fewer tokens."""
 
     def __init__(self, model, value_head=False):
         super().__init__()
@@ -127,17 +130,47 @@ class Policy(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, tokens, prompt_lens, R):
-        h = self.model.hidden(tokens[:, :-1])  # (B, T-1, dim): position t predicts token t+1
-        if isinstance(prompt_lens, int):
-            h = h[:, prompt_lens - 1 : prompt_lens - 1 + R]
+    def forward(self, tokens, prompt_lens, R, lengths=None):
+        if lengths is not None and self.model.attention_kernel == "c":
+            h = self.packed_hidden(tokens, prompt_lens, R, lengths)
         else:
-            idx = (prompt_lens[:, None] - 1 + torch.arange(R, device=h.device)).clamp(max=h.size(1) - 1)  # (B, R)
-            h = h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))
+            h = self.model.hidden(tokens[:, :-1])  # (B, T-1, dim): position t predicts token t+1
+            if isinstance(prompt_lens, int):
+                h = h[:, prompt_lens - 1 : prompt_lens - 1 + R]
+            else:
+                idx = (prompt_lens[:, None] - 1 + torch.arange(R, device=h.device)).clamp(max=h.size(1) - 1)
+                h = h.gather(1, idx[..., None].expand(-1, -1, h.size(-1)))  # (B, R, dim)
         with torch.autocast(h.device.type, enabled=False):
             h = h.float()
             values = self.value_head(h).squeeze(-1) if self.value_head is not None else None
             return self.model.output(h), values
+
+    def packed_hidden(self, tokens, prompt_lens, R, lengths):
+        """forward()'s hidden states (B, R, dim), from one pass over the rows packed into one sequence
+        without their padding: each prompt once, continued by the responses of the rows that share it
+        (a group's, which stand together), each up to its last token (which predicts nothing)."""
+        device, P, n = tokens.device, prompt_lens.tolist(), lengths.tolist()
+        pieces, positions, bounds, parents = [], [], [0], []
+        first, own, last = [], [], []  # where each row's response is predicted from in the pack: r = 0, 1, last
+        for b in range(len(n)):
+            if b == 0 or P[b] != P[b - 1] or not torch.equal(tokens[b, : P[b]], tokens[b - 1, : P[b]]):
+                prompt = len(parents)  # a new prompt: a sequence of its own
+                pieces.append(tokens[b, : P[b]])
+                positions.append(torch.arange(P[b], device=device))
+                parents.append(-1)
+                bounds.append(bounds[-1] + P[b])
+            first.append(bounds[prompt + 1] - 1)
+            own.append(bounds[-1])
+            pieces.append(tokens[b, P[b] : n[b] - 1])
+            positions.append(torch.arange(P[b], n[b] - 1, device=device))
+            parents.append(prompt)
+            bounds.append(bounds[-1] + n[b] - 1 - P[b])
+            last.append(max(bounds[-1] - 1, first[-1]))
+        packed = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (bounds, parents))
+        h = self.model.hidden(torch.cat(pieces)[None], torch.cat(positions), packed=packed)[0]  # (tokens, dim)
+        first, own, last = (torch.tensor(x, device=device)[:, None] for x in (first, own, last))
+        r = torch.arange(R, device=device)
+        return h[torch.where(r == 0, first, own + r - 1).minimum(last)]  # past a row's end: its last, masked
 
 
 def make_optimizer(policy, cfg, device_type="cpu"):
@@ -167,11 +200,12 @@ def entropy_from_logprobs(logp):
     return -(logp.exp() * logp).sum(-1)
 
 
-def forward_logprobs(policy, tokens, prompt_lens, responses, temperature, ctx=nullcontext()):
+def forward_logprobs(policy, tokens, prompt_lens, responses, temperature, ctx=nullcontext(), lengths=None):
     """One forward pass of a policy: log p of the response tokens (B, R), every log-probability (B, R, V)
-    and the values (B, R) or None."""
+    and the values (B, R) or None. lengths (B,): each row's tokens, prompt and response, for a packed
+    pass (Policy)."""
     with ctx:
-        logits, values = policy(tokens, prompt_lens, responses.size(1))
+        logits, values = policy(tokens, prompt_lens, responses.size(1), lengths)
     logp = log_softmax(logits, temperature)
     return logprobs_of(logp, responses), logp, values
 
@@ -329,7 +363,13 @@ def optimize(run, batch, policy_loss, stop=None):
 
         def loss_fn():
             logprobs, logp, values = forward_logprobs(
-                run.train_policy, mb.tokens, mb.prompt_lens, mb.responses(), cfg["temperature"], run.ctx
+                run.train_policy,
+                mb.tokens,
+                mb.prompt_lens,
+                mb.responses(),
+                cfg["temperature"],
+                run.ctx,
+                mb.row_lengths(),
             )
             loss, stats = policy_loss(mb, logprobs, logp, values)
             if cfg["kl_in"] == "loss":

@@ -61,6 +61,10 @@ class Rollouts:
         """Story tokens in each response: the stop token is the end of the story, not part of it."""
         return self.mask.sum(1) - self.ended.float()
 
+    def row_lengths(self):
+        """Tokens in each row: its prompt and response, the stop token included."""
+        return self.prompt_lens + self.mask.sum(1).long()
+
     def rows(self, idx):
         """The rows idx, cut to their longest response."""
         R = int(self.mask[idx].sum(1).max())
@@ -196,8 +200,9 @@ def torch_logprobs(batch, policy, reference, cfg, ctx):
     for i in range(0, len(batch.tokens), cfg["batch_size"]):
         mb = batch.rows(torch.arange(i, min(i + cfg["batch_size"], len(batch.tokens)), device=batch.tokens.device))
         tokens = mb.responses()
-        lp, _, v = forward_logprobs(policy, mb.tokens, mb.prompt_lens, tokens, cfg["temperature"], ctx)
-        ref_lp, _, _ = forward_logprobs(reference, mb.tokens, mb.prompt_lens, tokens, cfg["temperature"], ctx)
+        lengths = mb.row_lengths()
+        lp, _, v = forward_logprobs(policy, mb.tokens, mb.prompt_lens, tokens, cfg["temperature"], ctx, lengths)
+        ref_lp, _, _ = forward_logprobs(reference, mb.tokens, mb.prompt_lens, tokens, cfg["temperature"], ctx, lengths)
         pad = batch.mask.size(1) - tokens.size(1)
         logprobs.append(F.pad(lp, (0, pad)))
         ref_logprobs.append(F.pad(ref_lp, (0, pad)))
@@ -215,7 +220,7 @@ def c_logprobs(batch, sampled, policy, engines, cfg):
     for i, row in enumerate(sampled):
         logprobs[i, : len(row)] = torch.tensor(row)
     tokens = batch.tokens.cpu().numpy().astype(np.int32)
-    lengths = (batch.prompt_lens + batch.mask.sum(1).long()).cpu().numpy()
+    lengths = batch.row_lengths().cpu().numpy()
     starts = batch.prompt_lens.cpu().numpy()
     at = (batch.prompt_lens[:, None] + torch.arange(R)).clamp(
         max=tokens.shape[1] - 1

@@ -29,3 +29,15 @@ _builds = {"": lib}
 def float_ptr(tensor):
     """A float * to a contiguous fp32 torch tensor's data."""
     return ffi.cast("float *", tensor.data_ptr())
+
+
+def sequences(bounds, parents):
+    """The kernels' bounds, parents and n_seqs arguments for model.c_attention's: None (one sequence) or
+    contiguous int32 tensors of n_seqs + 1 offsets and n_seqs parents (or None)."""
+    if bounds is None:
+        return ffi.NULL, ffi.NULL, 1
+    return int_ptr(bounds), ffi.NULL if parents is None else int_ptr(parents), len(bounds) - 1
+
+
+def int_ptr(tensor):
+    return ffi.cast("int *", tensor.data_ptr())

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED
 
-from model import C_ATTENTION_MAX_HEAD_DIM, PRESETS, ModelArgs, Transformer, apply_rope, c_attention, rope_tables
+from model import (
+    C_ATTENTION_MAX_HEAD_DIM,
+    PRESETS,
+    ModelArgs,
+    Transformer,
+    apply_rope,
+    c_attention,
+    packed_mask,
+    rope_tables,
+)
 
 STORIES260K = SHARED / "models" / "llama2c" / "stories260K.bin"
 
@@ -125,6 +134,26 @@ def test_c_attention_kernel_equals_causal_sdpa_and_its_gradients(shape, kernel_b
     grads = torch.autograd.grad(out, (q32, k32, v32), grad.float())
     for ours, theirs in zip((out, *grads), (ref, *ref_grads)):
         assert ours.dtype == torch.float32 and (ours.double() - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("D", [8, 16, 12])
+def test_c_attention_of_packed_sequences_equals_masked_sdpa_and_its_gradients(D, kernel_build):
+    """Sequences packed along T: two prompts, the first continued by three responses (one of them
+    empty), the second by one, each attending causally within itself and to all of its prompt."""
+    bounds = torch.tensor([0, 6, 9, 9, 30, 41, 52], dtype=torch.int32)
+    parents = torch.tensor([-1, 0, 0, 0, -1, 4], dtype=torch.int32)
+    mask = packed_mask(bounds, parents, 52)
+    assert mask[20, 3] and mask[20, 12] and not mask[20, 8] and not mask[20, 21] and not mask[45, 20]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 52, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out = c_attention(q32, k32, v32, str(kernel_build.dir / "libattention.so"), bounds, parents)
+    grads = torch.autograd.grad(out, (q32, k32, v32), grad.float())
+    for ours, theirs in zip((out, *grads), (ref, *ref_grads)):
+        assert (ours.double() - theirs).abs().max() < 1e-5
 
 
 def test_a_model_at_head_size_8_trains_the_same_through_the_c_kernel_as_through_sdpa():

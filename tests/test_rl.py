@@ -166,6 +166,43 @@ def test_rollouts_of_prompts_of_different_lengths_line_up_with_their_responses()
     assert (batch.logprobs == batch.ref_logprobs).all()
 
 
+def test_a_packed_pass_gives_the_padded_passs_logits_values_and_gradients(monkeypatch):
+    """Rows of different lengths, three of them a group sharing its prompt: with the C attention the trunk
+    runs on them packed, without padding and with the group's prompt once, and the results at every
+    response position are the padded pass's. PyTorch's attention takes the same pack under a mask
+    (model.packed_mask), but the policy pads for it (it would attend over the whole pack)."""
+    policy = rl.Policy(tiny_model(std=0.3), value_head=True)
+    torch.nn.init.normal_(policy.value_head.weight)
+    tokens = torch.randint(3, 64, (6, 40), generator=torch.Generator().manual_seed(0))
+    prompt_lens, lengths = torch.tensor([7, 7, 7, 7, 5, 9]), torch.tensor([40, 21, 8, 30, 31, 20])
+    tokens[1:3, :7] = tokens[0, :7]  # rows 0-2: a group; row 3 has another prompt of the same length
+    R = int((lengths - prompt_lens).max())
+    mask = (torch.arange(R) < (lengths - prompt_lens)[:, None]).float()
+    seen, hidden = [], policy.model.hidden
+    monkeypatch.setattr(
+        policy.model, "hidden", lambda tokens, *a, **k: seen.append(tuple(tokens.shape)) or hidden(tokens, *a, **k)
+    )
+    results = []
+    for attention, row_lengths in (("c", None), ("c", lengths), ("torch", lengths)):
+        policy.model.set_attention(attention)
+        policy.zero_grad()
+        logits, values = policy(tokens, prompt_lens, R, row_lengths)
+        (logits.square().sum(-1) * mask + values * mask).sum().backward()
+        results.append((logits * mask[..., None], values * mask, [p.grad.clone() for p in policy.parameters()]))
+    # prompts 7 + 7 + 5 + 9, then each row's response but its last token
+    assert seen == [(6, 39), (1, 28 + 32 + 13 + 0 + 22 + 25 + 10), (6, 39)]
+    for logits, values, grads in results[1:]:
+        torch.testing.assert_close(logits, results[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, results[0][1], atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads, results[0][2]):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()  # sums of thousands of terms, in another order
+    # the pack's hidden states under PyTorch's masked attention are the C attention's
+    packed = policy.packed_hidden
+    by_c = packed(tokens, prompt_lens, R, lengths)
+    policy.model.set_attention("torch")
+    torch.testing.assert_close(packed(tokens, prompt_lens, R, lengths), by_c, atol=1e-5, rtol=1e-5)
+
+
 def test_minibatches_keep_each_group_whole_and_cover_every_row_once_an_epoch():
     batch = rollouts.collate([[1]] * 12, [[5 + i] for i in range(12)], STOP, "cpu")
     batch.group_size = 3

@@ -4,7 +4,7 @@
 // rows go in blocks of ROWS and every product is a loop of whole vectors with its sums in registers:
 // the scores of a block over the keys (keys stored transposed, head_dim rows of T, each vector of
 // keys loaded once for the ROWS queries), and the weighted sums of value or key rows (a row of the
-// head's values is one or a few vectors). One (batch, head) pair per OpenMP task, no allocation
+// head's values is one or a few vectors). One (batch, head, sequence) per OpenMP task, no allocation
 // beyond one scratch buffer per thread. The backward pass recomputes the probabilities from the
 // log-sum-exp of the forward pass, as flash attention does.
 #include "attention.h"
@@ -185,34 +185,73 @@ static int load_block(float *block, const float *x, int i0, int T, int D) {
     return rows;
 }
 
-int attention_forward(const float *q, const float *k, const float *v, float *out, float *lse, int BH, int T, int D,
-                      int n_threads) {
+// A sequence of the pack and what it attends to: its own rows [t0, t0 + n) of T and, before them,
+// the P rows from p0 of the sequence it continues (P = 0: none)
+typedef struct {
+    int t0, n, p0, P;
+} Sequence;
+
+static Sequence sequence(const int *bounds, const int *parents, int s, int T) {
+    Sequence q = {bounds ? bounds[s] : 0, bounds ? bounds[s + 1] - bounds[s] : T, 0, 0};
+    const int parent = parents ? parents[s] : -1;
+    if (parent >= 0) q.p0 = bounds[parent], q.P = bounds[parent + 1] - bounds[parent];
+    return q;
+}
+
+// whether sequence s belongs to the task of sequence root: root itself, or one that continues it
+static int in_task(const int *parents, int root, int s) {
+    return s == root || (parents && parents[s] == root);
+}
+
+// The P rows from p0 then the n rows from t0 of x (T, D), one after the other into out (P + n, D)
+static void context(float *out, const float *x, Sequence q, int D) {
+    memcpy(out, x + (size_t)q.p0 * D, sizeof(float) * q.P * D);
+    memcpy(out + (size_t)q.P * D, x + (size_t)q.t0 * D, sizeof(float) * q.n * D);
+}
+
+// One sequence of one head (q, k, v, out at its head's rows, lse at its head's T): its rows'
+// attention over the context (kc, vc: (P + n, D)), row i over context rows 0..P+i
+static void forward_sequence(const float *q, const float *k, const float *v, float *out, float *lse, Sequence seq,
+                             int D, size_t row, float *buf) {
     const float scale = 1.0f / sqrtf((float)D);
-    const size_t TD = (size_t)T * D, row = (size_t)round_up(T);
+    float *kt = buf, *s = kt + (size_t)D * row, *qb = s + ROWS * row, *ob = qb + ROWS * D, *vc = ob + ROWS * D;
+    context(vc, k, seq, D);
+    transpose(vc, kt, seq.P + seq.n, D, row);
+    context(vc, v, seq, D);
+    for (int i0 = 0; i0 < seq.n; i0 += ROWS) {
+        const int rows = load_block(qb, q + (size_t)seq.t0 * D, i0, seq.n, D);
+        const int n_max = seq.P + i0 + rows; // keys of the block's last row
+        scores(qb, kt, s, row, n_max, D, scale);
+        float inv_sum[ROWS] = {0.0f};
+        for (int r = 0; r < rows; r++) {
+            const int keys = seq.P + i0 + r + 1; // causal
+            float *sr = s + r * row, max = max_of_row(sr, keys);
+            const float sum = exp_shifted(sr, keys, n_max, max);
+            inv_sum[r] = 1.0f / sum;
+            lse[seq.t0 + i0 + r] = max + logf(sum);
+        }
+        weighted(s, vc, ob, row, n_max, D, inv_sum);
+        memcpy(out + (size_t)(seq.t0 + i0) * D, ob, sizeof(float) * rows * D);
+    }
+}
+
+int attention_forward(const float *q, const float *k, const float *v, float *out, float *lse, int BH, int T, int D,
+                      const int *bounds, const int *parents, int n_seqs, int n_threads) {
+    const size_t row = (size_t)round_up(T);
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        // kt (D, T); ROWS rows of scores; a block of queries and of outputs (ROWS, D)
-        float *buf = scratch((size_t)D * row + ROWS * row + 2 * ROWS * D, &failed);
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < BH; bh++) {
-            if (!buf) continue;
-            const size_t off = (size_t)bh * TD;
-            float *kt = buf, *s = buf + (size_t)D * row, *qb = s + ROWS * row, *ob = qb + ROWS * D;
-            transpose(k + off, kt, T, D, row);
-            for (int i0 = 0; i0 < T; i0 += ROWS) {
-                const int rows = load_block(qb, q + off, i0, T, D);
-                const int n_max = i0 + rows; // keys of the block's last row
-                scores(qb, kt, s, row, n_max, D, scale);
-                float inv_sum[ROWS] = {0.0f};
-                for (int r = 0; r < rows; r++) {
-                    float *sr = s + r * row, max = max_of_row(sr, i0 + r + 1); // causal: keys 0..i0+r
-                    const float sum = exp_shifted(sr, i0 + r + 1, n_max, max);
-                    inv_sum[r] = 1.0f / sum;
-                    lse[(size_t)bh * T + i0 + r] = max + logf(sum);
-                }
-                weighted(s, v + off, ob, row, n_max, D, inv_sum);
-                memcpy(out + off + (size_t)i0 * D, ob, sizeof(float) * rows * D);
+        // kt (D, row); ROWS rows of scores; blocks (ROWS, D) of queries and outputs; the values (row, D)
+        float *buf = scratch((size_t)2 * D * row + ROWS * row + 2 * ROWS * D, &failed);
+#pragma omp for schedule(dynamic)
+        for (int task = 0; task < BH * n_seqs; task++) { // a head's sequence and those that continue it
+            const int bh = task / n_seqs, root = task % n_seqs;
+            if (!buf || (parents && parents[root] >= 0)) continue;
+            const size_t at = (size_t)bh * T;
+            for (int s = root; s < n_seqs; s++) {
+                if (!in_task(parents, root, s)) continue;
+                forward_sequence(q + at * D, k + at * D, v + at * D, out + at * D, lse + at,
+                                 sequence(bounds, parents, s, T), D, row, buf);
             }
         }
         free(buf);
@@ -220,44 +259,69 @@ int attention_forward(const float *q, const float *k, const float *v, float *out
     return failed ? -1 : 0;
 }
 
-int attention_backward(const float *q, const float *k, const float *v, const float *out, const float *lse,
-                       const float *dout, float *dq, float *dk, float *dv, int BH, int T, int D, int n_threads) {
+// The backward pass of forward_sequence: dq of its rows; the gradients of its context's keys and
+// values into its own rows of dk, dv, and added into its parent's rows (which its task wrote first)
+static void backward_sequence(const float *q, const float *k, const float *v, const float *out, const float *lse,
+                              const float *dout, float *dq, float *dk, float *dv, Sequence seq, int D, size_t row,
+                              float *buf) {
     const float scale = 1.0f / sqrtf((float)D);
-    const size_t TD = (size_t)T * D, row = (size_t)round_up(T);
+    const int n_ctx = seq.P + seq.n;
+    float *kt = buf, *vt = kt + (size_t)D * row, *p = vt + (size_t)D * row, *ds = p + ROWS * row;
+    float *qb = ds + ROWS * row, *gb = qb + ROWS * D, *dqb = gb + ROWS * D;
+    float *kc = dqb + ROWS * D, *dkc = kc + row * D, *dvc = dkc + row * D;
+    context(kc, v, seq, D);
+    transpose(kc, vt, n_ctx, D, row);
+    context(kc, k, seq, D);
+    transpose(kc, kt, n_ctx, D, row);
+    memset(dkc, 0, sizeof(float) * n_ctx * D);
+    memset(dvc, 0, sizeof(float) * n_ctx * D);
+    const float ones[ROWS] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+    for (int i0 = 0; i0 < seq.n; i0 += ROWS) {
+        const int rows = load_block(qb, q + (size_t)seq.t0 * D, i0, seq.n, D);
+        load_block(gb, dout + (size_t)seq.t0 * D, i0, seq.n, D);
+        const int n_max = seq.P + i0 + rows;
+        scores(qb, kt, p, row, n_max, D, scale);
+        scores(gb, vt, ds, row, n_max, D, 1.0f); // dout_i . v_j for now
+        for (int r = 0; r < rows; r++) { // (the rows past n: zero queries and dout, so p = ds = 0)
+            float *pr = p + r * row, *dsr = ds + r * row;
+            const size_t i = (size_t)seq.t0 + i0 + r;
+            exp_shifted(pr, seq.P + i0 + r + 1, n_max, lse[i]); // 0 past the row's own keys
+            const float delta = dot(gb + r * D, out + i * D, D); // sum_j p_j (dout_i . v_j)
+#pragma omp simd
+            for (int j = 0; j < n_max; j++) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
+        }
+        weighted(ds, kc, dqb, row, n_max, D, ones);
+        memcpy(dq + (size_t)(seq.t0 + i0) * D, dqb, sizeof(float) * rows * D);
+        outer(p, gb, dvc, row, n_max, D);
+        outer(ds, qb, dkc, row, n_max, D);
+    }
+    memcpy(dk + (size_t)seq.t0 * D, dkc + (size_t)seq.P * D, sizeof(float) * seq.n * D);
+    memcpy(dv + (size_t)seq.t0 * D, dvc + (size_t)seq.P * D, sizeof(float) * seq.n * D);
+    for (size_t j = 0; j < (size_t)seq.P * D; j++) {
+        dk[(size_t)seq.p0 * D + j] += dkc[j];
+        dv[(size_t)seq.p0 * D + j] += dvc[j];
+    }
+}
+
+int attention_backward(const float *q, const float *k, const float *v, const float *out, const float *lse,
+                       const float *dout, float *dq, float *dk, float *dv, int BH, int T, int D, const int *bounds,
+                       const int *parents, int n_seqs, int n_threads) {
+    const size_t row = (size_t)round_up(T);
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
-        // kt, vt (D, T); ROWS rows of p and of ds; blocks (ROWS, D) of q, dout and dq
-        float *buf = scratch(2 * (size_t)D * row + 2 * ROWS * row + 3 * ROWS * D, &failed);
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < BH; bh++) {
-            if (!buf) continue;
-            const size_t off = (size_t)bh * TD;
-            float *kt = buf, *vt = buf + (size_t)D * row, *p = vt + (size_t)D * row, *ds = p + ROWS * row;
-            float *qb = ds + ROWS * row, *gb = qb + ROWS * D, *dqb = gb + ROWS * D;
-            transpose(k + off, kt, T, D, row);
-            transpose(v + off, vt, T, D, row);
-            memset(dk + off, 0, sizeof(float) * TD);
-            memset(dv + off, 0, sizeof(float) * TD);
-            const float ones[ROWS] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
-            for (int i0 = 0; i0 < T; i0 += ROWS) {
-                const int rows = load_block(qb, q + off, i0, T, D);
-                load_block(gb, dout + off, i0, T, D);
-                const int n_max = i0 + rows;
-                scores(qb, kt, p, row, n_max, D, scale);
-                scores(gb, vt, ds, row, n_max, D, 1.0f); // dout_i . v_j for now
-                for (int r = 0; r < rows; r++) { // (the rows past T: zero queries and dout, so p = ds = 0)
-                    float *pr = p + r * row, *dsr = ds + r * row;
-                    const size_t i = (size_t)i0 + r;
-                    exp_shifted(pr, i0 + r + 1, n_max, lse[(size_t)bh * T + i]); // 0 past the row's own keys
-                    const float delta = dot(gb + r * D, out + off + i * D, D); // sum_j p_j (dout_i . v_j)
-#pragma omp simd
-                    for (int j = 0; j < n_max; j++) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
-                }
-                weighted(ds, k + off, dqb, row, n_max, D, ones);
-                memcpy(dq + off + (size_t)i0 * D, dqb, sizeof(float) * rows * D);
-                outer(p, gb, dv + off, row, n_max, D);
-                outer(ds, qb, dk + off, row, n_max, D);
+        // kt, vt (D, row); ROWS rows of p and of ds; blocks (ROWS, D) of q, dout and dq; the context's
+        // keys, and the gradients of its keys and values (row, D)
+        float *buf = scratch((size_t)5 * D * row + 2 * ROWS * row + 3 * ROWS * D, &failed);
+#pragma omp for schedule(dynamic)
+        for (int task = 0; task < BH * n_seqs; task++) { // as attention_forward's: no two write one row
+            const int bh = task / n_seqs, root = task % n_seqs;
+            if (!buf || (parents && parents[root] >= 0)) continue;
+            const size_t at = (size_t)bh * T * D;
+            for (int s = root; s < n_seqs; s++) {
+                if (!in_task(parents, root, s)) continue;
+                backward_sequence(q + at, k + at, v + at, out + at, lse + (size_t)bh * T, dout + at, dq + at, dk + at,
+                                  dv + at, sequence(bounds, parents, s, T), D, row, buf);
             }
         }
         free(buf);

@@ -255,9 +255,23 @@ static void check_close(const char *what, int BH, int T, int D, const float *got
     passed++;
 }
 
+// the sequence of the pack that row i is in (attention.h's bounds)
+static int sequence_of(const int *bounds, int n_seqs, int i) {
+    int s = 0;
+    while (bounds && s + 1 < n_seqs && bounds[s + 1] <= i) s++;
+    return s;
+}
+
+// whether row i attends to row j: causal within its sequence, and every row of the one it continues
+static int attends(const int *bounds, const int *parents, int n_seqs, int i, int j) {
+    const int si = sequence_of(bounds, n_seqs, i), sj = sequence_of(bounds, n_seqs, j);
+    return (si == sj && j <= i) || (parents && parents[si] == sj);
+}
+
 // csrc/train/attention.c's causal attention, forward and backward, against float64 at BH (batch,
-// head) pairs of T positions and head size D: the output, the log-sum-exp, and dq, dk, dv
-static void test_attention(int BH, int T, int D) {
+// head) pairs of T positions and head size D: the output, the log-sum-exp, and dq, dk, dv; bounds
+// (n_seqs + 1 offsets) and parents pack several sequences along T, or NULL for one
+static void test_attention(int BH, int T, int D, const int *bounds, const int *parents, int n_seqs) {
     const size_t n = (size_t)BH * T * D;
     float *x = malloc(sizeof(float) * 8 * n), *lse = malloc(sizeof(float) * BH * T);
     float *q = x, *k = x + n, *v = x + 2 * n, *dout = x + 3 * n, *out = x + 4 * n;
@@ -272,18 +286,19 @@ static void test_attention(int BH, int T, int D) {
         const size_t o = (size_t)bh * T * D;
         for (int i = 0; i < T; i++) {
             double max = -INFINITY, sum = 0.0, delta = 0.0;
-            for (int j = 0; j <= i; j++) {
+            for (int j = 0; j < T; j++) {
                 p[j] = dp[j] = 0.0;
+                if (!attends(bounds, parents, n_seqs, i, j)) continue;
                 for (int d = 0; d < D; d++) {
                     p[j] += scale * qh[i * D + d] * kh[j * D + d];
                     dp[j] += gh[i * D + d] * vh[j * D + d];
                 }
                 max = p[j] > max ? p[j] : max;
             }
-            for (int j = 0; j <= i; j++) sum += p[j] = exp(p[j] - max);
+            for (int j = 0; j < T; j++) sum += p[j] = attends(bounds, parents, n_seqs, i, j) ? exp(p[j] - max) : 0.0;
             w_lse[bh * T + i] = max + log(sum);
-            for (int j = 0; j <= i; j++) p[j] /= sum, delta += p[j] * dp[j];
-            for (int j = 0; j <= i; j++) {
+            for (int j = 0; j < T; j++) p[j] /= sum, delta += p[j] * dp[j];
+            for (int j = 0; j < T; j++) {
                 const double ds = p[j] * (dp[j] - delta) * scale;
                 for (int d = 0; d < D; d++) {
                     w_out[o + i * D + d] += p[j] * vh[j * D + d];
@@ -294,8 +309,8 @@ static void test_attention(int BH, int T, int D) {
             }
         }
     }
-    if (attention_forward(q, k, v, out, lse, BH, T, D, 2) ||
-        attention_backward(q, k, v, out, lse, dout, dq, dk, dv, BH, T, D, 2)) {
+    if (attention_forward(q, k, v, out, lse, BH, T, D, bounds, parents, n_seqs, 2) ||
+        attention_backward(q, k, v, out, lse, dout, dq, dk, dv, BH, T, D, bounds, parents, n_seqs, 2)) {
         failed++;
         printf("FAIL attention BH=%d T=%d D=%d: out of memory\n", BH, T, D);
     } else {
@@ -361,8 +376,13 @@ int main(void) {
     const int attention_heads[] = {4, 8, 12, 16, 32, 64}, lengths[] = {1, 7, 8, 9, 37};
     for (size_t h = 0; h < sizeof(attention_heads) / sizeof(attention_heads[0]); h++) {
         for (size_t t = 0; t < sizeof(lengths) / sizeof(lengths[0]); t++) {
-            test_attention(3, lengths[t], attention_heads[h]);
+            test_attention(3, lengths[t], attention_heads[h], NULL, NULL, 1);
         }
+        // sequences packed along T (one of them empty), each blind to the others, then two prompts,
+        // the first continued by two responses (one of them empty), the second by one
+        const int bounds[] = {0, 5, 6, 6, 20, 37}, parents[] = {-1, 0, 0, -1, 3};
+        test_attention(3, 37, attention_heads[h], bounds, NULL, 5);
+        test_attention(3, 37, attention_heads[h], bounds, parents, 5);
     }
     test_f16_round_trip();
     test_exp();
