@@ -55,6 +55,31 @@ static float *forward_chunk(Transformer *t, const Chunk *c, int logits, char *er
     return out;
 }
 
+// whether sequence b's first end[b] ids are those of the sequence before it (a group's prompt)
+static int repeats(const int *const *seq, const int *end, int b) {
+    return b > 0 && end[b] > 0 && end[b] == end[b - 1] && memcmp(seq[b], seq[b - 1], end[b] * sizeof(int)) == 0;
+}
+
+// Fills the caches of slots b < n_seqs with positions 0..end[b]-1 of sequence b (ids seq[b]), chunk by
+// chunk, and leaves at[b] = end[b]. A sequence that repeats the one before it takes a copy of that
+// one's cache rather than running its ids again: the same rows, as a row's results do not depend on
+// the rows beside it.
+static int fill_caches(Transformer *t, const int *const *seq, const int *end, int n_seqs, int *at, Chunk *c,
+                       char *err) {
+    for (int b = 0; b < n_seqs; b++) at[b] = repeats(seq, end, b) ? end[b] : 0;
+    while (next_chunk(c, seq, at, end, n_seqs, t->state.max_rows) > 0) {
+        if (!forward_chunk(t, c, 0, err)) return -1;
+    }
+    for (int b = 1, from = 0; b < n_seqs; b++) {
+        if (repeats(seq, end, b)) {
+            transformer_copy_cache(t, from, b, end[b]);
+        } else {
+            from = b;
+        }
+    }
+    return 0;
+}
+
 static int check_batch(const Transformer *t, int n_seqs, char *err) {
     if (n_seqs < 1 || n_seqs > t->state.n_slots) {
         return fail(err, "batch of %d sequences is out of range [1, %d] (the run state's slots: "
@@ -124,16 +149,14 @@ static int generate_group(Transformer *t, const int *const *prompt, const int *p
                           int *at, int *end, int *active, unsigned long long *rng, float *probs, Chunk *c,
                           char *err) {
     const int vocab_size = t->ckpt.config.vocab_size;
-    // the prompts but their last tokens fill the caches, chunk by chunk
+    // the prompts but their last tokens fill the caches
     for (int b = 0; b < n_seqs; b++) {
-        at[b] = 0, end[b] = prompt_lens[b] - 1;
+        end[b] = prompt_lens[b] - 1;
         rng[b] = seeds[b];
         out_lens[b] = 0;
         active[b] = b;
     }
-    while (next_chunk(c, prompt, at, end, n_seqs, t->state.max_rows) > 0) {
-        if (!forward_chunk(t, c, 0, err)) return -1;
-    }
+    if (fill_caches(t, prompt, end, n_seqs, at, c, err) != 0) return -1;
     // then each step runs every active sequence's last token (at position at[b]) and samples its next
     int n_active = n_seqs;
     for (int b = 0; b < n_seqs; b++) c->tokens[b] = prompt[b][prompt_lens[b] - 1];
@@ -254,10 +277,8 @@ int transformer_score_batch(Transformer *t, const int *tokens, int n_seqs, int m
     }
     // the positions before the first one that predicts a scored token only fill the caches; then
     // each position from starts[b] - 1 on predicts the token after it
-    for (int b = 0; rc == 0 && b < n_seqs; b++) at[b] = 0, end[b] = starts[b] < lens[b] ? starts[b] - 1 : 0;
-    while (rc == 0 && next_chunk(&c, seq, at, end, n_seqs, t->state.max_rows) > 0) {
-        if (!forward_chunk(t, &c, 0, err)) rc = -1;
-    }
+    for (int b = 0; rc == 0 && b < n_seqs; b++) end[b] = starts[b] < lens[b] ? starts[b] - 1 : 0;
+    if (rc == 0) rc = fill_caches(t, seq, end, n_seqs, at, &c, err);
     for (int b = 0; rc == 0 && b < n_seqs; b++) at[b] = starts[b] - 1, end[b] = lens[b] - 1;
     while (rc == 0 && next_chunk(&c, seq, at, end, n_seqs, t->state.max_rows) > 0) {
         const float *logits = forward_chunk(t, &c, 1, err);

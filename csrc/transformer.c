@@ -188,6 +188,21 @@ void transformer_close(Transformer *t) {
     t->panels = NULL;
 }
 
+void transformer_copy_cache(Transformer *t, int from, int to, int n_pos) {
+    const Config *p = &t->ckpt.config;
+    const int head_size = p->dim / p->n_heads;
+    const size_t bytes = (size_t)n_pos * head_size * kv_size(t->state.kv_type);
+    for (int l = 0; l < p->n_layers; l++) {
+        for (int h = 0; h < p->n_kv_heads; h++) {
+            const size_t src = ((((size_t)from * p->n_layers + l) * p->n_kv_heads + h) * p->seq_len) * head_size;
+            const size_t dst = ((((size_t)to * p->n_layers + l) * p->n_kv_heads + h) * p->seq_len) * head_size;
+            const size_t unit = kv_size(t->state.kv_type);
+            memcpy((char *)t->state.key_cache + dst * unit, (char *)t->state.key_cache + src * unit, bytes);
+            memcpy((char *)t->state.value_cache + dst * unit, (char *)t->state.value_cache + src * unit, bytes);
+        }
+    }
+}
+
 void transformer_reset(Transformer *t) {
     const size_t cache = cache_size(&t->ckpt.config, t->state.n_slots) * kv_size(t->state.kv_type);
     memset(t->state.key_cache, 0, cache);

@@ -68,6 +68,9 @@ int transformer_reserve(Transformer *t, int n_slots, int max_rows, char *err);
 // message if out of memory.
 int transformer_pack(Transformer *t, char *err);
 void transformer_close(Transformer *t);
+// Copies positions 0..n_pos-1 of the KV caches of slot `from` to slot `to` (a prompt shared by
+// several sequences runs once).
+void transformer_copy_cache(Transformer *t, int from, int to, int n_pos);
 // Zeroes the KV caches. Not needed between sequences that restart at pos 0 (each position
 // overwrites its cache row before reading it); for callers that want a clean slate.
 void transformer_reset(Transformer *t);

@@ -210,6 +210,18 @@ def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(weights
         model.generate(PROMPTS, 30, 1.0, group=-1)
 
 
+def test_a_prompt_shared_by_a_group_gives_each_sequence_what_it_gets_alone(weights, kernel_build):
+    """Rows that repeat the prompt before them (a GRPO group) run it once and copy its KV cache: each
+    sequence's samples, their log-probabilities and its scores are those it gets alone."""
+    model = engine.Model.from_weights(C, weights, lib=kernel_build.engine_lib())
+    prompts = [PROMPTS[2]] * 3 + [PROMPTS[4]] * 2 + [PROMPTS[2]]
+    seeds = [11, 12, 13, 14, 15, 16]
+    tokens, logprobs, scored = generate_and_score(model, prompts, 1.0, seeds)
+    for b in range(len(prompts)):
+        alone = generate_and_score(model, [prompts[b]], 1.0, seeds[b : b + 1])
+        assert (alone[0][0], alone[1][0]) == (tokens[b], logprobs[b]) and (alone[2][0] == scored[b]).all()
+
+
 def test_a_stop_token_ends_its_sequence_and_is_included(weights):
     model = engine.Model.from_weights(C, weights)
     free, _ = model.generate(PROMPTS, 30, 1.0, seeds=[1, 2, 3, 4, 5])
