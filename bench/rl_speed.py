@@ -22,10 +22,10 @@ the length cap, the worst case):
         temperature 1, for --iterations; beside it, with --trl (a venv with trl installed, see
         bench/trl_anchor.py), TRL's GRPOTrainer on the same checkpoint exported to transformers, the
         same settings, data and reward; skipped with a message without it
-Each setting runs --repeats times after a warm-up iteration (instruct: the iterations after the
-first, in each of --rounds alternating runs of ours and TRL's); the table gives the medians, and for
-instruct the mean reward over the iterations and TRL's time over ours, round by round. Prints a
-JSON line and a markdown table naming the CPU.
+Each setting runs --repeats times after a warm-up iteration, the engines' iterations alternating
+(instruct: the iterations after the first, in each of --rounds alternating runs of ours and TRL's);
+the table gives the medians, and for instruct the mean reward over the iterations and TRL's time
+over ours, round by round. Prints a JSON line and a markdown table naming the CPU.
 """
 
 import argparse
@@ -127,13 +127,21 @@ def iteration(run, it, workload):
     return {"rollout": rollout, "scoring": total - rollout - optimisation, "optimisation": optimisation, "total": total}
 
 
-def ours(workload, engine, args):
-    run = make_run(workload, engine, seed=0, attention=args.attention)
-    run.dtype, run.ctx = args.dtype, autocast("cpu", args.dtype)
-    if args.compile:
-        run.train_policy = torch.compile(run.policy, dynamic=True)
-    runs = [iteration(run, it, workload) for it in range(args.repeats + 1)][1:]  # the first warms up
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+def ours(workload, engines, args):
+    """The medians of each phase for each rollout engine, their iterations alternating (after a warm-up
+    iteration each), so that a slow spell of a shared machine falls on all of them."""
+    runs = {}
+    for engine in engines:
+        runs[engine] = run = make_run(workload, engine, seed=0, attention=args.attention)
+        run.dtype, run.ctx = args.dtype, autocast("cpu", args.dtype)
+        if args.compile:
+            run.train_policy = torch.compile(run.policy, dynamic=True)
+        iteration(run, 0, workload)
+    times = {engine: [] for engine in engines}
+    for it in range(1, args.repeats + 1):
+        for engine, run in runs.items():
+            times[engine].append(iteration(run, it, workload))
+    return {engine: {k: statistics.median(r[k] for r in t) for k in t[0]} for engine, t in times.items()}
 
 
 def run_or_exit(argv, env, who):
@@ -241,8 +249,7 @@ def main(args):
     for workload in filter(None, args.workloads.split(",")):
         if workload not in WORKLOADS:
             raise SystemExit(f"error: unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
-        for engine in args.engines.split(","):
-            r = ours(workload, engine, args)
+        for engine, r in ours(workload, args.engines.split(","), args).items():
             results.append({"workload": workload, "who": f"ours, rollouts by {engine}", **r})
             print(f"{workload} ours ({engine}): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()), file=sys.stderr)
     if args.checkpoint:

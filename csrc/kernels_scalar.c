@@ -25,7 +25,12 @@ static inline __attribute__((always_inline)) void panels_block(float *out, const
     Panel a0[PANEL_COLS], a1[PANEL_COLS];
     for (int c = 0; c < nc; c++) a0[c] = a1[c] = (Panel){0};
     for (int j = 0; j < n; j++) {
-        const Panel w0 = load_panel(p0 + (size_t)j * PANEL), w1 = load_panel(p1 + (size_t)j * PANEL);
+        Panel w0 = load_panel(p0 + (size_t)j * PANEL), w1 = load_panel(p1 + (size_t)j * PANEL);
+#if defined(__x86_64__) && defined(__GNUC__)
+        // in registers: below 5 columns GCC folds the loads into each FMA, twice the loads per FMA,
+        // 1.4x the time a column
+        __asm__("" : "+v"(w0), "+v"(w1));
+#endif
         for (int c = 0; c < nc; c++) {
             a0[c] += w0 * x[c][j]; // (an FMA where the target has them)
             a1[c] += w1 * x[c][j];
