@@ -119,8 +119,8 @@ class Policy(nn.Module):
     The value head starts at zero, so the first values are 0 rather than noise. The trunk runs in
     the caller's autocast. Given each row's length (prompt and response, lengths (B,)) and the C
     attention, the trunk runs on the rows packed into one sequence, without their padding (an RL
-    minibatch's responses differ by tens of tokens) and with each group's prompt once: the same
-    results, up to rounding, from fewer tokens."""
+    minibatch's responses differ by tens of tokens) and with each group's prompt once, where that
+    is shorter: the same results, up to rounding, from fewer tokens."""
 
     def __init__(self, model, value_head=False):
         super().__init__()
@@ -131,9 +131,10 @@ class Policy(nn.Module):
             nn.init.zeros_(self.value_head.bias)
 
     def forward(self, tokens, prompt_lens, R, lengths=None):
+        h = None
         if lengths is not None and self.model.attention_kernel == "c":
             h = self.packed_hidden(tokens, prompt_lens, R, lengths)
-        else:
+        if h is None:
             h = self.model.hidden(tokens[:, :-1])  # (B, T-1, dim): position t predicts token t+1
             if isinstance(prompt_lens, int):
                 h = h[:, prompt_lens - 1 : prompt_lens - 1 + R]
@@ -148,7 +149,8 @@ class Policy(nn.Module):
     def packed_hidden(self, tokens, prompt_lens, R, lengths):
         """forward()'s hidden states (B, R, dim), from one pass over the rows packed into one sequence
         without their padding: each prompt once, continued by the responses of the rows that share it
-        (a group's, which stand together), each up to its last token (which predicts nothing)."""
+        (a group's, which stand together), each up to its last token (which predicts nothing). None
+        where the pack would be no shorter than the padded rows (the rows as long, the prompts apart)."""
         device, P, n = tokens.device, prompt_lens.tolist(), lengths.tolist()
         pieces, positions, bounds, parents = [], [], [0], []
         first, own, last = [], [], []  # where each row's response is predicted from in the pack: r = 0, 1, last
@@ -166,6 +168,8 @@ class Policy(nn.Module):
             parents.append(prompt)
             bounds.append(bounds[-1] + n[b] - 1 - P[b])
             last.append(max(bounds[-1] - 1, first[-1]))
+        if bounds[-1] >= len(n) * (tokens.size(1) - 1):
+            return None
         packed = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in (bounds, parents))
         h = self.model.hidden(torch.cat(pieces)[None], torch.cat(positions), packed=packed)[0]  # (tokens, dim)
         first, own, last = (torch.tensor(x, device=device)[:, None] for x in (first, own, last))

@@ -191,6 +191,9 @@ def test_a_packed_pass_gives_the_padded_passs_logits_values_and_gradients(monkey
         results.append((logits * mask[..., None], values * mask, [p.grad.clone() for p in policy.parameters()]))
     # prompts 7 + 7 + 5 + 9, then each row's response but its last token
     assert seen == [(6, 39), (1, 28 + 32 + 13 + 0 + 22 + 25 + 10), (6, 39)]
+    policy.model.set_attention("c")  # rows as long as the padding, no prompt shared: nothing to gain, padded
+    policy(tokens[3:], prompt_lens[3:], 33, torch.full((3,), 40))
+    assert seen[-1] == (3, 39)
     for logits, values, grads in results[1:]:
         torch.testing.assert_close(logits, results[0][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(values, results[0][1], atol=1e-5, rtol=1e-5)

@@ -212,8 +212,9 @@ static void context(float *out, const float *x, Sequence q, int D) {
 // One sequence of one head (q, k, v, out at its head's rows, lse at its head's T): its rows'
 // attention over the context (kc, vc: (P + n, D)), row i over context rows 0..P+i
 static void forward_sequence(const float *q, const float *k, const float *v, float *out, float *lse, Sequence seq,
-                             int D, size_t row, float *buf) {
+                             int D, float *buf) {
     const float scale = 1.0f / sqrtf((float)D);
+    const size_t row = (size_t)round_up(seq.P + seq.n); // the rows of kt and s: the context, not the whole pack
     float *kt = buf, *s = kt + (size_t)D * row, *qb = s + ROWS * row, *ob = qb + ROWS * D, *vc = ob + ROWS * D;
     context(vc, k, seq, D);
     transpose(vc, kt, seq.P + seq.n, D, row);
@@ -251,7 +252,7 @@ int attention_forward(const float *q, const float *k, const float *v, float *out
             for (int s = root; s < n_seqs; s++) {
                 if (!in_task(parents, root, s)) continue;
                 forward_sequence(q + at * D, k + at * D, v + at * D, out + at * D, lse + at,
-                                 sequence(bounds, parents, s, T), D, row, buf);
+                                 sequence(bounds, parents, s, T), D, buf);
             }
         }
         free(buf);
@@ -262,10 +263,10 @@ int attention_forward(const float *q, const float *k, const float *v, float *out
 // The backward pass of forward_sequence: dq of its rows; the gradients of its context's keys and
 // values into its own rows of dk, dv, and added into its parent's rows (which its task wrote first)
 static void backward_sequence(const float *q, const float *k, const float *v, const float *out, const float *lse,
-                              const float *dout, float *dq, float *dk, float *dv, Sequence seq, int D, size_t row,
-                              float *buf) {
+                              const float *dout, float *dq, float *dk, float *dv, Sequence seq, int D, float *buf) {
     const float scale = 1.0f / sqrtf((float)D);
     const int n_ctx = seq.P + seq.n;
+    const size_t row = (size_t)round_up(n_ctx);
     float *kt = buf, *vt = kt + (size_t)D * row, *p = vt + (size_t)D * row, *ds = p + ROWS * row;
     float *qb = ds + ROWS * row, *gb = qb + ROWS * D, *dqb = gb + ROWS * D;
     float *kc = dqb + ROWS * D, *dkc = kc + row * D, *dvc = dkc + row * D;
@@ -321,7 +322,7 @@ int attention_backward(const float *q, const float *k, const float *v, const flo
             for (int s = root; s < n_seqs; s++) {
                 if (!in_task(parents, root, s)) continue;
                 backward_sequence(q + at, k + at, v + at, out + at, lse + (size_t)bh * T, dout + at, dq + at, dk + at,
-                                  dv + at, sequence(bounds, parents, s, T), D, row, buf);
+                                  dv + at, sequence(bounds, parents, s, T), D, buf);
             }
         }
         free(buf);
