@@ -163,10 +163,11 @@ class Policy(nn.Module):
                 bounds.append(bounds[-1] + P[b])
             first.append(bounds[prompt + 1] - 1)
             own.append(bounds[-1])
-            pieces.append(tokens[b, P[b] : n[b] - 1])
-            positions.append(torch.arange(P[b], n[b] - 1, device=device))
+            m = max(n[b] - 1 - P[b], 0)  # the response's inputs: all its tokens but the last (none if empty)
+            pieces.append(tokens[b, P[b] : P[b] + m])
+            positions.append(torch.arange(P[b], P[b] + m, device=device))
             parents.append(prompt)
-            bounds.append(bounds[-1] + n[b] - 1 - P[b])
+            bounds.append(bounds[-1] + m)
             last.append(max(bounds[-1] - 1, first[-1]))
         if bounds[-1] >= len(n) * (tokens.size(1) - 1):
             return None

@@ -167,14 +167,14 @@ def test_rollouts_of_prompts_of_different_lengths_line_up_with_their_responses()
 
 
 def test_a_packed_pass_gives_the_padded_passs_logits_values_and_gradients(monkeypatch):
-    """Rows of different lengths, three of them a group sharing its prompt: with the C attention the trunk
-    runs on them packed, without padding and with the group's prompt once, and the results at every
-    response position are the padded pass's. PyTorch's attention takes the same pack under a mask
+    """Rows of different lengths (one response empty), three of them a group sharing its prompt: with the
+    C attention the trunk runs on them packed, without padding and with the group's prompt once, and the
+    results at every response position are the padded pass's. PyTorch's attention takes the same pack under a mask
     (model.packed_mask), but the policy pads for it (it would attend over the whole pack)."""
     policy = rl.Policy(tiny_model(std=0.3), value_head=True)
     torch.nn.init.normal_(policy.value_head.weight)
-    tokens = torch.randint(3, 64, (6, 40), generator=torch.Generator().manual_seed(0))
-    prompt_lens, lengths = torch.tensor([7, 7, 7, 7, 5, 9]), torch.tensor([40, 21, 8, 30, 31, 20])
+    tokens = torch.randint(3, 64, (7, 40), generator=torch.Generator().manual_seed(0))
+    prompt_lens, lengths = torch.tensor([7, 7, 7, 7, 5, 9, 6]), torch.tensor([40, 21, 8, 30, 31, 20, 6])
     tokens[1:3, :7] = tokens[0, :7]  # rows 0-2: a group; row 3 has another prompt of the same length
     R = int((lengths - prompt_lens).max())
     mask = (torch.arange(R) < (lengths - prompt_lens)[:, None]).float()
@@ -189,10 +189,10 @@ def test_a_packed_pass_gives_the_padded_passs_logits_values_and_gradients(monkey
         logits, values = policy(tokens, prompt_lens, R, row_lengths)
         (logits.square().sum(-1) * mask + values * mask).sum().backward()
         results.append((logits * mask[..., None], values * mask, [p.grad.clone() for p in policy.parameters()]))
-    # prompts 7 + 7 + 5 + 9, then each row's response but its last token
-    assert seen == [(6, 39), (1, 28 + 32 + 13 + 0 + 22 + 25 + 10), (6, 39)]
+    # prompts 7 + 7 + 5 + 9 + 6, then each row's response but its last token (the last row's is empty)
+    assert seen == [(7, 39), (1, 34 + 32 + 13 + 0 + 22 + 25 + 10 + 0), (7, 39)]
     policy.model.set_attention("c")  # rows as long as the padding, no prompt shared: nothing to gain, padded
-    policy(tokens[3:], prompt_lens[3:], 33, torch.full((3,), 40))
+    policy(tokens[3:6], prompt_lens[3:6], 33, torch.full((3,), 40))
     assert seen[-1] == (3, 39)
     for logits, values, grads in results[1:]:
         torch.testing.assert_close(logits, results[0][0], atol=1e-5, rtol=1e-5)
