@@ -45,6 +45,11 @@ static void free_run_state(RunState *s) {
 // bytes of an element of a KV cache of `type`
 static size_t kv_size(KVType type) { return type == KV_F16 ? sizeof(uint16_t) : sizeof(float); }
 
+// the element where the cache of (slot, layer l, kv head h) starts: seq_len rows of head_size each
+static size_t cache_at(const Config *p, int slot, int l, int h) {
+    return (((size_t)slot * p->n_layers + l) * p->n_kv_heads + h) * p->seq_len * (p->dim / p->n_heads);
+}
+
 static size_t cache_size(const Config *p, int n_slots) {
     return (size_t)n_slots * p->n_layers * p->seq_len * (p->dim / p->n_heads * p->n_kv_heads);
 }
@@ -190,15 +195,12 @@ void transformer_close(Transformer *t) {
 
 void transformer_copy_cache(Transformer *t, int from, int to, int n_pos) {
     const Config *p = &t->ckpt.config;
-    const int head_size = p->dim / p->n_heads;
-    const size_t bytes = (size_t)n_pos * head_size * kv_size(t->state.kv_type);
+    const size_t unit = kv_size(t->state.kv_type), bytes = (size_t)n_pos * (p->dim / p->n_heads) * unit;
     for (int l = 0; l < p->n_layers; l++) {
         for (int h = 0; h < p->n_kv_heads; h++) {
-            const size_t src = ((((size_t)from * p->n_layers + l) * p->n_kv_heads + h) * p->seq_len) * head_size;
-            const size_t dst = ((((size_t)to * p->n_layers + l) * p->n_kv_heads + h) * p->seq_len) * head_size;
-            const size_t unit = kv_size(t->state.kv_type);
-            memcpy((char *)t->state.key_cache + dst * unit, (char *)t->state.key_cache + src * unit, bytes);
-            memcpy((char *)t->state.value_cache + dst * unit, (char *)t->state.value_cache + src * unit, bytes);
+            const size_t src = cache_at(p, from, l, h) * unit, dst = cache_at(p, to, l, h) * unit;
+            memcpy((char *)t->state.key_cache + dst, (char *)t->state.key_cache + src, bytes);
+            memcpy((char *)t->state.value_cache + dst, (char *)t->state.value_cache + src, bytes);
         }
     }
 }
@@ -259,8 +261,7 @@ static void attention_head(RunState *s, const Config *p, int l, int i, int pos, 
     const int kv_head = h / kv_mul;
     const float scale = 1.0f / sqrtf(head_size);
     const KVType type = s->kv_type;
-    const size_t cache_offset =
-        (((size_t)slot * p->n_layers + l) * p->n_kv_heads + kv_head) * p->seq_len * head_size;
+    const size_t cache_offset = cache_at(p, slot, l, kv_head);
     char *k = (char *)s->key_cache + cache_offset * kv_size(type);
     char *v = (char *)s->value_cache + cache_offset * kv_size(type);
     const int first = s->first[i], p0 = pos - (i - first);

@@ -4,9 +4,9 @@
 // rows go in blocks of ROWS and every product is a loop of whole vectors with its sums in registers:
 // the scores of a block over the keys (keys stored transposed, head_dim rows of T, each vector of
 // keys loaded once for the ROWS queries), and the weighted sums of value or key rows (a row of the
-// head's values is one or a few vectors). One (batch, head, sequence) per OpenMP task, no allocation
-// beyond one scratch buffer per thread. The backward pass recomputes the probabilities from the
-// log-sum-exp of the forward pass, as flash attention does.
+// head's values is one or a few vectors). One OpenMP task per (batch, head) pair and sequence, with
+// the sequences that continue it; no allocation beyond one scratch buffer per thread. The backward
+// pass recomputes the probabilities from the log-sum-exp of the forward pass, as flash attention does.
 #include "attention.h"
 #include "../ops.h" // exp_fast
 
