@@ -92,8 +92,7 @@ void add_weighted_rows_scalar(float *out, const float *a, const void *rows, int 
                               KVType type);
 #if defined(KERNELS_AVX2)
 void dot_rows_avx2(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type);
-void add_weighted_rows_avx2(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
-                            KVType type);
+void add_weighted_rows_avx2(float *out, const float *a, Rows first, Rows then, int n);
 #endif
 #if defined(KERNELS_NEON)
 void dot_rows_neon(float *out, const float *x, const void *rows, int n_rows, int n, int stride, KVType type);

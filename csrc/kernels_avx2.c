@@ -157,28 +157,65 @@ void dot_rows_avx2(float *out, const float *x, const void *rows, int n_rows, int
     }
 }
 
-// out[0..8k) += the weighted sum of the rows' values j0..j0+8k, k (a constant once inlined) sums in
-// registers across the rows: k independent chains of FMAs, each value's terms still added in row order
-static inline __attribute__((always_inline)) void add_weighted_block(float *out, const float *a, const void *rows,
-                                                                     size_t j0, int k, int n_rows, int stride,
-                                                                     KVType type) {
-    __m256 acc[4];
-    for (int c = 0; c < k; c++) acc[c] = _mm256_loadu_ps(out + 8 * c);
-    for (int t = 0; t < n_rows; t++) {
-        const __m256 at = _mm256_set1_ps(a[t]);
-        for (int c = 0; c < k; c++) {
-            acc[c] = _mm256_fmadd_ps(at, load_row(rows, (size_t)t * stride + j0 + 8 * c, type), acc[c]);
-        }
-    }
-    for (int c = 0; c < k; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+// values j..j+7 of row t of first then then
+static inline __m256 row_of(Rows first, Rows then, int t, size_t j) {
+    return t < first.n ? load_row(first.rows, (size_t)t * first.stride + j, first.type)
+                       : load_row(then.rows, (size_t)(t - first.n) * then.stride + j, then.type);
 }
 
-void add_weighted_rows_avx2(float *out, const float *a, const void *rows, int n_rows, int n, int stride,
-                            KVType type) {
+// acc[c * u + i] += a[i] * values j0 + 8c.. of row t + i of r, for i < u, c < k
+static inline __attribute__((always_inline)) void add_group(__m256 *acc, const float *a, Rows r, int t, size_t j0,
+                                                            int k, int u) {
+    for (int i = 0; i < u; i++) {
+        const __m256 at = _mm256_set1_ps(a[i]);
+        for (int c = 0; c < k; c++) {
+            const __m256 value = load_row(r.rows, (size_t)(t + i) * r.stride + j0 + 8 * c, r.type);
+            acc[c * u + i] = _mm256_fmadd_ps(at, value, acc[c * u + i]);
+        }
+    }
+}
+
+// out[0..8k) += the weighted sum of the rows' values j0..j0+8k, k (a constant once inlined) <= 4 vectors
+// of them. Each vector of values takes u = 4 / k sums in registers, sum i of rows t = i mod u (the
+// last n mod u rows: the first sums), added together at the end: 4 chains of FMAs in flight, where one
+// chain waited on each FMA's latency (4 cycles a row at the 8 and 16 values of the 260K and default
+// models' heads; the 260K model scores and samples 7-12% faster on AVX2).
+static inline __attribute__((always_inline)) void add_weighted_block(float *out, const float *a, Rows first,
+                                                                     Rows then, size_t j0, int k) {
+    const int u = 4 / k, n_rows = first.n + then.n;
+    __m256 acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + u <= n_rows; t += u) { // a group of u rows in first, in then, or across the two
+        if (t + u <= first.n) {
+            add_group(acc, a + t, first, t, j0, k, u);
+        } else if (t >= first.n) {
+            add_group(acc, a + t, then, t - first.n, j0, k, u);
+        } else {
+            for (int i = 0; i < u; i++) {
+                const __m256 at = _mm256_set1_ps(a[t + i]);
+                for (int c = 0; c < k; c++) {
+                    acc[c * u + i] = _mm256_fmadd_ps(at, row_of(first, then, t + i, j0 + 8 * c), acc[c * u + i]);
+                }
+            }
+        }
+    }
+    for (; t < n_rows; t++) {
+        const __m256 at = _mm256_set1_ps(a[t]);
+        for (int c = 0; c < k; c++) acc[c * u] = _mm256_fmadd_ps(at, row_of(first, then, t, j0 + 8 * c), acc[c * u]);
+    }
+    for (int c = 0; c < k; c++) {
+        __m256 sum = acc[c * u];
+        for (int i = 1; i < u; i++) sum = _mm256_add_ps(sum, acc[c * u + i]);
+        _mm256_storeu_ps(out + 8 * c, _mm256_add_ps(_mm256_loadu_ps(out + 8 * c), sum));
+    }
+}
+
+void add_weighted_rows_avx2(float *out, const float *a, Rows first, Rows then, int n) {
     int j = 0;
-    for (; j + 32 <= n; j += 32) add_weighted_block(out + j, a, rows, j, 4, n_rows, stride, type);
-    for (; j + 16 <= n; j += 16) add_weighted_block(out + j, a, rows, j, 2, n_rows, stride, type);
-    for (; j < n; j += 8) add_weighted_block(out + j, a, rows, j, 1, n_rows, stride, type);
+    for (; j + 32 <= n; j += 32) add_weighted_block(out + j, a, first, then, j, 4);
+    for (; j + 16 <= n; j += 16) add_weighted_block(out + j, a, first, then, j, 2);
+    for (; j < n; j += 8) add_weighted_block(out + j, a, first, then, j, 1);
 }
 
 #endif

@@ -280,20 +280,21 @@ void dot_rows(float *out, const float *x, const void *rows, int n, int head_size
     dot_rows_scalar(out, x, rows, n, head_size, stride, type);
 }
 
-void add_weighted_rows(float *out, const float *a, const void *rows, int n, int head_size,
-                       int stride, KVType type) {
+void add_weighted_rows(float *out, const float *a, Rows first, Rows then, int head_size) {
 #if defined(KERNELS_AVX2)
-    if (simd_rows(head_size, type)) {
-        add_weighted_rows_avx2(out, a, rows, n, head_size, stride, type);
+    if (simd_rows(head_size, first.type) && simd_rows(head_size, then.type)) {
+        add_weighted_rows_avx2(out, a, first, then, head_size);
         return;
     }
 #elif defined(KERNELS_NEON)
-    if (simd_rows(head_size, type)) {
-        add_weighted_rows_neon(out, a, rows, n, head_size, stride, type);
+    if (simd_rows(head_size, first.type) && simd_rows(head_size, then.type)) { // (one sum a value, in row order)
+        add_weighted_rows_neon(out, a, first.rows, first.n, head_size, first.stride, first.type);
+        add_weighted_rows_neon(out, a + first.n, then.rows, then.n, head_size, then.stride, then.type);
         return;
     }
 #endif
-    add_weighted_rows_scalar(out, a, rows, n, head_size, stride, type);
+    add_weighted_rows_scalar(out, a, first.rows, first.n, head_size, first.stride, first.type);
+    add_weighted_rows_scalar(out, a + first.n, then.rows, then.n, head_size, then.stride, then.type);
 }
 
 void f32_to_f16(uint16_t *out, const float *x, int n) {

@@ -56,9 +56,17 @@ typedef enum { KV_F32, KV_F16 } KVType;
 // out[t] = x . row t, for t < n
 void dot_rows(float *out, const float *x, const void *rows, int n, int head_size, int stride,
               KVType type);
-// out += the sum over t < n of a[t] * row t
-void add_weighted_rows(float *out, const float *a, const void *rows, int n, int head_size,
-                       int stride, KVType type);
+// Rows as add_weighted_rows takes them: n rows of `type`, row t at rows + t * stride values
+typedef struct {
+    const void *rows;
+    int n, stride;
+    KVType type;
+} Rows;
+// out += the sum over the rows of first then of then (row t of the two, one after the other) of
+// a[t] * row t. One call for the two (a sequence's cached positions, then those of this forward),
+// as the sum's order may not depend on where the one ends and the other begins: a row's result is
+// the same whichever forward its positions came through.
+void add_weighted_rows(float *out, const float *a, Rows first, Rows then, int head_size);
 // fp32 -> fp16, rounding to nearest even (overflow gives inf, NaN stays NaN); and back, exactly
 void f32_to_f16(uint16_t *out, const float *x, int n);
 void f16_to_f32(float *out, const uint16_t *h, int n);

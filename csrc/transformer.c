@@ -274,8 +274,7 @@ static void attention_head(RunState *s, const Config *p, int l, int i, int pos, 
     softmax(att, pos + 1);
     float *xb = s->xb + (size_t)i * p->dim + h * head_size;
     memset(xb, 0, head_size * sizeof(float));
-    add_weighted_rows(xb, att, v, p0, head_size, head_size, type);
-    add_weighted_rows(xb, att + p0, v_own, pos - p0 + 1, head_size, kv_dim, KV_F32);
+    add_weighted_rows(xb, att, (Rows){v, p0, head_size, type}, (Rows){v_own, pos - p0 + 1, kv_dim, KV_F32}, head_size);
     if (h % kv_mul == 0) {
         const size_t row = (size_t)pos * head_size * kv_size(type), at = (size_t)(i - first) * kv_dim;
         cache_store(k + row, k_own + at, head_size, type);

@@ -164,6 +164,7 @@ static void test_rows(int head_size, int n_rows, KVType type, int stride) {
     float *floats = malloc(sizeof(float) * stride * n_rows), *values = malloc(sizeof(float) * stride * n_rows);
     float *x = malloc(sizeof(float) * head_size), *a = malloc(sizeof(float) * n_rows);
     float *dots = malloc(sizeof(float) * n_rows), *sums = malloc(sizeof(float) * head_size);
+    float *sums_start = malloc(sizeof(float) * head_size), *split_sums = malloc(sizeof(float) * head_size);
     double *want_dots = calloc(n_rows, sizeof(double)), *mag_dots = calloc(n_rows, sizeof(double));
     double *want_sums = calloc(head_size, sizeof(double)), *mag_sums = calloc(head_size, sizeof(double));
     for (int i = 0; i < stride * n_rows; i++) { // values as the rows hold them
@@ -173,7 +174,7 @@ static void test_rows(int head_size, int n_rows, KVType type, int stride) {
         else values[i] = floats[i];
     }
     for (int i = 0; i < head_size; i++) {
-        x[i] = uniform(), sums[i] = want_sums[i] = uniform();
+        x[i] = uniform(), sums[i] = sums_start[i] = want_sums[i] = uniform();
         mag_sums[i] = fabs(want_sums[i]); // add_weighted_rows adds to what is there
     }
     for (int t = 0; t < n_rows; t++) a[t] = uniform();
@@ -186,11 +187,22 @@ static void test_rows(int head_size, int n_rows, KVType type, int stride) {
     }
     const void *rows = type == KV_F16 ? (const void *)halves : (const void *)floats;
     dot_rows(dots, x, rows, n_rows, head_size, stride, type);
-    add_weighted_rows(sums, a, rows, n_rows, head_size, stride, type);
+    // the weighted sum over the rows in two parts, split anywhere: the same sums, bit for bit
+    int differ = 0;
+    for (int split = 0; split <= n_rows; split++) {
+        float *out = split == 0 ? sums : split_sums;
+        if (split > 0) memcpy(out, sums_start, sizeof(float) * head_size);
+        const size_t bytes = (size_t)split * stride * (type == KV_F16 ? sizeof(uint16_t) : sizeof(float));
+        add_weighted_rows(out, a, (Rows){rows, split, stride, type},
+                          (Rows){(const char *)rows + bytes, n_rows - split, stride, type}, head_size);
+        if (split > 0) differ += memcmp(out, sums, sizeof(float) * head_size) != 0;
+    }
     check(type == KV_F16 ? "f16 dot_rows" : "f32 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);
     check(type == KV_F16 ? "f16 add_weighted_rows" : "f32 add_weighted_rows", n_rows, head_size, 0, sums, want_sums,
           mag_sums);
-    free(halves), free(floats), free(values), free(x), free(a), free(dots), free(sums);
+    if (differ) printf("FAIL add_weighted_rows head_size=%d n_rows=%d: %d splits differ\n", head_size, n_rows, differ);
+    differ ? failed++ : passed++;
+    free(halves), free(floats), free(values), free(x), free(a), free(dots), free(sums), free(sums_start), free(split_sums);
     free(want_dots), free(mag_dots), free(want_sums), free(mag_sums);
 }
 
