@@ -179,7 +179,8 @@ static inline __attribute__((always_inline)) void add_group(__m256 *acc, const f
 // of them. Each vector of values takes u = 4 / k sums in registers, sum i of rows t = i mod u (the
 // last n mod u rows: the first sums), added together at the end: 4 chains of FMAs in flight, where one
 // chain waited on each FMA's latency (4 cycles a row at the 8 and 16 values of the 260K and default
-// models' heads; the 260K model scores and samples 7-12% faster on AVX2).
+// models' heads; the 260K model's batched scoring and sampling about 8% faster on an AVX2-only Zen 3,
+// the medians of six alternating runs).
 static inline __attribute__((always_inline)) void add_weighted_block(float *out, const float *a, Rows first,
                                                                      Rows then, size_t j0, int k) {
     const int u = 4 / k, n_rows = first.n + then.n;
