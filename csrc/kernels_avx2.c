@@ -176,8 +176,8 @@ static inline __attribute__((always_inline)) void add_group(__m256 *acc, const f
 }
 
 // out[0..8k) += the weighted sum of the rows' values j0..j0+8k, k (a constant once inlined) <= 4 vectors
-// of them. Each vector of values takes u = 4 / k sums in registers, sum i of rows t = i mod u (the
-// last n mod u rows: the first sums), added together at the end: 4 chains of FMAs in flight, where one
+// of them. Each vector of values takes u = 4 / k sums in registers, sum i over the rows t with
+// t mod u = i (the last n mod u rows: sum 0), added together at the end: 4 chains of FMAs in flight, where one
 // chain waited on each FMA's latency (4 cycles a row at the 8 and 16 values of the 260K and default
 // models' heads; the 260K model's batched scoring and sampling about 8% faster on an AVX2-only Zen 3,
 // the medians of six alternating runs).

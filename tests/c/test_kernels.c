@@ -187,15 +187,15 @@ static void test_rows(int head_size, int n_rows, KVType type, int stride) {
     }
     const void *rows = type == KV_F16 ? (const void *)halves : (const void *)floats;
     dot_rows(dots, x, rows, n_rows, head_size, stride, type);
-    // the weighted sum over the rows in two parts, split anywhere: the same sums, bit for bit
+    add_weighted_rows(sums, a, (Rows){rows, 0, stride, type}, (Rows){rows, n_rows, stride, type}, head_size);
+    // the same rows in two parts, split anywhere: the same sums, bit for bit
     int differ = 0;
-    for (int split = 0; split <= n_rows; split++) {
-        float *out = split == 0 ? sums : split_sums;
-        if (split > 0) memcpy(out, sums_start, sizeof(float) * head_size);
+    for (int split = 1; split <= n_rows; split++) {
         const size_t bytes = (size_t)split * stride * (type == KV_F16 ? sizeof(uint16_t) : sizeof(float));
-        add_weighted_rows(out, a, (Rows){rows, split, stride, type},
+        memcpy(split_sums, sums_start, sizeof(float) * head_size);
+        add_weighted_rows(split_sums, a, (Rows){rows, split, stride, type},
                           (Rows){(const char *)rows + bytes, n_rows - split, stride, type}, head_size);
-        if (split > 0) differ += memcmp(out, sums, sizeof(float) * head_size) != 0;
+        differ += memcmp(split_sums, sums, sizeof(float) * head_size) != 0;
     }
     check(type == KV_F16 ? "f16 dot_rows" : "f32 dot_rows", head_size, n_rows, 0, dots, want_dots, mag_dots);
     check(type == KV_F16 ? "f16 add_weighted_rows" : "f32 add_weighted_rows", n_rows, head_size, 0, sums, want_sums,
