@@ -40,8 +40,9 @@ demo: setup
 	OMP_NUM_THREADS=1 ./run out/grpo_model.bin -z data/tok512.bin -t 0.8 -n 256 \
 		-i "$$(printf 'Words: dog, run, happy\nFeatures: Dialogue\nName: Lily\nStory:')"
 
+# pytest-xdist: a worker on each core, stealing tests from the others' queues as it finishes its own
 test: setup lint ctest lib
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 # ruff (pyproject.toml): the lint rules and the formatting every Python file keeps
 lint: setup

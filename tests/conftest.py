@@ -1,7 +1,9 @@
+import fcntl
 import glob
 import json
 import os
 import platform
+import shutil
 import struct
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's two workers: a core each, threads of their own included
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers and datasets read local paths only; the hub is never asked
 
 import sources  # noqa: E402
@@ -105,6 +109,10 @@ class KernelBuild:
 
     def __init__(self, name, arch, directory):
         self.name, self.arch, self.dir = name, arch, directory
+        self.run, self.test_kernels = directory / "run", directory / "test_kernels"
+
+    def build(self):
+        directory = self.dir
         for target, var in [
             ("runomp", f"BIN={directory / 'run'}"),
             (directory / "libengine.so", f"LIB={directory / 'libengine.so'}"),
@@ -112,10 +120,9 @@ class KernelBuild:
             (directory / "test_kernels", f"KTEST={directory / 'test_kernels'}"),
         ]:
             r = subprocess.run(
-                ["make", "-s", "-B", f"ARCH={arch}", var, str(target)], cwd=ROOT, capture_output=True, text=True
+                ["make", "-s", "-B", f"ARCH={self.arch}", var, str(target)], cwd=ROOT, capture_output=True, text=True
             )
-            assert r.returncode == 0 and "warning" not in r.stderr, f"make {target} ARCH={arch}:\n{r.stderr}"
-        self.run, self.test_kernels = directory / "run", directory / "test_kernels"
+            assert r.returncode == 0 and "warning" not in r.stderr, f"make {target} ARCH={self.arch}:\n{r.stderr}"
 
     def engine_lib(self):
         from csrc import engine
@@ -125,8 +132,22 @@ class KernelBuild:
 
 @pytest.fixture(scope="session", params=KERNEL_PATHS, ids=[name for name, _ in KERNEL_PATHS])
 def kernel_build(request, tmp_path_factory):
+    """Built once a session: pytest-xdist's workers (make test runs two) share the session's directory,
+    and the first to take a path's lock builds it."""
     name, arch = request.param
-    return KernelBuild(name, arch, tmp_path_factory.mktemp(f"kernels-{name}"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    build = KernelBuild(name, arch, root / f"kernels-{name}")
+    with open(root / f"kernels-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not build.dir.exists():
+            partial = KernelBuild(name, arch, root / f"kernels-{name}.partial")
+            shutil.rmtree(partial.dir, ignore_errors=True)  # what a failed build left
+            partial.dir.mkdir()
+            partial.build()
+            partial.dir.rename(build.dir)
+    return build
 
 
 @pytest.fixture(scope="session")
@@ -295,11 +316,13 @@ def length_score(target_len):
 
 
 @pytest.fixture(scope="session")
-def run_binary():
-    """./run, built as `make runomp` (the AVX-512 and OpenMP build when the CPU has them)."""
-    r = subprocess.run(["make", "-s", "runomp"], cwd=ROOT, capture_output=True, text=True)
+def run_binary(tmp_path_factory):
+    """./run as `make runomp` builds it (the AVX-512 and OpenMP build when the CPU has them), into this
+    session's own directory: the user's ./run is never rewritten, nor one that another process runs."""
+    path = tmp_path_factory.mktemp("runomp") / "run"
+    r = subprocess.run(["make", "-s", "runomp", f"BIN={path}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    return str(ROOT / "run")
+    return str(path)
 
 
 def wandb_history(out_dir):
