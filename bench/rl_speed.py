@@ -8,6 +8,7 @@ same model and settings (bench/trl_anchor.py, with --trl).
     python bench/rl_speed.py [--workloads=grpo,ppo,fork] [--engines=torch,c] [--threads=2] [--repeats=3]
     python bench/rl_speed.py --workloads= --checkpoint=out/sft_ckpt.pt --trl=/path/to/trl-venv/bin/python --rounds=3
     python bench/rl_speed.py --workloads=grpo --engines=c --attention=torch --dtype=bfloat16 --compile  # the update
+    python bench/rl_speed.py --workloads=fork --engines=c --fork=../FullLLM --fork_python=fork-venv/bin/python
 
 Workloads (random weights, prompts of BOS and random tokens, no stop token: every rollout runs to
 the length cap, the worst case):
@@ -15,8 +16,14 @@ the length cap, the worst case):
         after 30 prompt tokens), 8 optimizer steps of 8, learning rate 1e-4, beta 0.04, temperature 1
   ppo   the same shape and rollouts, PPO (value head, GAE), 1 epoch of 8 steps of 8
   fork  the llama2.c PPO fork's iteration on the 260K preset: 400 rollouts (8 x 50) of up to 300 new
-        tokens, 4 epochs of 8 minibatches of 50 (the fork measured 57-61 s an iteration, TRL 0.11's
-        PPOTrainer 54-56 s, on this machine kind: reports/rl_speed.md)
+        tokens, 4 epochs of 8 minibatches of 50; beside it, with --fork (a checkout of the fork,
+        github.com/schinger/FullLLM, and --fork_python, a Python with its requirements), the fork itself
+        on this machine: its README's PPO command line on the CPU (fp32, no torch.compile), from
+        Karpathy's stories260K with prompts from the shared stories (its rollouts end where the model
+        ends its story), for --repeats iterations after a first one
+  fork260K  the fork's workload on the fork's own model, prompts and stop: stories260K, prompts of BOS
+        and the first 0-29 tokens of a shared training story in its tokenizer, rollouts ending at the
+        BOS that ends its stories (the fork's iteration like for like)
   instruct (--checkpoint=SFT checkpoint) GRPO on the instruct task as train.py runs it, 64 rollouts an
         iteration (8 headers x 8) to their own ends, 8 steps of 8, learning rate 1e-4, beta 0.04,
         temperature 1, for --iterations; beside it, with --trl (a venv with trl installed, see
@@ -25,7 +32,8 @@ the length cap, the worst case):
 Each setting runs --repeats times after a warm-up iteration, the engines' iterations alternating
 (instruct: the iterations after the first, in each of --rounds alternating runs of ours and TRL's);
 the table gives the medians, and for instruct the mean reward over the iterations and TRL's time
-over ours, round by round. Prints a JSON line and a markdown table naming the CPU.
+over ours, round by round; for fork, the fork's time over ours. Prints a JSON line and a markdown
+table naming the CPU.
 """
 
 import argparse
@@ -38,6 +46,7 @@ import tempfile
 import time
 
 import numpy as np
+import sentencepiece as spm
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,20 +57,25 @@ import grpo  # noqa: E402
 import ppo  # noqa: E402
 import rl  # noqa: E402
 import rl_train  # noqa: E402
+import sources  # noqa: E402
 import tasks  # noqa: E402
 from common import autocast, cpu_name, reuse_freed_memory  # noqa: E402
+from csrc import formats  # noqa: E402
 from model import PRESETS, ModelArgs, Transformer  # noqa: E402
 from rollouts import Engines  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 # name: (method, preset, rollouts, group size, new tokens, epochs, minibatch size, prompt tokens)
 WORKLOADS = {
     "grpo": (grpo, "default", 64, 8, 226, 1, 8, 30),
     "ppo": (ppo, "default", 64, 1, 226, 1, 8, 30),
     "fork": (ppo, "260K", 400, 1, 300, 4, 50, 30),
+    "fork260K": (ppo, "260K", 400, 1, 300, 4, 50, 30),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--workloads", default="grpo,ppo,fork", help="comma-separated: grpo, ppo, fork")
+parser.add_argument("--workloads", default="grpo,ppo,fork", help="comma-separated: " + ", ".join(WORKLOADS))
 parser.add_argument("--engines", default="torch,c", help="comma-separated rollout engines: torch, c")
 parser.add_argument("--threads", type=int, default=os.cpu_count())
 parser.add_argument("--attention", default="auto", help="the forward passes' attention: auto, c or torch (model.py)")
@@ -72,6 +86,13 @@ parser.add_argument("--checkpoint", default="", help="an SFT checkpoint: GRPO on
 parser.add_argument("--iterations", type=int, default=20, help="the instruct task's iterations")
 parser.add_argument("--trl", default="", help="a Python with trl installed (bench/trl_anchor.py): TRL's GRPO too")
 parser.add_argument("--rounds", type=int, default=1, help="instruct: runs of ours and TRL's, alternating (medians)")
+parser.add_argument("--fork", default="", help="a checkout of the llama2.c PPO fork: its own iteration too")
+parser.add_argument("--fork_python", default=sys.executable, help="a Python with the fork's requirements (tyro)")
+# the fork's README command line for PPO from stories260K, on the CPU
+FORK_FLAGS = """--batch_size=50 --max_seq_len=512 --gradient_accumulation_steps=1 --vocab_source=custom --vocab_size=512
+    --dim=64 --n_layers=5 --n_heads=8 --n_kv_heads=4 --multiple_of=4 --learning_rate=1e-4 --dropout=0.00
+    --weight_decay=0.01 --beta2=0.99 --warmup_iters=1000 --eval_iters=5 --eval_only=False --init_from=resume
+    --ppo=True --decay_lr=False --always_save_checkpoint=False --start_len=30 --device=cpu --compile=False""".split()
 
 
 def make_run(workload, engine, seed, attention="auto"):
@@ -99,17 +120,26 @@ def make_run(workload, engine, seed, attention="auto"):
     }
     if group > 1:
         cfg["group_size"] = group
-    rng = np.random.default_rng(seed)
+    rng, stop = np.random.default_rng(seed), ()
 
     def draw(_, k):
         return [[1] + rng.integers(3, shape["vocab_size"], prompt_len - 1).tolist() for _ in range(k)]
+
+    if workload == "fork260K":  # the fork's model, prompts and stop token (stories260K ends a story with BOS)
+        model, tok = stories260k()
+        for p in (policy, reference):
+            p.model.load_state_dict(model.state_dict())
+        stories, stop = story_tokens(tok, "train-000.txt"), (tok.bos_id(),)
+
+        def draw(_, k):  # noqa: F811
+            return [[tok.bos_id(), *stories[i][: rng.integers(prompt_len)]] for i in rng.integers(len(stories), size=k)]
 
     def score(batch):
         return tasks.length_reward(batch.lengths(), cfg["target_len"])
 
     engines = Engines(policy.model, reference.model) if engine == "c" else None
     return rl_train.run_of(
-        method, policy, reference, tasks.Task("length", draw, [], score, lambda *a: {}), cfg, (), engines
+        method, policy, reference, tasks.Task("length", draw, [], score, lambda *a: {}), cfg, stop, engines
     )
 
 
@@ -122,9 +152,17 @@ def iteration(run, it, workload):
     stats = run.method.iteration(run, batch)
     total = time.perf_counter() - t0
     _, _, n, _, new_tokens, *_ = WORKLOADS[workload]
-    assert batch.mask.sum(1).eq(new_tokens).all() and len(batch.tokens) == n  # every rollout ran to full length
+    assert len(batch.tokens) == n
+    if workload != "fork260K":
+        assert batch.mask.sum(1).eq(new_tokens).all()  # every rollout ran to full length
     rollout, optimisation = run.timing["time/rollout"], stats["time/optimize_step"]
-    return {"rollout": rollout, "scoring": total - rollout - optimisation, "optimisation": optimisation, "total": total}
+    return {
+        "rollout": rollout,
+        "scoring": total - rollout - optimisation,
+        "optimisation": optimisation,
+        "total": total,
+        "mean_length": batch.row_lengths().float().mean().item(),
+    }
 
 
 def ours(workload, engines, args):
@@ -242,6 +280,68 @@ def instruct_runs(args):
     return out
 
 
+def stories260k():
+    """Karpathy's stories260K (../shared), where the fork's PPO starts, and its tokenizer."""
+    llama2c = os.path.join(SHARED, "models", "llama2c")
+    model = export.model_from_llama2c(*formats.read_v0(os.path.join(llama2c, "stories260K.bin")))
+    return model, spm.SentencePieceProcessor(model_file=os.path.join(llama2c, "tok512.model"))
+
+
+def story_tokens(tok, name):
+    """The tokens of each shared story in one of ../shared/tinystories' files."""
+    return tok.encode([s.strip() for s in sources.read_stories(os.path.join(SHARED, "tinystories", name))])
+
+
+def fork_run(args):
+    """The llama2.c PPO fork's own iterations on this machine, in a scratch directory laid out as its
+    train.py reads it: out/ckpt.pt (stories260K, whose value head the fork adds), data/tok512.model
+    (stories260K's tokenizer) and data/tok512/*.bin (uint16 shards of BOS + story, the first its
+    validation split) from the shared stories. The medians of each phase after the first iteration."""
+    model, tok = stories260k()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in os.listdir(args.fork):
+            if name.endswith(".py"):
+                os.symlink(os.path.join(os.path.abspath(args.fork), name), os.path.join(tmp, name))
+        os.makedirs(os.path.join(tmp, "data", "tok512"))
+        os.makedirs(os.path.join(tmp, "out"))
+        ckpt = {"model": model.state_dict(), "model_args": PRESETS["260K"], "iter_num": 1, "best_val_loss": 0.0}
+        torch.save({**ckpt, "config": {"vocab_source": "custom"}}, os.path.join(tmp, "out", "ckpt.pt"))
+        with open(os.path.join(tmp, "data", "tok512.model"), "wb") as f:
+            f.write(tok.serialized_model_proto())
+        for i, name in enumerate(("valid-000.txt", "train-000.txt")):
+            tokens = [t for story in story_tokens(tok, name) for t in (tok.bos_id(), *story)]
+            np.array(tokens, dtype=np.uint16).tofile(os.path.join(tmp, "data", "tok512", f"data{i:02d}.bin"))
+        iterations = args.repeats + 1  # it counts from the checkpoint's iter_num, 1
+        argv = [args.fork_python, "train.py", *FORK_FLAGS, "--out_dir=out", f"--max_iters={iterations}"]
+        argv.append(f"--eval_interval={iterations + 1}")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        p = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"error: the fork's run failed: {(p.stderr.strip().splitlines() or [p.returncode])[-1]}")
+    # each iteration prints 'q+r lengths avg N', '<iter> | reward R | lr L | <ms>ms', then its stats as JSON
+    lines, rows = p.stdout.splitlines(), []
+    for i, line in enumerate(lines):
+        if " | reward " in line:
+            end = lines.index("}", i)
+            stats = json.loads("\n".join(lines[i + 1 : end + 1]))
+            total = float(line.rsplit("| ", 1)[1].removesuffix("ms")) / 1000
+            length = float(lines[i - 1].split()[-1])
+            ppo_step = stats["time/ppo/total"]
+            optimisation = stats["time/ppo/optimize_step"]
+            rows.append(
+                {
+                    "rollout": total - ppo_step,
+                    "scoring": ppo_step - optimisation,
+                    "optimisation": optimisation,
+                    "total": total,
+                    "mean_length": length,
+                }
+            )
+    if len(rows) != iterations:
+        raise SystemExit(f"error: the fork printed {len(rows)} iterations of the {iterations} asked")
+    return {k: statistics.median(r[k] for r in rows[1:]) for k in rows[0]}
+
+
 def main(args):
     reuse_freed_memory()
     torch.set_num_threads(args.threads)
@@ -251,7 +351,13 @@ def main(args):
             raise SystemExit(f"error: unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
         for engine, r in ours(workload, args.engines.split(","), args).items():
             results.append({"workload": workload, "who": f"ours, rollouts by {engine}", **r})
-            print(f"{workload} ours ({engine}): " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()), file=sys.stderr)
+            phases = ", ".join(f"{k} {r[k]:.2f} s" for k in ("rollout", "scoring", "optimisation", "total"))
+            print(f"{workload} ours ({engine}): {phases}", file=sys.stderr)
+    if any(w.startswith("fork") for w in args.workloads.split(",")):
+        if args.fork:
+            results.append({"workload": "fork", "who": "the llama2.c PPO fork", **fork_run(args)})
+        else:
+            print("fork: the fork itself skipped (no --fork=DIR, a checkout of it)", file=sys.stderr)
     if args.checkpoint:
         # ours and TRL's alternate, so that a slow spell of a shared machine falls on both
         rounds = [instruct_runs(args) for _ in range(args.rounds)]
@@ -290,6 +396,13 @@ def main(args):
             f"| {r['workload']} | {r['who']} | {r['rollout']:.2f} | {r['scoring']:.2f} | {r['optimisation']:.2f} | "
             f"**{r['total']:.2f}** | {reward} |"
         )
+    fork = next((r for r in results if r["who"] == "the llama2.c PPO fork"), None)
+    for r in results:
+        if fork and r["workload"].startswith("fork") and r is not fork:
+            print(
+                f"\nThe fork's seconds over {r['workload']} {r['who']}'s: {fork['total'] / r['total']:.2f}x "
+                f"(prompt + response, mean tokens: the fork's {fork['mean_length']:.0f}, ours {r['mean_length']:.0f})"
+            )
     trl = next((r for r in results if r["who"] == "TRL GRPOTrainer"), None)
     for r in results:
         if trl and r["workload"] == "instruct" and r is not trl:
