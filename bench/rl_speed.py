@@ -10,8 +10,8 @@ same model and settings (bench/trl_anchor.py, with --trl).
     python bench/rl_speed.py --workloads=grpo --engines=c --attention=torch --dtype=bfloat16 --compile  # the update
     python bench/rl_speed.py --workloads=fork --engines=c --fork=../FullLLM --fork_python=fork-venv/bin/python
 
-Workloads (random weights, prompts of BOS and random tokens, no stop token: every rollout runs to
-the length cap, the worst case):
+Workloads (but fork260K: random weights, prompts of BOS and random tokens, no stop token: every
+rollout runs to the length cap, the worst case):
   grpo  the default model, GRPO: 64 rollouts (8 prompts x 8) of up to 226 tokens (the context's room
         after 30 prompt tokens), 8 optimizer steps of 8, learning rate 1e-4, beta 0.04, temperature 1
   ppo   the same shape and rollouts, PPO (value head, GAE), 1 epoch of 8 steps of 8
@@ -343,6 +343,10 @@ def fork_run(args):
 
 
 def main(args):
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats={args.repeats}: must be >= 1")
+    if args.fork and not os.path.isfile(os.path.join(args.fork, "ppo.py")):
+        raise SystemExit(f"error: --fork={args.fork} is not a checkout of the fork (no ppo.py in it)")
     reuse_freed_memory()
     torch.set_num_threads(args.threads)
     results = []

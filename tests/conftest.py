@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
-if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's two workers: a core each, threads of their own included
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers, one a core: one thread each, and in what they start
     os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers and datasets read local paths only; the hub is never asked
 
@@ -132,8 +132,8 @@ class KernelBuild:
 
 @pytest.fixture(scope="session", params=KERNEL_PATHS, ids=[name for name, _ in KERNEL_PATHS])
 def kernel_build(request, tmp_path_factory):
-    """Built once a session: pytest-xdist's workers (make test runs two) share the session's directory,
-    and the first to take a path's lock builds it."""
+    """Built once a session: pytest-xdist's workers (make test runs one a core) share the session's
+    directory, and the first to take a path's lock builds it."""
     name, arch = request.param
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
