@@ -153,8 +153,8 @@ def iteration(run, it, workload):
     total = time.perf_counter() - t0
     _, _, n, _, new_tokens, *_ = WORKLOADS[workload]
     assert len(batch.tokens) == n
-    if workload != "fork260K":
-        assert batch.mask.sum(1).eq(new_tokens).all()  # every rollout ran to full length
+    if not run.stop_tokens:
+        assert batch.mask.sum(1).eq(new_tokens).all()  # no stop token: every rollout ran to full length
     rollout, optimisation = run.timing["time/rollout"], stats["time/optimize_step"]
     return {
         "rollout": rollout,

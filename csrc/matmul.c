@@ -297,6 +297,8 @@ void add_weighted_rows(float *out, const float *a, Rows first, Rows then, int he
     add_weighted_rows_scalar(out, a + first.n, then.rows, then.n, head_size, then.stride, then.type);
 }
 
+size_t kv_size(KVType type) { return type == KV_F16 ? sizeof(uint16_t) : sizeof(float); }
+
 void f32_to_f16(uint16_t *out, const float *x, int n) {
     for (int i = 0; i < n; i++) out[i] = f16_from(x[i]);
 }

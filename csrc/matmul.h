@@ -49,6 +49,8 @@ void pack_panels(void *panels, const Matrix *w, int n, int d, int group_size);
 // cache's memory and the bytes attention reads, at fp16's rounding of the keys and values
 // (llama.cpp's default cache type).
 typedef enum { KV_F32, KV_F16 } KVType;
+// bytes of an element of a KV cache of `type`
+size_t kv_size(KVType type);
 
 // Attention's two products over n rows of a head's keys or values (row t: position t, head_size
 // values of `type`, `stride` values after row t - 1; fp16 rows are the cache's, with stride

@@ -42,9 +42,6 @@ static void free_run_state(RunState *s) {
     memset(s, 0, sizeof(*s));
 }
 
-// bytes of an element of a KV cache of `type`
-static size_t kv_size(KVType type) { return type == KV_F16 ? sizeof(uint16_t) : sizeof(float); }
-
 // the element where the cache of (slot, layer l, kv head h) starts: seq_len rows of head_size each
 static size_t cache_at(const Config *p, int slot, int l, int h) {
     return (((size_t)slot * p->n_layers + l) * p->n_kv_heads + h) * p->seq_len * (p->dim / p->n_heads);

@@ -191,7 +191,7 @@ static void test_rows(int head_size, int n_rows, KVType type, int stride) {
     // the same rows in two parts, split anywhere: the same sums, bit for bit
     int differ = 0;
     for (int split = 1; split <= n_rows; split++) {
-        const size_t bytes = (size_t)split * stride * (type == KV_F16 ? sizeof(uint16_t) : sizeof(float));
+        const size_t bytes = (size_t)split * stride * kv_size(type);
         memcpy(split_sums, sums_start, sizeof(float) * head_size);
         add_weighted_rows(split_sums, a, (Rows){rows, split, stride, type},
                           (Rows){(const char *)rows + bytes, n_rows - split, stride, type}, head_size);
