@@ -78,7 +78,7 @@ def iteration(run, batch):
         scores = scores - run.kl_ctl.value * rl.kl_penalty(kl, batch.mask, cfg["kl_reduction"]).sum(1)
     batch.advantages = group_advantages(scores, G, cfg["scale_rewards"])
 
-    def policy_loss(mb, logprobs, logp, _):
+    def policy_loss(mb, logprobs, entropy, _):
         loss, clip_ratio = grpo_loss(
             logprobs,
             mb.logprobs,
@@ -92,7 +92,7 @@ def iteration(run, batch):
             return loss, {
                 "loss": loss,
                 "clip_ratio/region_mean": clip_ratio,
-                "entropy": masked_mean(rl.entropy_from_logprobs(logp), mb.mask),
+                "entropy": masked_mean(entropy, mb.mask),
                 "kl": masked_mean(rl.kl_estimate(logprobs, mb.ref_logprobs, "k3"), mb.mask),
             }
 

@@ -127,7 +127,7 @@ def iteration(run, batch):
     advantages(batch, run.kl_ctl.value, cfg)
     t1 = time.perf_counter()
 
-    def policy_loss(mb, logprobs, logp, vpreds):
+    def policy_loss(mb, logprobs, entropy, vpreds):
         pg_loss, vf_loss, stats = ppo_loss(
             logprobs,
             vpreds,
@@ -139,9 +139,10 @@ def iteration(run, batch):
             cfg["cliprange"],
             cfg["cliprange_value"],
         )
-        with torch.enable_grad() if cfg["ent_coef"] else torch.no_grad():
-            entropy = masked_mean(rl.entropy_from_logprobs(logp), mb.mask)
-        loss = pg_loss + cfg["vf_coef"] * vf_loss - cfg["ent_coef"] * entropy
+        entropy = masked_mean(entropy, mb.mask)
+        loss = pg_loss + cfg["vf_coef"] * vf_loss
+        if cfg["ent_coef"]:  # else the entropy is a statistic, and its gradient is not computed
+            loss = loss - cfg["ent_coef"] * entropy
         return loss, {
             **stats,
             "ppo/loss/policy": pg_loss,

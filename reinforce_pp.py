@@ -53,7 +53,7 @@ def iteration(run, batch):
     batch.returns = token_returns(batch.earned(), kl, batch.mask, kl_coef, cfg["gamma"])
     batch.advantages = masked_whiten(batch.returns, batch.mask)
 
-    def policy_loss(mb, logprobs, logp, _):
+    def policy_loss(mb, logprobs, entropy, _):
         ratio = torch.exp(logprobs - mb.logprobs)
         losses = -mb.advantages * ratio
         clipped = -mb.advantages * ratio.clamp(1 - cfg["cliprange"], 1 + cfg["cliprange"])
@@ -62,7 +62,7 @@ def iteration(run, batch):
             return loss, {
                 "loss": loss,
                 "clipfrac": masked_mean((clipped > losses).float(), mb.mask),
-                "entropy": masked_mean(rl.entropy_from_logprobs(logp), mb.mask),
+                "entropy": masked_mean(entropy, mb.mask),
             }
 
     stats = rl.optimize(run, batch, policy_loss)

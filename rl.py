@@ -29,7 +29,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tasks
@@ -120,7 +119,10 @@ class Policy(nn.Module):
     the caller's autocast. Given each row's length (prompt and response, lengths (B,)) and the C
     attention, the trunk runs on the rows packed into one sequence, without their padding (an RL
     minibatch's responses differ by tens of tokens) and with each group's prompt once, where that
-    is shorter: the same results, up to rounding, from fewer tokens."""
+    is shorter: the same results, up to rounding, from fewer tokens. Given targets (B, R), the
+    response tokens, it returns their log-probabilities at temperature and each position's entropy
+    (B, R) in place of the logits, computed at the real positions only (a row's first lengths -
+    prompt_lens, all R without lengths; 0 past them) and without the logits ever whole (TokenLogprobs)."""
 
     def __init__(self, model, value_head=False):
         super().__init__()
@@ -130,7 +132,7 @@ class Policy(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, tokens, prompt_lens, R, lengths=None):
+    def forward(self, tokens, prompt_lens, R, lengths=None, targets=None, temperature=1.0):
         h = None
         if lengths is not None and self.model.attention_kernel == "c":
             h = self.packed_hidden(tokens, prompt_lens, R, lengths)
@@ -144,7 +146,14 @@ class Policy(nn.Module):
         with torch.autocast(h.device.type, enabled=False):
             h = h.float()
             values = self.value_head(h).squeeze(-1) if self.value_head is not None else None
-            return self.model.output(h), values
+            if targets is None:
+                return self.model.output(h), values
+            real = torch.ones_like(targets, dtype=torch.bool)
+            if lengths is not None:
+                real = torch.arange(R, device=h.device) < (lengths - prompt_lens)[:, None]
+            logprobs, entropy = TokenLogprobs.apply(h[real], self.model.output.weight, targets[real], temperature)
+            zeros = h.new_zeros(real.shape)
+            return zeros.masked_scatter(real, logprobs), zeros.masked_scatter(real, entropy), values
 
     def packed_hidden(self, tokens, prompt_lens, R, lengths):
         """forward()'s hidden states (B, R, dim), from one pass over the rows packed into one sequence
@@ -189,30 +198,64 @@ def make_optimizer(policy, cfg, device_type="cpu"):
     return optimizer
 
 
-def log_softmax(logits, temperature):
-    """logits (B, R, V) -> log-probabilities of the tempered distribution, in fp32 (no copy at temperature 1)."""
-    logits = logits.float()
-    return (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)
+class TokenLogprobs(torch.autograd.Function):
+    """For hidden states h (N, dim), output weights w (V, dim) and tokens (N,): log p of each token and
+    the entropy of each row's distribution (N,), both under softmax(h @ w.T / temperature), in fp32. The
+    logits are made a chunk of rows at a time and made again in the backward pass: an RL minibatch's
+    (N, V) logits are tens of MB, and each of the half-dozen passes PyTorch's log_softmax, gather and
+    entropy make over them would be bound by memory; a chunk's stay in the cache."""
+
+    @staticmethod
+    def forward(ctx, h, w, tokens, temperature):
+        ctx.set_materialize_grads(False)  # no gradient where an output is unused (the entropy, mostly)
+        logprobs, entropy, lse = (h.new_empty(len(h)) for _ in range(3))
+        for rows in chunks(h, w):
+            z = h[rows] @ w.t() / temperature
+            top = z.amax(-1, keepdim=True)
+            e = (z - top).exp_()
+            total = e.sum(-1, keepdim=True)
+            lse[rows] = (top + total.log()).squeeze(-1)
+            logprobs[rows] = z.gather(1, tokens[rows, None]).squeeze(-1) - lse[rows]
+            entropy[rows] = lse[rows] - (e.div_(total) * z).sum(-1)
+        ctx.save_for_backward(h, w, tokens, lse, entropy)
+        ctx.temperature = temperature
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, g_logprobs, g_entropy):
+        h, w, tokens, lse, entropy = ctx.saved_tensors
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for rows in chunks(h, w):
+            log_p = h[rows] @ w.t() / ctx.temperature - lse[rows, None]
+            p = log_p.exp()
+            # d log p[token] / dz = onehot(token) - p;  d entropy / dz = -p (log p + entropy)
+            if g_logprobs is None:
+                g = torch.zeros_like(p)
+            else:
+                g = (p * -g_logprobs[rows, None]).scatter_add_(1, tokens[rows, None], g_logprobs[rows, None])
+            if g_entropy is not None:
+                g -= p * (log_p + entropy[rows, None]) * g_entropy[rows, None]
+            g /= ctx.temperature
+            if grad_h is not None:
+                torch.mm(g, w, out=grad_h[rows])
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h[rows])
+        return grad_h, grad_w, None, None
 
 
-def logprobs_of(logp, tokens):
-    """Every log-probability (B, R, V) -> those of the given tokens (B, R)."""
-    return logp.gather(-1, tokens[..., None]).squeeze(-1)
-
-
-def entropy_from_logprobs(logp):
-    """log-probabilities (B, R, V) -> entropy of each position's distribution (B, R)."""
-    return -(logp.exp() * logp).sum(-1)
+def chunks(h, w):
+    """TokenLogprobs' chunks of rows: slices of h of about 2^18 logits each (1 MB in fp32), 64 rows at least."""
+    step = max(64, 2**18 // w.size(0))
+    return [slice(start, start + step) for start in range(0, len(h), step)]
 
 
 def forward_logprobs(policy, tokens, prompt_lens, responses, temperature, ctx=nullcontext(), lengths=None):
-    """One forward pass of a policy: log p of the response tokens (B, R), every log-probability (B, R, V)
-    and the values (B, R) or None. lengths (B,): each row's tokens, prompt and response, for a packed
-    pass (Policy)."""
+    """One forward pass of a policy: log p of the response tokens (B, R), the entropy at each of their
+    positions (B, R) and the values (B, R) or None. lengths (B,): each row's tokens, prompt and response,
+    for a packed pass (Policy), and the positions past a row's response, where both are 0."""
     with ctx:
-        logits, values = policy(tokens, prompt_lens, responses.size(1), lengths)
-    logp = log_softmax(logits, temperature)
-    return logprobs_of(logp, responses), logp, values
+        return policy(tokens, prompt_lens, responses.size(1), lengths, responses, temperature)
 
 
 def masked_mean(x, mask):
@@ -326,8 +369,8 @@ def ptx_backward(run, ptx_batches):
     policy = run.train_policy
     with policy.no_sync() if isinstance(policy, DDP) else nullcontext():
         with run.ctx:
-            logits, _ = policy(torch.cat([X, Y[:, -1:]], 1), 1, X.size(1))  # (B, T, V): the predictions of Y
-        loss = F.cross_entropy(logits.flatten(0, 1), Y.flatten())
+            logprobs, _, _ = policy(torch.cat([X, Y[:, -1:]], 1), 1, X.size(1), targets=Y)  # (B, T): of Y
+        loss = -logprobs.mean()
         run.scaler.scale(run.cfg["ptx_coef"] * loss).backward()
     return loss.detach()
 
@@ -357,9 +400,9 @@ def optimizer_step(run, loss_fn, ptx_batches=None):
 
 def optimize(run, batch, policy_loss, stop=None):
     """The optimisation of an online method: ppo_epochs passes over batch in shuffled minibatches of
-    batch_size (groups whole), one optimizer_step() each. policy_loss(mb, logprobs, logp, values) ->
-    (loss, stats) gets a minibatch and one forward pass of the policy over it: log p of its response
-    tokens (b, R), every log-probability (b, R, V) and PPO's values. With kl_in='loss', kl_coef x the KL
+    batch_size (groups whole), one optimizer_step() each. policy_loss(mb, logprobs, entropy, values)
+    -> (loss, stats) gets a minibatch and one forward pass of the policy over it: log p of its response
+    tokens (b, R), the entropy at their positions (b, R) and PPO's values. With kl_in='loss', kl_coef x the KL
     term joins the loss (logged as loss/kl). stop(stats) -> True ends the passes early. Returns the mean
     statistics, with the number of epochs run."""
     cfg, steps, epochs = run.cfg, [], 0
@@ -367,7 +410,7 @@ def optimize(run, batch, policy_loss, stop=None):
     for epoch, mb in minibatches(batch, cfg["batch_size"], cfg["ppo_epochs"], run.shuffle):
 
         def loss_fn():
-            logprobs, logp, values = forward_logprobs(
+            logprobs, entropy, values = forward_logprobs(
                 run.train_policy,
                 mb.tokens,
                 mb.prompt_lens,
@@ -376,7 +419,7 @@ def optimize(run, batch, policy_loss, stop=None):
                 run.ctx,
                 mb.row_lengths(),
             )
-            loss, stats = policy_loss(mb, logprobs, logp, values)
+            loss, stats = policy_loss(mb, logprobs, entropy, values)
             if cfg["kl_in"] == "loss":
                 stats["loss/kl"] = kl_loss(logprobs, mb.ref_logprobs, mb.mask, cfg)
                 loss = loss + run.kl_ctl.value * stats["loss/kl"]

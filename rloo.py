@@ -61,7 +61,7 @@ def iteration(run, batch):
     advantages = leave_one_out_advantages(rewards, batch.group_size)
     batch.advantages = rl.whiten(advantages) if cfg["whiten_advantages"] else advantages
 
-    def policy_loss(mb, logprobs, logp, _):
+    def policy_loss(mb, logprobs, entropy, _):
         loss, clipfrac, ratio = rloo_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg["cliprange"])
         with torch.no_grad():
             return loss, {
@@ -69,7 +69,7 @@ def iteration(run, batch):
                 "policy/clipfrac_avg": clipfrac,
                 "val/ratio": ratio.mean(),
                 "policy/approxkl_avg": 0.5 * rl.masked_mean((logprobs - mb.logprobs) ** 2, mb.mask),
-                "policy/entropy_avg": rl.masked_mean(rl.entropy_from_logprobs(logp), mb.mask),
+                "policy/entropy_avg": rl.masked_mean(entropy, mb.mask),
             }
 
     stats = rl.optimize(run, batch, policy_loss)

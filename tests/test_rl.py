@@ -39,16 +39,70 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared ma
 # the math
 
 
-def test_log_probs_and_entropy_of_the_tempered_distribution():
-    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0))
-    tokens = torch.randint(7, (2, 3), generator=torch.Generator().manual_seed(1))
+def test_token_logprobs_are_the_tempered_distributions_with_their_gradients_chunk_by_chunk():
+    """TokenLogprobs against log_softmax, gather and the entropy formula on the whole logits, in float64:
+    150 rows over a 4,096-token vocabulary are 3 chunks of 64, 64 and 22 rows; the gradients of both
+    outputs, of either alone (the other's unused), and with the weights frozen."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(150, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(4096, 8, generator=g, dtype=torch.float64)
+    tokens = torch.randint(4096, (150,), generator=g)
+    a, b = torch.randn(150, generator=g, dtype=torch.float64), torch.randn(150, generator=g, dtype=torch.float64)
+    assert len(rl.chunks(h, w)) == 3
     for temperature in (1.0, 0.7):
-        p = (logits / temperature).softmax(-1)
-        taken = rl.logprobs_of(rl.log_softmax(logits, temperature), tokens)
-        assert torch.allclose(taken, p.gather(-1, tokens[..., None]).squeeze(-1).log(), atol=1e-6)
-        entropy = rl.entropy_from_logprobs(rl.log_softmax(logits, temperature))
-        assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-6)
-    assert torch.allclose(rl.entropy_from_logprobs(rl.log_softmax(torch.zeros(1, 7), 1.0)), torch.tensor([math.log(7)]))
+        for weights in ((a, b), (a, None), (None, b)):
+            results = []
+            for fused in (True, False):
+                hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                if fused:
+                    logprobs, entropy = rl.TokenLogprobs.apply(hh, ww, tokens, temperature)
+                else:
+                    logp = (hh @ ww.t() / temperature).log_softmax(-1)
+                    logprobs, entropy = logp.gather(1, tokens[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+                loss = sum((x * c).sum() for x, c in zip((logprobs, entropy), weights) if c is not None)
+                loss.backward()
+                results.append((logprobs, entropy, hh.grad, ww.grad))
+            for x, y in zip(*results):
+                torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    p = torch.tensor([[0.2, 0.3, 0.5]]).log()  # logits whose softmax is p, through h = 1 and w = log p
+    logprobs, entropy = rl.TokenLogprobs.apply(torch.ones(1, 1), p.t(), torch.tensor([2]), 1.0)
+    assert logprobs.item() == pytest.approx(math.log(0.5)) and entropy.item() == pytest.approx(-(p.exp() * p).sum())
+    hh = torch.randn(3, 8).requires_grad_()  # frozen weights (the reference model's): no gradient made for them
+    rl.TokenLogprobs.apply(hh, torch.randn(16, 8), torch.tensor([1, 2, 3]), 1.0)[0].sum().backward()
+    assert hh.grad.abs().sum() > 0
+
+
+def test_a_policy_given_its_targets_gives_their_logprobs_and_entropy_at_real_positions_only():
+    """Policy(..., targets) is log_softmax of its logits at each row's response positions, 0 past them,
+    with the same gradients; without lengths every position is real (PPO-ptx, DPO)."""
+    policy = rl.Policy(tiny_model(std=0.3), value_head=True)
+    tokens = torch.randint(3, 64, (3, 20), generator=torch.Generator().manual_seed(0))
+    prompt_lens, lengths = torch.tensor([4, 6, 5]), torch.tensor([20, 12, 5])
+    R = 16
+    padded = torch.cat([tokens, torch.zeros(3, R, dtype=torch.long)], 1)
+    targets = torch.stack([padded[b, p : p + R] for b, p in enumerate(prompt_lens.tolist())])
+    mask = torch.arange(R) < (lengths - prompt_lens)[:, None]
+    results = []
+    for fused in (True, False):
+        policy.zero_grad()
+        if fused:
+            logprobs, entropy, values = policy(tokens, prompt_lens, R, lengths, targets, 0.8)
+        else:
+            logits, values = policy(tokens, prompt_lens, R, lengths)
+            logp = (logits / 0.8).log_softmax(-1)
+            logprobs = logp.gather(-1, targets[..., None]).squeeze(-1) * mask
+            entropy = -(logp.exp() * logp).sum(-1) * mask
+        (logprobs.sum() + entropy.sum() + (values * mask).sum()).backward()
+        results.append((logprobs, entropy, [p.grad.clone() for p in policy.parameters()]))
+    assert (results[0][0][~mask] == 0).all() and (results[0][1][~mask] == 0).all() and (results[0][0][mask] < 0).all()
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    logprobs, entropy, _ = policy(tokens, 1, 19, targets=tokens[:, 1:])
+    logp = policy(tokens, 1, 19)[0].log_softmax(-1)
+    torch.testing.assert_close(logprobs, logp.gather(-1, tokens[:, 1:, None]).squeeze(-1), atol=1e-5, rtol=1e-5)
+    assert (entropy > 0).all()
 
 
 def test_whitening_gives_mean_0_and_std_1_over_the_masked_entries_only():
@@ -161,7 +215,7 @@ def test_rollouts_of_prompts_of_different_lengths_line_up_with_their_responses()
     for i, p in enumerate(prompts):
         row = batch.tokens[i : i + 1, : len(p) + 6]
         logits, _ = policy(row, len(p), 6)
-        expected = rl.logprobs_of(rl.log_softmax(logits, 1.0), row[:, len(p) :])
+        expected = logits.log_softmax(-1).gather(-1, row[:, len(p) :, None]).squeeze(-1)
         torch.testing.assert_close(batch.logprobs[i], expected[0], atol=1e-5, rtol=1e-5)
     assert (batch.logprobs == batch.ref_logprobs).all()
 
