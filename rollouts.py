@@ -181,12 +181,14 @@ def rollout(
     else:
         engines.sync(policy.model)
         seeds = torch.randint(1, 2**62, (len(prompts),), generator=generator).numpy().astype(np.uint64)
-        responses, sampled = engines.policy.generate(
-            prompts, min(cfg["max_new_tokens"], max_seq_len - 1), cfg["temperature"], seeds, stop_tokens
+        values = policy.value_head is not None  # then the sampler's hidden states too: the value head's input
+        out = engines.policy.generate(
+            prompts, min(cfg["max_new_tokens"], max_seq_len - 1), cfg["temperature"], seeds, stop_tokens, hidden=values
         )
+        responses, sampled, hidden = out if values else (*out, None)
         batch = collate(prompts, responses, stop_tokens, device)
         t1 = time.perf_counter()
-        c_logprobs(batch, sampled, policy, engines, cfg)
+        c_logprobs(batch, sampled, hidden, policy, engines, cfg)
     t2 = time.perf_counter()
     batch.scores = score(batch)
     return batch, {"time/rollout": t1 - t0, "time/forward_pass": t2 - t1, "time/score": time.perf_counter() - t2}
@@ -211,10 +213,10 @@ def torch_logprobs(batch, policy, reference, cfg, ctx):
     batch.values = None if values[0] is None else torch.cat(values) * batch.mask
 
 
-def c_logprobs(batch, sampled, policy, engines, cfg):
+def c_logprobs(batch, sampled, hidden, policy, engines, cfg):
     """Fills batch's logprobs (the sampler's own, sampled: token lists), ref_logprobs (the C engine's
-    scoring of the reference) and PPO's values (its value head on the policy's hidden states, scored
-    in C)."""
+    scoring of the reference) and PPO's values (its value head on the hidden states the sampler drew
+    each token from, hidden: (n_b, dim) arrays, or None without a value head)."""
     B, R = batch.mask.shape
     logprobs = torch.zeros(B, R)
     for i, row in enumerate(sampled):
@@ -228,10 +230,11 @@ def c_logprobs(batch, sampled, policy, engines, cfg):
     ref = torch.from_numpy(engines.reference.score(tokens, lengths, starts, cfg["temperature"]))
     batch.logprobs, batch.ref_logprobs = logprobs * batch.mask, ref.gather(1, at) * batch.mask
     batch.values = None
-    if policy.value_head is not None:
-        _, hidden = engines.policy.score(tokens, lengths, starts, cfg["temperature"], hidden=True)
-        hidden = torch.from_numpy(hidden)[torch.arange(B)[:, None], at]  # (B, R, dim)
-        batch.values = policy.value_head(hidden).squeeze(-1) * batch.mask
+    if hidden is not None:
+        states = torch.zeros(B, R, policy.model.params.dim)
+        for i, h in enumerate(hidden):
+            states[i, : len(h)] = torch.from_numpy(h)
+        batch.values = policy.value_head(states).squeeze(-1) * batch.mask
 
 
 def rollout_stats(batch):

@@ -150,10 +150,10 @@ static int auto_group(const Transformer *t, int n_seqs) {
 // checked, and scratch of its own (at, active, rng: n_seqs each; probs: a vocabulary a thread; c)
 static int generate_group(Transformer *t, const int *const *prompt, const int *prompt_lens, int n_seqs,
                           int max_new_tokens, float temperature, const unsigned long long *seeds,
-                          const int *stop_tokens, int n_stop, int *out_tokens, float *out_logprobs, int *out_lens,
-                          int *at, int *end, int *active, unsigned long long *rng, float *probs, Chunk *c,
-                          char *err) {
-    const int vocab_size = t->ckpt.config.vocab_size;
+                          const int *stop_tokens, int n_stop, int *out_tokens, float *out_logprobs,
+                          float *out_hidden, int *out_lens, int *at, int *end, int *active,
+                          unsigned long long *rng, float *probs, Chunk *c, char *err) {
+    const int vocab_size = t->ckpt.config.vocab_size, dim = t->ckpt.config.dim;
     // the prompts but their last tokens fill the caches
     for (int b = 0; b < n_seqs; b++) {
         end[b] = prompt_lens[b] - 1;
@@ -176,6 +176,7 @@ static int generate_group(Transformer *t, const int *const *prompt, const int *p
             const size_t o = (size_t)b * max_new_tokens + out_lens[b];
             out_tokens[o] = sample_logprob(logits + (size_t)i * vocab_size, vocab_size, temperature, &rng[b],
                                            probs + (size_t)omp_get_thread_num() * vocab_size, &out_logprobs[o]);
+            if (out_hidden) memcpy(out_hidden + o * dim, t->state.hidden + (size_t)i * dim, dim * sizeof(float));
             out_lens[b]++;
         }
         // the sequences that go on keep their order, with their new token at the next position
@@ -198,7 +199,7 @@ static int generate_group(Transformer *t, const int *const *prompt, const int *p
 int transformer_generate_batch(Transformer *t, const int *prompts, const int *prompt_lens, int n_seqs,
                                int max_new_tokens, float temperature, const unsigned long long *seeds,
                                const int *stop_tokens, int n_stop, int group, int *out_tokens,
-                               float *out_logprobs, int *out_lens, char *err) {
+                               float *out_logprobs, float *out_hidden, int *out_lens, char *err) {
     const int n_threads = omp_get_max_threads();
     if (n_seqs < 1) return check_batch(t, n_seqs, err); // before the allocations below take n_seqs
     if (group < 0) return fail(err, "group %d is negative", group);
@@ -223,8 +224,9 @@ int transformer_generate_batch(Transformer *t, const int *prompts, const int *pr
         const int n = n_seqs - b0 < group ? n_seqs - b0 : group;
         const size_t o = (size_t)b0 * max_new_tokens;
         rc = generate_group(t, prompt + b0, prompt_lens + b0, n, max_new_tokens, temperature, seeds + b0,
-                            stop_tokens, n_stop, out_tokens + o, out_logprobs + o, out_lens + b0, at, end, active,
-                            rng, probs, &c, err);
+                            stop_tokens, n_stop, out_tokens + o, out_logprobs + o,
+                            out_hidden ? out_hidden + o * t->ckpt.config.dim : NULL, out_lens + b0, at, end,
+                            active, rng, probs, &c, err);
     }
     free_chunk(&c);
     free(prompt), free(at), free(end), free(active), free(rng), free(probs);

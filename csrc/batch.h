@@ -14,14 +14,16 @@
 // (which its output includes), after max_new_tokens, or where the context ends (prompt + output =
 // seq_len); it then leaves the batch. Writes sequence b's tokens and their log-probabilities under
 // softmax(logits / temperature) to row b of out_tokens and out_logprobs (n_seqs, max_new_tokens), and
-// their count to out_lens[b]. group sequences are decoded together, one group after another (the
+// their count to out_lens[b]; when out_hidden (n_seqs, max_new_tokens, dim) is not NULL, the final
+// normalised hidden state each token was sampled from to out_hidden[b, i] (a value head's input for
+// token i, as transformer_score_batch gives it), the rest untouched. group sequences are decoded together, one group after another (the
 // results are the same whatever the grouping); 0 lets the engine choose: all of them, unless their KV
 // caches would spill out of the last-level cache (batch.c). Returns 0, or -1 with a one-line message in
 // err for an argument out of range (a prompt must leave room for a token in seq_len).
 int transformer_generate_batch(Transformer *t, const int *prompts, const int *prompt_lens, int n_seqs,
                                int max_new_tokens, float temperature, const unsigned long long *seeds,
                                const int *stop_tokens, int n_stop, int group, int *out_tokens,
-                               float *out_logprobs, int *out_lens, char *err);
+                               float *out_logprobs, float *out_hidden, int *out_lens, char *err);
 
 // The log-probabilities of given tokens, all of a sequence's positions through the forward at once
 // (prefill): sequence b is the lens[b] ids of row b of tokens (n_seqs, max_len), 1 <= n_seqs <= the

@@ -206,7 +206,7 @@ class Model:
         if self.lib.transformer_reserve(self._t, n_seqs, max(n_seqs, BATCH_ROWS), err) != 0:
             raise ValueError(_message(err))
 
-    def generate(self, prompts, max_new_tokens, temperature=1.0, seeds=None, stop_tokens=(), group=0):
+    def generate(self, prompts, max_new_tokens, temperature=1.0, seeds=None, stop_tokens=(), group=0, hidden=False):
         """Samples up to max_new_tokens after each prompt (a list of id lists, lengths may differ), all
         in one batch, as model.py's Transformer.generate does but with llama2.c's sampler: greedy at
         temperature 0, else one xorshift stream per sequence seeded with seeds[b] (nonzero; default
@@ -214,7 +214,8 @@ class Model:
         after a stop token (included) or max_new_tokens. group: sequences decoded together, one group after
         another (0: the engine's choice, csrc/batch.h); the results do not depend on it. Returns the new
         tokens (B lists) and their log-probabilities under softmax(logits / temperature) (B lists; 0 at
-        temperature 0)."""
+        temperature 0); with hidden, also the final normalised hidden state each token was sampled from
+        (B arrays (n_b, dim): a value head's input, as score(hidden=True) gives it)."""
         try:
             prompts = [[int(t) for t in p] for p in prompts]
         except (TypeError, ValueError) as e:
@@ -230,6 +231,7 @@ class Model:
         max_new_tokens = int(max_new_tokens)
         tokens = np.zeros((B, max(max_new_tokens, 0)), dtype=np.int32)
         logprobs = np.zeros(tokens.shape, dtype=np.float32)
+        states = np.zeros((*tokens.shape, self.config.dim), dtype=np.float32) if hidden else None
         counts = np.zeros(B, dtype=np.int32)
         if B > 0:
             self._reserve(B)
@@ -248,16 +250,18 @@ class Model:
                 int(group),
                 _ptr("int", tokens),
                 _ptr("float", logprobs),
+                _ptr("float", states) if hidden else ffi.NULL,
                 _ptr("int", counts),
                 err,
             )
             != 0
         ):
             raise ValueError(_message(err))
-        return (
+        out = (
             [tokens[b, :n].tolist() for b, n in enumerate(counts)],
             [logprobs[b, :n].tolist() for b, n in enumerate(counts)],
         )
+        return (*out, [states[b, :n] for b, n in enumerate(counts)]) if hidden else out
 
     def score(self, tokens, lengths, starts, temperature=1.0, hidden=False):
         """log p(tokens[b, t] | tokens[b, :t]) under softmax(logits / temperature) for t in

@@ -174,23 +174,27 @@ def test_greedy_generation_is_pytorchs_token_for_token(pytorch_greedy, kernel_bu
 
 
 def generate_and_score(model, prompts, temperature, seeds, n=30):
-    tokens, logprobs = model.generate(prompts, n, temperature, seeds)
+    """Sampled tokens, their log-probabilities and hidden states, and the log-probabilities and hidden
+    states of the same tokens scored."""
+    tokens, logprobs, hidden = model.generate(prompts, n, temperature, seeds, hidden=True)
     T = max(len(p) + len(t) for p, t in zip(prompts, tokens))
     padded = np.zeros((len(prompts), T), np.int32)
     for b, (p, t) in enumerate(zip(prompts, tokens)):
         padded[b, : len(p) + len(t)] = p + t
-    scored = model.score(
-        padded, [len(p) + len(t) for p, t in zip(prompts, tokens)], [len(p) for p in prompts], temperature
-    )
-    return tokens, logprobs, [scored[b, len(p) : len(p) + len(t)] for b, (p, t) in enumerate(zip(prompts, tokens))]
+    lens = [len(p) + len(t) for p, t in zip(prompts, tokens)]
+    scored, states = model.score(padded, lens, [len(p) for p in prompts], temperature, hidden=True)
+    at = [slice(len(p), n) for p, n in zip(prompts, lens)]
+    return tokens, logprobs, [scored[b, s] for b, s in enumerate(at)], hidden, [states[b, s] for b, s in enumerate(at)]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampled_tokens_logprobs_equal_their_scored_logprobs(weights, kernel_build, temperature):
+def test_sampled_tokens_logprobs_and_hidden_states_equal_their_scored_ones(weights, kernel_build, temperature):
     model = engine.Model.from_weights(C, weights, lib=kernel_build.engine_lib())
-    _, logprobs, scored = generate_and_score(model, PROMPTS, temperature, seeds=[11, 12, 13, 14, 15])
-    for lp, s in zip(logprobs, scored):
+    tokens, logprobs, scored, hidden, states = generate_and_score(model, PROMPTS, temperature, [11, 12, 13, 14, 15])
+    for lp, s, h, st in zip(logprobs, scored, hidden, states):
         assert len(lp) == 30 and np.abs(np.array(lp) - s).max() <= 1e-5
+        assert h.shape == (30, C.dim) and np.abs(h).max() > 0.1 and np.abs(h - st).max() <= 1e-5
+    assert model.generate(PROMPTS, 30, temperature, [11, 12, 13, 14, 15]) == (tokens, logprobs)  # hidden or not
 
 
 def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(weights):
@@ -216,10 +220,11 @@ def test_a_prompt_shared_by_a_group_gives_each_sequence_what_it_gets_alone(weigh
     model = engine.Model.from_weights(C, weights, lib=kernel_build.engine_lib())
     prompts = [PROMPTS[2]] * 3 + [PROMPTS[4]] * 2 + [PROMPTS[2]]
     seeds = [11, 12, 13, 14, 15, 16]
-    tokens, logprobs, scored = generate_and_score(model, prompts, 1.0, seeds)
+    together = generate_and_score(model, prompts, 1.0, seeds)
     for b in range(len(prompts)):
         alone = generate_and_score(model, [prompts[b]], 1.0, seeds[b : b + 1])
-        assert (alone[0][0], alone[1][0]) == (tokens[b], logprobs[b]) and (alone[2][0] == scored[b]).all()
+        assert (alone[0][0], alone[1][0]) == (together[0][b], together[1][b])
+        assert all((x[0] == y[b]).all() for x, y in zip(alone[2:], together[2:]))
 
 
 def test_a_stop_token_ends_its_sequence_and_is_included(weights):
