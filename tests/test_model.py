@@ -12,6 +12,7 @@ from conftest import SHARED
 from model import (
     C_ATTENTION_MAX_HEAD_DIM,
     PRESETS,
+    FeedForward,
     ModelArgs,
     Transformer,
     apply_rope,
@@ -182,6 +183,25 @@ def test_the_attention_switch_is_explicit_and_refuses_what_it_cannot_do():
         model.set_attention("c", "cuda")
     with pytest.raises(ValueError, match="must be one of auto, c, torch"):
         model.set_attention("flash")
+
+
+def test_the_feed_forward_padded_to_a_multiple_of_16_hidden_units_is_the_plain_swiglu_and_its_gradients():
+    """On a CPU a hidden size that is not a multiple of 16 (stories260K's 172) runs with zero-weight units
+    added: the outputs and gradients are SwiGLU's on the model's own weights."""
+    args = ModelArgs(dim=64, multiple_of=4, n_layers=1, n_heads=8, vocab_size=32)
+    ffn = FeedForward(args)
+    assert ffn.w1.weight.shape == (172, 64)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    results = []
+    for forward in (ffn, lambda x: ffn.w2(F.silu(ffn.w1(x)) * ffn.w3(x))):
+        ffn.zero_grad()
+        x.grad = None
+        y = forward(x)
+        y.square().sum().backward()
+        results.append([y, x.grad, *(w.weight.grad for w in (ffn.w1, ffn.w2, ffn.w3))])
+    for a, b in zip(*results):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_rope_scores_depend_only_on_the_relative_position():
