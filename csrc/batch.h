@@ -16,10 +16,11 @@
 // softmax(logits / temperature) to row b of out_tokens and out_logprobs (n_seqs, max_new_tokens), and
 // their count to out_lens[b]; when out_hidden (n_seqs, max_new_tokens, dim) is not NULL, the final
 // normalised hidden state each token was sampled from to out_hidden[b, i] (a value head's input for
-// token i, as transformer_score_batch gives it), the rest untouched. group sequences are decoded together, one group after another (the
-// results are the same whatever the grouping); 0 lets the engine choose: all of them, unless their KV
-// caches would spill out of the last-level cache (batch.c). Returns 0, or -1 with a one-line message in
-// err for an argument out of range (a prompt must leave room for a token in seq_len).
+// token i, as transformer_score_batch gives it), the rest untouched. group sequences are decoded
+// together, one group after another (the results are the same whatever the grouping); 0 lets the
+// engine choose: all of them, unless their KV caches would spill out of the last-level cache
+// (batch.c). Returns 0, or -1 with a one-line message in err for an argument out of range (a prompt
+// must leave room for a token in seq_len).
 int transformer_generate_batch(Transformer *t, const int *prompts, const int *prompt_lens, int n_seqs,
                                int max_new_tokens, float temperature, const unsigned long long *seeds,
                                const int *stop_tokens, int n_stop, int group, int *out_tokens,
