@@ -121,18 +121,18 @@ def make_run(workload, engine, seed, attention="auto"):
     if group > 1:
         cfg["group_size"] = group
     rng, stop = np.random.default_rng(seed), ()
-
-    def draw(_, k):
-        return [[1] + rng.integers(3, shape["vocab_size"], prompt_len - 1).tolist() for _ in range(k)]
-
     if workload == "fork260K":  # the fork's model, prompts and stop token (stories260K ends a story with BOS)
         model, tok = stories260k()
         for p in (policy, reference):
             p.model.load_state_dict(model.state_dict())
         stories, stop = story_tokens(tok, "train-000.txt"), (tok.bos_id(),)
 
-        def draw(_, k):  # noqa: F811
+        def draw(_, k):
             return [[tok.bos_id(), *stories[i][: rng.integers(prompt_len)]] for i in rng.integers(len(stories), size=k)]
+    else:
+
+        def draw(_, k):
+            return [[1] + rng.integers(3, shape["vocab_size"], prompt_len - 1).tolist() for _ in range(k)]
 
     def score(batch):
         return tasks.length_reward(batch.lengths(), cfg["target_len"])
